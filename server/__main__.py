@@ -1,0 +1,5 @@
+import sys
+
+from segloop.cli import main
+
+sys.exit(main())

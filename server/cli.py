@@ -1,0 +1,323 @@
+"""``segloop`` command line. User errors print one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from segloop.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'8192' or '1500x1300' (height × width) → (h, w)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not N or HxW") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not N or HxW with N > 0")
+    return parts[0], parts[1]
+
+
+class Progress:
+    """Rich progress bar on stderr (Mpx/s, ETA), or JSON lines on stdout with ``--json``."""
+
+    def __init__(self, label: str, as_json: bool, quiet: bool) -> None:
+        self.label, self.as_json, self.quiet = label, as_json, quiet
+        self._bar = None
+        self._last = 0.0
+        self._t0 = time.perf_counter()
+        self._start_px: int | None = None
+
+    def __enter__(self) -> Progress:
+        if not (self.as_json or self.quiet):
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("Mpx"),
+                                 TextColumn("{task.fields[rate]:.2f} Mpx/s"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(),
+                                 transient=False, console=_stderr_console())
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=None, rate=0.0)
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._start_px is None:
+            self._start_px = done
+        elapsed = time.perf_counter() - self._t0
+        rate = (done - self._start_px) / 1e6 / elapsed if elapsed > 0 else 0.0
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done // 10**6, total=total // 10**6,
+                             rate=rate)
+        elif self.as_json and (done == total or time.perf_counter() - self._last > 0.5):
+            self._last = time.perf_counter()
+            eta = (total - done) / 1e6 / rate if rate > 0 else None
+            emit_json({"event": "progress", "stage": self.label, "done_px": done,
+                       "total_px": total, "mpx_s": round(rate, 3),
+                       "eta_s": None if eta is None else round(eta, 1)})
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _stderr_console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+def emit_json(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def _info(args: argparse.Namespace, text: str) -> None:
+    if not (args.quiet or getattr(args, "json", False)):
+        print(text, file=sys.stderr)
+
+
+# --- commands ---------------------------------------------------------------------------
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from segloop.synth import write_ome_tiff
+
+    out: Path = args.output
+    for p in (out, args.truth):
+        if p is not None and p.exists() and not args.overwrite:
+            raise UserError(f"{p} exists; pass --overwrite to replace it")
+    h, w = args.size
+    tmp = out.with_name(out.name + ".partial")
+    tmp_truth = args.truth.with_name(args.truth.name + ".partial") if args.truth else None
+    with Progress("synth", args.json, args.quiet) as prog:
+        done = [0]
+
+        def step(n: int) -> None:
+            done[0] = min(h * w, done[0] + n)
+            prog(done[0], h * w)
+
+        try:
+            write_ome_tiff(tmp, h, w, seed=args.seed, stain=args.stain, truth_path=tmp_truth,
+                           tile=512, compression=args.compression, progress=step)
+        except OSError as exc:
+            for p in (tmp, tmp_truth):
+                if p is not None:
+                    p.unlink(missing_ok=True)
+            raise UserError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    os.replace(tmp, out)
+    if tmp_truth is not None:
+        os.replace(tmp_truth, args.truth)
+    if args.json:
+        emit_json({"event": "done", "output": str(out), "truth": str(args.truth or ""),
+                   "shape": [h, w]})
+    else:
+        _info(args, f"wrote {out} ({h}×{w}, stain {args.stain}, seed {args.seed})")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from segloop.pipeline.segment import SegmentOptions, segment
+
+    opts = SegmentOptions(runtime=args.runtime, model=args.model, tile=args.tile,
+                          batch=args.batch, overwrite=args.overwrite)
+    if args.threads:
+        opts.threads = args.threads
+    if opts.batch < 1 or opts.threads < 1:
+        raise UserError("--batch and --threads must be at least 1")
+    with Progress("segment", args.json, args.quiet) as prog:
+        summary = segment(args.input, args.output, opts, progress=prog)
+    if summary["status"] == "already-complete":
+        if args.json:
+            emit_json({"event": "done", "status": "already-complete", "output": str(args.output)})
+        else:
+            _info(args, f"{args.output} is already complete; nothing to do "
+                        "(pass --overwrite to segment again)")
+        return 0
+    stats = summary["stats"]
+    if args.json:
+        emit_json({"event": "done", "status": "complete", "output": str(args.output),
+                   "stats": stats})
+        return 0
+    _info(args, f"wrote {args.output}: {stats['pixels'] / 1e6:.1f} Mpx in "
+                f"{stats['wall_s']:.1f} s ({stats['mpx_s']} Mpx/s)")
+    if args.stats:
+        print(format_stats(stats), file=sys.stderr)
+    return 0
+
+
+def format_stats(stats: dict) -> str:
+    """Stage table: busy, waiting for input, waiting for the next stage (seconds)."""
+    wall = stats["wall_s"]
+    lines = [f"{'stage':<8}{'busy s':>9}{'busy %':>8}{'wait in s':>11}{'wait out s':>12}"
+             f"{'items':>7}"]
+    for name, s in stats["stages"].items():
+        pct = 100 * s["busy_s"] / wall if wall else 0
+        lines.append(f"{name:<8}{s['busy_s']:>9.2f}{pct:>7.0f}%{s['wait_in_s']:>11.2f}"
+                     f"{s['wait_out_s']:>12.2f}{s['items']:>7}")
+    lines.append(f"wall {wall:.2f} s, {stats['mpx_s']} Mpx/s, {stats['threads']} threads, "
+                 f"batch {stats['batch']}")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from segloop.model.card import model_card, write_card_markdown
+    from segloop.model.train import export_onnx, train
+
+    out: Path = args.output
+    if (out / "model.onnx").exists() and not args.overwrite:
+        raise UserError(f"{out}/model.onnx exists; pass --overwrite or choose another folder")
+    model, info = train(steps=args.steps, batch=args.batch, seed=args.seed,
+                        log=lambda s: _info(args, s))
+    card = model_card(model, info, version=args.version)
+    export_onnx(model, out / "model.onnx", card)
+    write_card_markdown(card, out / "MODEL_CARD.md")
+    _info(args, f"wrote {out}/model.onnx; held-out IoU {info['held_out_iou']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+    import tifffile
+    import zarr
+
+    from segloop.model.train import iou
+    from segloop.pipeline.segment import SegmentOptions, segment
+
+    out: Path = args.dir
+    out.mkdir(parents=True, exist_ok=True)
+    h, w = args.size
+    slide, truth = out / f"slide_{h}x{w}.ome.tif", out / f"slide_{h}x{w}_truth.tif"
+    if not (slide.exists() and truth.exists()):
+        ns = argparse.Namespace(output=slide, truth=truth, size=(h, w), seed=7, stain="he",
+                                compression="jpeg", overwrite=True, json=False,
+                                quiet=args.quiet)
+        cmd_synth(ns)
+    else:
+        _info(args, f"using {slide}")
+    store = out / f"slide_{h}x{w}.zarr"
+    with Progress("segment", False, args.quiet) as prog:
+        summary = segment(slide, store, SegmentOptions(), progress=prog)
+    if summary["status"] == "already-complete":
+        _info(args, f"{store} is already complete")
+    else:
+        print(format_stats(summary["stats"]), file=sys.stderr)
+    # score a central crop against the ground truth
+    n = min(h, w, 2048)
+    y0, x0 = (h - n) // 2, (w - n) // 2
+    pred = zarr.open_array(store / "labels/segmentation/0", mode="r")[y0:y0 + n, x0:x0 + n]
+    gt = zarr.open_array(tifffile.imread(truth, aszarr=True), mode="r")[y0:y0 + n, x0:x0 + n]
+    scores = iou(np.asarray(pred), np.asarray(gt))
+    _info(args, f"IoU vs ground truth ({n}² central crop): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    print(f"\nDone. The OME-Zarr store is {store}\n"
+          f"  open it in napari:   napari --plugin napari-ome-zarr {store}\n"
+          f"  or in Python:        ome_zarr.reader / zarr.open_group('{store}')")
+    return 0
+
+
+def cmd_bench_segment(args: argparse.Namespace) -> int:
+    from segloop.bench.segment import run_bench
+
+    result = run_bench(size=args.size[0], tile=args.tile, batch=args.batch,
+                       threads=args.threads, runtime=args.runtime, save=args.save,
+                       memory_sizes=args.memory_sizes, log=lambda s: _info(args, s))
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segloop", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, json_flag: bool = True) -> None:
+        sp.add_argument("--quiet", action="store_true", help="no progress or info output")
+        if json_flag:
+            sp.add_argument("--json", action="store_true",
+                            help="one JSON object per progress event and a final summary")
+
+    s = sub.add_parser("synth", help="generate a synthetic H&E-like OME-TIFF with ground truth")
+    s.add_argument("output", type=Path)
+    s.add_argument("--size", type=parse_size, default=(4096, 4096), help="N or HxW")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--stain", choices=["he", "shifted", "mixed"], default="he",
+                   help="shifted: out-of-distribution colours; mixed: shifted patches")
+    s.add_argument("--truth", type=Path, help="also write ground-truth classes (TIFF)")
+    s.add_argument("--compression", choices=["jpeg", "zlib", "lzw", "zstd", "none"],
+                   default="jpeg")
+    s.add_argument("--overwrite", action="store_true")
+    common(s)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("segment", help="segment an image into an OME-Zarr store")
+    s.add_argument("input", type=Path, help="TIFF/OME-TIFF, OME-Zarr/zarr, PNG or JPEG")
+    s.add_argument("-o", "--output", type=Path, required=True, help="output .zarr store")
+    s.add_argument("--runtime", default="onnx", help="onnx (default) or torch")
+    s.add_argument("--model", type=Path, help="ONNX model (default: newest in model_repository)")
+    s.add_argument("--tile", type=int, default=512, help="tile core = output chunk side (px)")
+    s.add_argument("--batch", type=int, default=4, help="tiles per inference call")
+    s.add_argument("--threads", type=int, help="runtime threads (default: all cores)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    s.add_argument("--stats", action="store_true", help="print per-stage busy/wait times")
+    common(s)
+    s.set_defaults(func=cmd_segment)
+
+    s = sub.add_parser("train", help="train the UNet on synthetic data and export ONNX")
+    s.add_argument("output", type=Path, help="version folder, e.g. model_repository/segloop_unet/2")
+    s.add_argument("--steps", type=int, default=700)
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--version", type=int, default=1)
+    s.add_argument("--overwrite", action="store_true")
+    common(s, json_flag=False)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("demo", help="generate an image, segment it, say how to open it")
+    s.add_argument("--size", type=parse_size, default=(8192, 8192))
+    s.add_argument("--dir", type=Path, default=Path("demo"))
+    common(s, json_flag=False)
+    s.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    s = b.add_parser("segment", help="end-to-end vs model-only vs MONAI, one run")
+    s.add_argument("--size", type=parse_size, default=(4096, 4096))
+    s.add_argument("--tile", type=int, default=512)
+    s.add_argument("--batch", type=int, default=4)
+    s.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    s.add_argument("--runtime", default="onnx")
+    s.add_argument("--memory-sizes", type=lambda t: [int(v) for v in t.split(",") if v],
+                   default=[], help="also measure peak RSS at these square sizes, e.g. 10000,40000")
+    s.add_argument("--save", type=Path, help="folder for JSON + markdown results")
+    common(s)
+    s.set_defaults(func=cmd_bench_segment)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"segloop: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("segloop: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Readers (``open_image``) and the OME-Zarr writer (``ome_zarr``)."""

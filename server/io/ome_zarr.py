@@ -1,0 +1,146 @@
+"""The segloop output store: OME-Zarr 0.5 (zarr v3).
+
+```
+out.zarr/
+  zarr.json                      ome.multiscales for the image (axes c, y, x)
+  0/ 1/ …                        image pyramid (source dtype, 2×2 mean)
+  labels/segmentation/0 1 …      uint8 classes (y, x), image-label colours + names (2×2 mode)
+  confidence/0 1 …               uint8 confidence (y, x), 255 = certain (2×2 mean)
+  segloop.json                   run record: status, parameters, model, stats
+  segloop.manifest               finished shards, one "level sy sx" line each (resume)
+```
+Chunks are ``tile``², shards ``shard``²; every shard is written whole by one writer.
+The OME metadata is written last, so an unfinished store does not look like an image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from segloop.errors import UserError
+from segloop.pipeline.tiling import TileGrid
+
+RECORD = "segloop.json"
+LAYERS = ("image", "segmentation", "confidence")
+_PREFIX = {"image": "", "segmentation": "labels/segmentation/", "confidence": "confidence/"}
+_COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+
+
+def array_path(layer: str, level: int) -> str:
+    return f"{_PREFIX[layer]}{level}"
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    f = path / RECORD
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Atomic replace (write, fsync, rename)."""
+    tmp = path / (RECORD + ".tmp")
+    with tmp.open("w") as f:
+        json.dump(record, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / RECORD)
+
+
+def remove_store(path: Path) -> None:
+    """Delete an existing output for ``--overwrite``; refuses anything that is not a store."""
+    if path.is_dir():
+        if not any((path / m).exists() for m in ("zarr.json", RECORD, ".zgroup")) and any(
+            path.iterdir()
+        ):
+            raise UserError(f"{path} is a non-empty folder that is not a zarr store; "
+                            "refusing to delete it even with --overwrite")
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+class OutputStore:
+    """Arrays of one segloop store; ``create`` makes them, ``open`` reopens for resume."""
+
+    def __init__(self, path: Path, grid: TileGrid, channels: int, dtype: np.dtype) -> None:
+        self.path = path
+        self.grid = grid
+        self.channels = channels
+        self.dtype = np.dtype(dtype)
+        self.root = zarr.open_group(path, mode="a", zarr_format=3)
+
+    @classmethod
+    def create(cls, path: Path, grid: TileGrid, channels: int, dtype: np.dtype) -> OutputStore:
+        store = cls(path, grid, channels, dtype)
+        for level in range(grid.levels):
+            h, w = grid.level_shape(level)
+            store._create(array_path("image", level), (channels, h, w), dtype, ("c", "y", "x"))
+            for layer in ("segmentation", "confidence"):
+                store._create(array_path(layer, level), (h, w), np.uint8, ("y", "x"))
+        return store
+
+    def _create(self, name: str, shape: tuple[int, ...], dtype, dims: tuple[str, ...]) -> None:
+        t, s = self.grid.tile, self.grid.shard
+        self.root.create_array(
+            name, shape=shape, dtype=dtype, chunks=(*shape[:-2], t, t)[-len(shape):],
+            shards=(*shape[:-2], s, s)[-len(shape):], compressors=_COMPRESSOR, fill_value=0,
+            dimension_names=dims,
+        )
+
+    def array(self, layer: str, level: int) -> zarr.Array:
+        return self.root[array_path(layer, level)]
+
+    def write(self, layer: str, level: int, box: tuple[int, int, int, int], data: np.ndarray):
+        """Write one whole shard ``box`` = (y0, y1, x0, x1); data (…, y1-y0, x1-x0)."""
+        y0, y1, x0, x1 = box
+        self.array(layer, level)[..., y0:y1, x0:x1] = data
+
+    def read(self, layer: str, level: int, box: tuple[int, int, int, int]) -> np.ndarray:
+        y0, y1, x0, x1 = box
+        return self.array(layer, level)[..., y0:y1, x0:x1]
+
+    def write_ome_metadata(self, classes: list[str], colors: list[list[int]]) -> None:
+        """Multiscales for image, labels and confidence; image-label colours and names."""
+        levels = self.grid.levels
+
+        def multiscale(name: str, axes: list[dict], c: bool) -> dict:
+            return {
+                "name": name,
+                "axes": axes,
+                "datasets": [
+                    {"path": str(k), "coordinateTransformations": [
+                        {"type": "scale", "scale": ([1.0] if c else []) + [2.0**k, 2.0**k]}]}
+                    for k in range(levels)
+                ],
+            }
+
+        yx = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+        c = [{"name": "c", "type": "channel"}]
+        self.root.require_group("labels").attrs["ome"] = {
+            "version": "0.5", "labels": ["segmentation"]}
+        self.root["labels/segmentation"].attrs["ome"] = {
+            "version": "0.5",
+            "multiscales": [multiscale("segmentation", yx, False)],
+            "image-label": {
+                "version": "0.5",
+                "colors": [{"label-value": i, "rgba": rgba} for i, rgba in enumerate(colors)],
+                "properties": [{"label-value": i, "class": n} for i, n in enumerate(classes)],
+                "source": {"image": "../../"},
+            },
+        }
+        self.root["confidence"].attrs["ome"] = {
+            "version": "0.5", "multiscales": [multiscale("confidence", yx, False)]}
+        self.root.attrs["ome"] = {
+            "version": "0.5", "multiscales": [multiscale("image", c + yx, True)]}

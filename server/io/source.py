@@ -1,0 +1,147 @@
+"""``ImageSource``: a 2-D image read by region, whatever the file format.
+
+Axis rule: singleton axes are dropped; what remains must be Y, X and at most one channel
+axis (``C`` or ``S``) of 1 (gray), 3 (RGB) or 4 (RGBA) channels. dtype uint8 or uint16.
+Anything else (float, 5-D stacks with T/Z > 1, 2-channel) is refused with a message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from segloop.errors import UserError
+
+CHANNEL_AXES = ("C", "S")
+
+
+class ImageSource:
+    """Region reads from an array-like with named axes.
+
+    array: anything sliceable (zarr array, numpy array); axes: one letter per array axis.
+    ``read`` returns (h, w, channels) in the source dtype.
+    """
+
+    def __init__(self, array, axes: str, path: Path, fingerprint: str) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+        self._array = array
+        axes = axes.upper()
+        shape = tuple(int(s) for s in array.shape)
+        if len(axes) != len(shape):
+            raise UserError(f"{path}: axes {axes!r} do not match the array shape {shape}")
+        dtype = np.dtype(array.dtype)
+        if dtype not in (np.uint8, np.uint16):
+            raise UserError(
+                f"{path}: pixel type {dtype} is not supported; convert to uint8 or uint16 "
+                "(e.g. rescale floats to 0..255)"
+            )
+        self.dtype = dtype
+        extra = [f"{a}={s}" for a, s in zip(axes, shape, strict=True)
+                 if a not in ("Y", "X", *CHANNEL_AXES) and s > 1]
+        chans = [(i, a) for i, a in enumerate(axes) if a in CHANNEL_AXES and shape[i] > 1]
+        if extra or len(chans) > 1 or "Y" not in axes or "X" not in axes:
+            raise UserError(
+                f"{path}: axes {axes} with shape {shape} is not a single 2-D image; segloop "
+                "segments one Y×X plane (gray, RGB or RGBA): extract a plane first"
+            )
+        self.height = shape[axes.index("Y")]
+        self.width = shape[axes.index("X")]
+        if self.height == 0 or self.width == 0:
+            raise UserError(f"{path}: the image is empty ({self.height}×{self.width} pixels)")
+        self.channels = shape[chans[0][0]] if chans else 1
+        if self.channels not in (1, 3, 4):
+            raise UserError(
+                f"{path}: {self.channels} channels; segloop reads gray (1), RGB (3) or RGBA (4)"
+            )
+        self._axes = axes
+        # axes left in a read result (singletons are indexed away) → transpose to (Y, X, C)
+        kept = [a for i, a in enumerate(axes) if a in "YX" or (chans and i == chans[0][0])]
+        wanted = ["Y", "X"] + ([chans[0][1]] if chans else [])
+        self._order = [kept.index(a) for a in wanted]
+        self._band_lock = threading.Lock()
+        self._band: tuple[int, int, np.ndarray] | None = None
+        chunks = getattr(array, "chunks", None)
+        self._banded = bool(chunks) and chunks[axes.index("X")] >= self.width > 1024
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def _index(self, y0: int, y1: int, x0: int, x1: int) -> tuple:
+        idx = []
+        for i, a in enumerate(self._axes):
+            if a == "Y":
+                idx.append(slice(y0, y1))
+            elif a == "X":
+                idx.append(slice(x0, x1))
+            elif self._array.shape[i] > 1:
+                idx.append(slice(None))
+            else:
+                idx.append(0)
+        return tuple(idx)
+
+    def _read_raw(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        block = np.asarray(self._array[self._index(y0, y1, x0, x1)])
+        block = np.transpose(block, self._order) if block.ndim == 3 else block[..., None]
+        return block
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Region [y0, y1) × [x0, x1) (clipped by the caller) → (h, w, C), source dtype.
+
+        Striped files (chunks spanning the full width) keep the last full-width band in
+        memory, so a row of tiles decodes each strip once.
+        """
+        try:
+            if not self._banded:
+                return self._read_raw(y0, y1, x0, x1)
+            with self._band_lock:
+                if self._band is None or not (self._band[0] <= y0 and y1 <= self._band[1]):
+                    self._band = (y0, y1, self._read_raw(y0, y1, 0, self.width))
+                b0, _, band = self._band
+                return band[y0 - b0:y1 - b0, x0:x1]
+        except UserError:
+            raise
+        except Exception as exc:  # decoder errors of corrupt files
+            raise UserError(
+                f"{self.path}: cannot decode region y={y0}:{y1} x={x0}:{x1} "
+                f"({type(exc).__name__}: {exc}); the file is corrupt or truncated"
+            ) from exc
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 over size + first and last MiB: cheap identity of a (huge) input file."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), 2)
+            h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def open_image(path: str | Path) -> ImageSource:
+    """Open TIFF/OME-TIFF, OME-Zarr/zarr or PNG/JPEG for region reads."""
+    from segloop.io import pillow, tiff, zarr_source
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"input not found: {p}")
+    if p.is_dir():
+        if any((p / m).exists() for m in ("zarr.json", ".zarray", ".zgroup")):
+            return zarr_source.open_zarr(p)
+        raise UserError(f"{p} is a directory but not a zarr store; give an image file or .zarr")
+    if p.stat().st_size == 0:
+        raise UserError(f"{p} is an empty file")
+    with p.open("rb") as f:
+        magic = f.read(8)
+    if magic[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return tiff.open_tiff(p)
+    if magic.startswith(b"\x89PNG") or magic.startswith(b"\xff\xd8\xff"):
+        return pillow.open_pillow(p)
+    raise UserError(f"{p} is not a supported image (TIFF, OME-TIFF, OME-Zarr, zarr, PNG, JPEG)")

@@ -1,0 +1,40 @@
+"""TIFF / BigTIFF / OME-TIFF (tiled or striped, pyramidal) through tifffile's zarr store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tifffile
+import zarr
+
+from segloop.errors import UserError
+from segloop.io.source import ImageSource, file_fingerprint
+
+
+def open_tiff(path: Path) -> ImageSource:
+    """Level 0 of the first series. Checks that every tile/strip lies inside the file,
+    so a truncated file or a header claiming a huge image fails before any work."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            level = series.levels[0]
+            axes = level.axes
+            size = path.stat().st_size
+            pages = level.pages
+            for page in pages[: min(len(pages), 4096)]:
+                if page is None or not hasattr(page, "dataoffsets"):
+                    continue
+                ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)
+                        if n]
+                if ends and max(ends) > size:
+                    raise UserError(
+                        f"{path}: truncated or corrupt TIFF (image data runs past the end of "
+                        f"the {size}-byte file); re-copy or re-export it"
+                    )
+        store = tifffile.imread(path, aszarr=True, series=0, level=0)
+        array = zarr.open_array(store, mode="r")
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from exc
+    return ImageSource(array, axes, path, file_fingerprint(path))

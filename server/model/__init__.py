@@ -1,0 +1,1 @@
+"""The segmentation model: a small fully convolutional UNet, its training and export."""

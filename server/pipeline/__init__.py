@@ -1,0 +1,1 @@
+"""Tiling, the overlapped stage pipeline, and resume."""

@@ -1,0 +1,281 @@
+"""``segment``: image → OME-Zarr labels + confidence, tile by tile, stages overlapped.
+
+read (decoder pool) → pre (normalise + batch) → infer (runtime) → post (crop, argmax,
+confidence) → write (shard assembly, manifest, pyramid). Peak memory is bounded by the
+queue depths and the shards in flight, not by the image size.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segloop import __version__
+from segloop.errors import UserError
+from segloop.io.ome_zarr import OutputStore, read_record, remove_store, write_record
+from segloop.io.source import ImageSource, open_image
+from segloop.kernels.post import labels_confidence
+from segloop.kernels.pre import Normalisation, normalise_into
+from segloop.pipeline.manifest import Manifest
+from segloop.pipeline.pyramid import PyramidBuilder
+from segloop.pipeline.stages import Pipeline, Stage, StageStats
+from segloop.pipeline.tiling import Tile, TileGrid
+from segloop.runtimes import Runtime, create_runtime
+
+DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+
+ProgressFn = Callable[[int, int], None]  # (pixels done, pixels total)
+
+
+def default_model() -> Path:
+    """Newest version of ``segloop_unet`` in ``$SEGLOOP_MODEL_REPOSITORY`` or the repo's."""
+    repo = Path(os.environ.get("SEGLOOP_MODEL_REPOSITORY", DEFAULT_MODEL_REPOSITORY))
+    versions = sorted((int(p.name) for p in (repo / "segloop_unet").glob("[0-9]*")
+                       if (p / "model.onnx").exists()), reverse=True)
+    if not versions:
+        raise UserError(f"no model found under {repo}/segloop_unet/<version>/model.onnx; "
+                        "pass --model or run `segloop train`")
+    return repo / "segloop_unet" / str(versions[0]) / "model.onnx"
+
+
+@dataclass
+class SegmentOptions:
+    runtime: str = "onnx"
+    model: Path | None = None
+    tile: int = 512
+    batch: int = 4
+    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    read_workers: int = 2
+    overwrite: bool = False
+
+
+def _normalisation(card: dict, src: ImageSource) -> Normalisation:
+    inp = card["input"]
+    return Normalisation(
+        mean=tuple(inp["mean"]), std=tuple(inp["std"]),
+        channels=(0, 0, 0) if src.channels == 1 else (0, 1, 2),
+        max_value=255.0 if src.dtype == np.uint8 else 65535.0,
+    )
+
+
+def _params(src: ImageSource, rt: Runtime, grid: TileGrid) -> dict[str, Any]:
+    """Everything that determines the output bits; a resumed run must match them."""
+    return {
+        "source": {"path": str(src.path), "fingerprint": src.fingerprint,
+                   "shape": [src.height, src.width], "channels": src.channels,
+                   "dtype": str(src.dtype)},
+        "model": {"sha256": rt.card["sha256"], "version": rt.card.get("version")},
+        "runtime": rt.name,
+        "tile": grid.tile, "halo": grid.halo, "shard": grid.shard,
+    }
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb and k != "path":
+            out.append(f"{prefix}{k} ({va} → {vb})")
+    return out
+
+
+def _prepare_output(out: Path, params: dict, overwrite: bool) -> tuple[str, dict | None]:
+    """Decide what to do with ``out``: 'create', 'resume' or 'complete'."""
+    if out.exists() and overwrite:
+        remove_store(out)
+    if not out.exists():
+        try:
+            out.mkdir(parents=True)
+        except OSError as exc:
+            raise UserError(f"cannot create output {out}: {exc.strerror}") from exc
+        if not os.access(out, os.W_OK):
+            raise UserError(f"output folder {out} is not writable")
+        return "create", None
+    record = read_record(out)
+    if record is None:
+        raise UserError(f"{out} already exists and is not a segloop store; "
+                        "pass --overwrite to replace it or choose another -o")
+    changed = _diff(record.get("params", {}), params)
+    if changed:
+        raise UserError(f"{out} was made with other parameters ({'; '.join(changed)}); "
+                        "pass --overwrite to start over, or use the same parameters to resume")
+    return ("complete" if record.get("status") == "complete" else "resume"), record
+
+
+class _Reader:
+    """Decoder pool: yields (tile, region, rows, cols) in tile order, ``workers`` ahead."""
+
+    def __init__(self, src: ImageSource, grid: TileGrid, workers: int, stats: StageStats):
+        self.src, self.grid, self.workers, self.stats = src, grid, workers, stats
+        self._lock = threading.Lock()
+
+    def _read(self, t: Tile):
+        t0 = time.perf_counter()
+        r0, r1, c0, c1, rows, cols = self.grid.window_indices(t)
+        region = self.src.read(r0, r1, c0, c1)
+        with self._lock:
+            self.stats.busy_s += time.perf_counter() - t0
+        return t, region, rows, cols
+
+    def __call__(self, tiles: Iterator[Tile]) -> Iterator[tuple]:
+        pending: list[Future] = []
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="segloop-read") as pool:
+            for t in tiles:
+                pending.append(pool.submit(self._read, t))
+                if len(pending) > 2 * self.workers:
+                    yield pending.pop(0).result()
+            while pending:
+                yield pending.pop(0).result()
+
+
+class _ShardWriter:
+    """Assembles tiles into shard buffers and writes each shard once, when complete."""
+
+    def __init__(self, store: OutputStore, manifest: Manifest, progress: Callable[[int], None]):
+        self.store, self.grid, self.manifest = store, store.grid, manifest
+        self.pyramid = PyramidBuilder(store, manifest)
+        self.progress = progress
+        self.open: dict[tuple[int, int], list] = {}
+
+    def __call__(self, item) -> list:
+        t, core, labels, conf = item
+        s = self.grid.shard
+        key = (t.y0 // s, t.x0 // s)
+        if key not in self.open:
+            y0, y1, x0, x1 = self.grid.shard_box(*key)
+            shape = (y1 - y0, x1 - x0)
+            self.open[key] = [np.zeros((self.store.channels, *shape), self.store.dtype),
+                              np.zeros(shape, np.uint8), np.zeros(shape, np.uint8),
+                              len(self.grid.tiles(*key))]
+        buf = self.open[key]
+        y, x = t.y0 - key[0] * s, t.x0 - key[1] * s
+        buf[0][:, y:y + t.h, x:x + t.w] = np.moveaxis(core, -1, 0)
+        buf[1][y:y + t.h, x:x + t.w] = labels
+        buf[2][y:y + t.h, x:x + t.w] = conf
+        buf[3] -= 1
+        if buf[3] == 0:
+            box = self.grid.shard_box(*key)
+            for layer, data in zip(("image", "segmentation", "confidence"), buf[:3],
+                                   strict=True):
+                self.store.write(layer, 0, box, data)
+            del self.open[key]
+            self.manifest.add((0, *key))
+            self.pyramid.shard_done((0, *key))
+        self.progress(t.h * t.w)
+        return []
+
+
+def segment(
+    input_path: Path,
+    out: Path,
+    opts: SegmentOptions,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Segment ``input_path`` into the store ``out``; returns the run summary.
+
+    Resumes an unfinished store made with the same parameters; a finished one is left
+    as it is (summary ``status: already-complete``).
+    """
+    src = open_image(input_path)
+    rt = create_runtime(opts.runtime, opts.model or default_model(), opts.threads)
+    card = rt.card
+    grid = TileGrid.create(src.height, src.width, opts.tile, card["halo"],
+                           card["input"]["multiple_of"])
+    params = _params(src, rt, grid)
+    action, record = _prepare_output(out, params, opts.overwrite)
+    if action == "complete":
+        return {"status": "already-complete", "output": str(out), **(record or {})}
+    if action == "create":
+        store = OutputStore.create(out, grid, src.channels, src.dtype)
+        record = {"segloop_version": __version__, "status": "running", "params": params,
+                  "model": {k: card[k] for k in ("name", "version", "classes", "sha256",
+                                                  "receptive_radius", "halo")}}
+        write_record(out, record)
+    else:
+        store = OutputStore(out, grid, src.channels, src.dtype)
+    manifest = Manifest(out)
+    norm = _normalisation(card, src)
+    total = src.height * src.width
+    done_px = sum((b[1] - b[0]) * (b[3] - b[2])
+                  for b in (grid.shard_box(sy, sx) for sy, sx in grid.shards() if (0, sy, sx)
+                            in manifest))
+    counter = [done_px]
+
+    def advance(n: int) -> None:
+        counter[0] += n
+        if progress:
+            progress(counter[0], total)
+
+    if progress:
+        progress(done_px, total)
+
+    halo, core, window = grid.halo, grid.tile, grid.window
+    batch: list[tuple] = []
+
+    def emit() -> list:
+        if not batch:
+            return []
+        arr = np.empty((len(batch), 3, window, window), np.float32)
+        for i, (_, region, rows, cols) in enumerate(batch):
+            normalise_into(region, rows, cols, norm, arr[i])
+        cores = [(t, region[rows[halo]:rows[halo] + t.h, cols[halo]:cols[halo] + t.w])
+                 for t, region, rows, cols in batch]
+        batch.clear()
+        return [(cores, arr)]
+
+    def pre(item) -> list:
+        batch.append(item)
+        return emit() if len(batch) >= opts.batch else []
+
+    def infer(item) -> list:
+        cores, arr = item
+        return [(cores, rt.run(arr))]
+
+    def post(item) -> list:
+        cores, logits = item
+        labels, conf = labels_confidence(logits, halo, core)
+        return [(t, c, labels[i, :t.h, :t.w], conf[i, :t.h, :t.w])
+                for i, (t, c) in enumerate(cores)]
+
+    writer = _ShardWriter(store, manifest, advance)
+    stages = [Stage("pre", pre, flush=emit), Stage("infer", infer), Stage("post", post),
+              Stage("write", writer)]
+    read_stats = StageStats("read")
+    todo = (t for sy, sx in grid.shards() if (0, sy, sx) not in manifest
+            for t in grid.tiles(sy, sx))
+    t0 = time.perf_counter()
+    try:
+        Pipeline(stages).run(_Reader(src, grid, opts.read_workers, read_stats)(todo),
+                             read_stats)
+        writer.pyramid.complete()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"disk full while writing {out}; free space and run the same "
+                            "command again to resume") from exc
+        raise UserError(f"cannot write {out}: {exc}; run the same command to resume") from exc
+    finally:
+        manifest.close()
+        rt.close()
+    wall = time.perf_counter() - t0
+    store.write_ome_metadata(card["classes"], card["colors"])
+    new_px = total - done_px
+    stats = {"wall_s": round(wall, 3), "pixels": new_px,
+             "mpx_s": round(new_px / 1e6 / wall, 3) if wall > 0 else None,
+             "stages": {s.name: s.as_dict() for s in [read_stats] + [st.stats for st in stages]},
+             "threads": opts.threads, "batch": opts.batch, "resumed": action == "resume"}
+    record = {**(record or {}), "status": "complete", "stats": stats,
+              "grid": {"levels": grid.levels, "tile": grid.tile, "halo": grid.halo,
+                       "shard": grid.shard}}
+    write_record(out, record)
+    return {"output": str(out), **record}
