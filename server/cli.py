@@ -132,6 +132,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from segloop.pipeline.segment import SegmentOptions, segment
 
     opts = SegmentOptions(runtime=args.runtime, model=args.model, tile=args.tile,
+                          shard=args.shard,
                           batch=args.batch, overwrite=args.overwrite)
     if args.threads:
         opts.threads = args.threads
@@ -269,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runtime", default="onnx", help="onnx (default) or torch")
     s.add_argument("--model", type=Path, help="ONNX model (default: newest in model_repository)")
     s.add_argument("--tile", type=int, default=512, help="tile core = output chunk side (px)")
+    s.add_argument("--shard", type=int,
+                   help="shard side (px, multiple of --tile): the unit of writing and resume")
     s.add_argument("--batch", type=int, default=4, help="tiles per inference call")
     s.add_argument("--threads", type=int, help="runtime threads (default: all cores)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing store")

@@ -52,13 +52,14 @@ class SegmentOptions:
     runtime: str = "onnx"
     model: Path | None = None
     tile: int = 512
+    shard: int | None = None
     batch: int = 4
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     read_workers: int = 2
     overwrite: bool = False
 
 
-def _normalisation(card: dict, src: ImageSource) -> Normalisation:
+def normalisation_for(card: dict, src: ImageSource) -> Normalisation:
     inp = card["input"]
     return Normalisation(
         mean=tuple(inp["mean"]), std=tuple(inp["std"]),
@@ -191,7 +192,7 @@ def segment(
     rt = create_runtime(opts.runtime, opts.model or default_model(), opts.threads)
     card = rt.card
     grid = TileGrid.create(src.height, src.width, opts.tile, card["halo"],
-                           card["input"]["multiple_of"])
+                           card["input"]["multiple_of"], opts.shard)
     params = _params(src, rt, grid)
     action, record = _prepare_output(out, params, opts.overwrite)
     if action == "complete":
@@ -205,7 +206,7 @@ def segment(
     else:
         store = OutputStore(out, grid, src.channels, src.dtype)
     manifest = Manifest(out)
-    norm = _normalisation(card, src)
+    norm = normalisation_for(card, src)
     total = src.height * src.width
     done_px = sum((b[1] - b[0]) * (b[3] - b[2])
                   for b in (grid.shard_box(sy, sx) for sy, sx in grid.shards() if (0, sy, sx)

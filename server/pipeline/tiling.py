@@ -38,12 +38,16 @@ class TileGrid:
 
     @classmethod
     def create(cls, height: int, width: int, tile: int, halo: int, multiple: int,
-               shard_px: int = 2048) -> TileGrid:
-        """Validate ``tile``; shrink it to the image when the image is smaller."""
+               shard: int | None = None) -> TileGrid:
+        """Validate ``tile`` and ``shard`` (default: ~2048 px); a small image is one tile."""
         if tile <= 0 or tile % multiple:
             raise UserError(f"--tile {tile} must be a positive multiple of {multiple}")
-        tile = min(tile, -(-max(height, width) // multiple) * multiple)
-        shard = max(1, shard_px // tile) * tile
+        if shard is not None and (shard < tile or shard % tile):
+            raise UserError(f"--shard {shard} must be a multiple of --tile {tile}")
+        whole = -(-max(height, width) // multiple) * multiple
+        if tile >= whole:
+            tile = shard = whole
+        shard = shard or max(1, 2048 // tile) * tile
         return cls(height, width, tile, halo, shard)
 
     @property
