@@ -20,10 +20,13 @@ demo: install
 	$(VENV)/bin/segloop demo
 
 test: install
-	$(PY) -m pytest -n0 -q 2>/dev/null || $(PY) -m pytest -q
+	@# pytest exits 5 when it collected nothing: that is a failure, not a pass
+	$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo 'make test: pytest collected no tests' >&2; exit 1; fi; exit $$rc
 
 bench: install
-	$(VENV)/bin/segloop bench segment --size 4096 --json --save benchmarks/results
+	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-columns=min,median,ops -q
+	$(VENV)/bin/segloop bench segment --size 4096 --save benchmarks/results
 
 lint: install
 	$(VENV)/bin/ruff check .

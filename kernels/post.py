@@ -11,6 +11,8 @@ import math
 import numba as nb
 import numpy as np
 
+from segloop.kernels import PARALLEL_LAUNCH
+
 
 @nb.njit(parallel=True, nogil=True, cache=True)
 def _labels_confidence(logits, halo, labels, confidence):
@@ -38,9 +40,7 @@ def _labels_confidence(logits, halo, labels, confidence):
                 confidence[b, i, j] = np.uint8(min(255.0, max(0.0, q + 0.5)))
 
 
-def labels_confidence(
-    logits: np.ndarray, halo: int, core: int
-) -> tuple[np.ndarray, np.ndarray]:
+def labels_confidence(logits: np.ndarray, halo: int, core: int) -> tuple[np.ndarray, np.ndarray]:
     """logits (B, K, S, S) float → labels, confidence (B, core, core) uint8.
 
     Pixels ``halo .. halo+core`` of each tile are kept; ties go to the lower class.
@@ -48,5 +48,6 @@ def labels_confidence(
     b = logits.shape[0]
     labels = np.empty((b, core, core), np.uint8)
     confidence = np.empty((b, core, core), np.uint8)
-    _labels_confidence(logits, halo, labels, confidence)
+    with PARALLEL_LAUNCH:
+        _labels_confidence(logits, halo, labels, confidence)
     return labels, confidence

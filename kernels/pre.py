@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 
+from segloop.kernels import PARALLEL_LAUNCH
+
 
 @dataclass(frozen=True)
 class Normalisation:
@@ -71,4 +73,5 @@ def normalise_into(
     rows, cols: (S,) intp indices into src (from ``reflect_index`` minus the region origin).
     """
     scale, offset, channels = norm.coefficients()
-    _normalise(src, rows, cols, channels, scale, offset, out)
+    with PARALLEL_LAUNCH:
+        _normalise(src, rows, cols, channels, scale, offset, out)

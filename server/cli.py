@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -38,46 +39,64 @@ class Progress:
         self._start_px: int | None = None
 
     def __enter__(self) -> Progress:
-        if not (self.as_json or self.quiet):
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TextColumn("Mpx"),
-                                 TextColumn("{task.fields[rate]:.2f} Mpx/s"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(),
-                                 transient=False, console=_stderr_console())
-            self._bar.start()
-            self._task = self._bar.add_task(self.label, total=None, rate=0.0)
         return self
+
+    def _start_bar(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("Mpx"),
+            TextColumn("{task.fields[rate]:.2f} Mpx/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=_stderr_console(),
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(self.label, total=None, rate=0.0)
 
     def __call__(self, done: int, total: int) -> None:
         if self._start_px is None:
             self._start_px = done
+            if not (self.as_json or self.quiet):
+                self._start_bar()
         elapsed = time.perf_counter() - self._t0
         rate = (done - self._start_px) / 1e6 / elapsed if elapsed > 0 else 0.0
         if self._bar is not None:
-            self._bar.update(self._task, completed=done // 10**6, total=total // 10**6,
-                             rate=rate)
+            self._bar.update(self._task, completed=done // 10**6, total=total // 10**6, rate=rate)
         elif self.as_json and (done == total or time.perf_counter() - self._last > 0.5):
             self._last = time.perf_counter()
             eta = (total - done) / 1e6 / rate if rate > 0 else None
-            emit_json({"event": "progress", "stage": self.label, "done_px": done,
-                       "total_px": total, "mpx_s": round(rate, 3),
-                       "eta_s": None if eta is None else round(eta, 1)})
+            emit_json(
+                {
+                    "event": "progress",
+                    "stage": self.label,
+                    "done_px": done,
+                    "total_px": total,
+                    "mpx_s": round(rate, 3),
+                    "eta_s": None if eta is None else round(eta, 1),
+                }
+            )
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self._bar is not None:
+            if exc_type is not None:  # an error message follows: leave only that line
+                self._bar.live.transient = True
             self._bar.stop()
 
 
 def _stderr_console():
     from rich.console import Console
+
     return Console(stderr=True)
 
 
@@ -91,6 +110,7 @@ def _info(args: argparse.Namespace, text: str) -> None:
 
 
 # --- commands ---------------------------------------------------------------------------
+
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from segloop.synth import write_ome_tiff
@@ -110,8 +130,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
             prog(done[0], h * w)
 
         try:
-            write_ome_tiff(tmp, h, w, seed=args.seed, stain=args.stain, truth_path=tmp_truth,
-                           tile=512, compression=args.compression, progress=step)
+            write_ome_tiff(
+                tmp,
+                h,
+                w,
+                seed=args.seed,
+                stain=args.stain,
+                truth_path=tmp_truth,
+                tile=512,
+                compression=args.compression,
+                progress=step,
+            )
         except OSError as exc:
             for p in (tmp, tmp_truth):
                 if p is not None:
@@ -121,8 +150,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if tmp_truth is not None:
         os.replace(tmp_truth, args.truth)
     if args.json:
-        emit_json({"event": "done", "output": str(out), "truth": str(args.truth or ""),
-                   "shape": [h, w]})
+        emit_json(
+            {"event": "done", "output": str(out), "truth": str(args.truth or ""), "shape": [h, w]}
+        )
     else:
         _info(args, f"wrote {out} ({h}×{w}, stain {args.stain}, seed {args.seed})")
     return 0
@@ -131,9 +161,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from segloop.pipeline.segment import SegmentOptions, segment
 
-    opts = SegmentOptions(runtime=args.runtime, model=args.model, tile=args.tile,
-                          shard=args.shard,
-                          batch=args.batch, overwrite=args.overwrite)
+    opts = SegmentOptions(
+        runtime=args.runtime,
+        model=args.model,
+        tile=args.tile,
+        shard=args.shard,
+        batch=args.batch,
+        overwrite=args.overwrite,
+    )
     if args.threads:
         opts.threads = args.threads
     if opts.batch < 1 or opts.threads < 1:
@@ -144,16 +179,23 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if args.json:
             emit_json({"event": "done", "status": "already-complete", "output": str(args.output)})
         else:
-            _info(args, f"{args.output} is already complete; nothing to do "
-                        "(pass --overwrite to segment again)")
+            _info(
+                args,
+                f"{args.output} is already complete; nothing to do "
+                "(pass --overwrite to segment again)",
+            )
         return 0
     stats = summary["stats"]
     if args.json:
-        emit_json({"event": "done", "status": "complete", "output": str(args.output),
-                   "stats": stats})
+        emit_json(
+            {"event": "done", "status": "complete", "output": str(args.output), "stats": stats}
+        )
         return 0
-    _info(args, f"wrote {args.output}: {stats['pixels'] / 1e6:.1f} Mpx in "
-                f"{stats['wall_s']:.1f} s ({stats['mpx_s']} Mpx/s)")
+    _info(
+        args,
+        f"wrote {args.output}: {stats['pixels'] / 1e6:.1f} Mpx in "
+        f"{stats['wall_s']:.1f} s ({stats['mpx_s']} Mpx/s)",
+    )
     if args.stats:
         print(format_stats(stats), file=sys.stderr)
     return 0
@@ -162,14 +204,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def format_stats(stats: dict) -> str:
     """Stage table: busy, waiting for input, waiting for the next stage (seconds)."""
     wall = stats["wall_s"]
-    lines = [f"{'stage':<8}{'busy s':>9}{'busy %':>8}{'wait in s':>11}{'wait out s':>12}"
-             f"{'items':>7}"]
+    lines = [
+        f"{'stage':<8}{'busy s':>9}{'busy %':>8}{'wait in s':>11}{'wait out s':>12}{'items':>7}"
+    ]
     for name, s in stats["stages"].items():
         pct = 100 * s["busy_s"] / wall if wall else 0
-        lines.append(f"{name:<8}{s['busy_s']:>9.2f}{pct:>7.0f}%{s['wait_in_s']:>11.2f}"
-                     f"{s['wait_out_s']:>12.2f}{s['items']:>7}")
-    lines.append(f"wall {wall:.2f} s, {stats['mpx_s']} Mpx/s, {stats['threads']} threads, "
-                 f"batch {stats['batch']}")
+        lines.append(
+            f"{name:<8}{s['busy_s']:>9.2f}{pct:>7.0f}%{s['wait_in_s']:>11.2f}"
+            f"{s['wait_out_s']:>12.2f}{s['items']:>7}"
+        )
+    lines.append(
+        f"wall {wall:.2f} s, {stats['mpx_s']} Mpx/s, {stats['threads']} threads, "
+        f"batch {stats['batch']}"
+    )
     return "\n".join(lines)
 
 
@@ -180,8 +227,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out: Path = args.output
     if (out / "model.onnx").exists() and not args.overwrite:
         raise UserError(f"{out}/model.onnx exists; pass --overwrite or choose another folder")
-    model, info = train(steps=args.steps, batch=args.batch, seed=args.seed,
-                        log=lambda s: _info(args, s))
+    model, info = train(
+        steps=args.steps, batch=args.batch, seed=args.seed, log=lambda s: _info(args, s)
+    )
     card = model_card(model, info, version=args.version)
     export_onnx(model, out / "model.onnx", card)
     write_card_markdown(card, out / "MODEL_CARD.md")
@@ -202,9 +250,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     h, w = args.size
     slide, truth = out / f"slide_{h}x{w}.ome.tif", out / f"slide_{h}x{w}_truth.tif"
     if not (slide.exists() and truth.exists()):
-        ns = argparse.Namespace(output=slide, truth=truth, size=(h, w), seed=7, stain="he",
-                                compression="jpeg", overwrite=True, json=False,
-                                quiet=args.quiet)
+        ns = argparse.Namespace(
+            output=slide,
+            truth=truth,
+            size=(h, w),
+            seed=7,
+            stain="he",
+            compression="jpeg",
+            overwrite=True,
+            json=False,
+            quiet=args.quiet,
+        )
         cmd_synth(ns)
     else:
         _info(args, f"using {slide}")
@@ -218,28 +274,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # score a central crop against the ground truth
     n = min(h, w, 2048)
     y0, x0 = (h - n) // 2, (w - n) // 2
-    pred = zarr.open_array(store / "labels/segmentation/0", mode="r")[y0:y0 + n, x0:x0 + n]
-    gt = zarr.open_array(tifffile.imread(truth, aszarr=True), mode="r")[y0:y0 + n, x0:x0 + n]
+    pred = zarr.open_array(store / "labels/segmentation/0", mode="r")[y0 : y0 + n, x0 : x0 + n]
+    gt = zarr.open_array(tifffile.imread(truth, aszarr=True), mode="r")[y0 : y0 + n, x0 : x0 + n]
     scores = iou(np.asarray(pred), np.asarray(gt))
-    _info(args, f"IoU vs ground truth ({n}² central crop): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    print(f"\nDone. The OME-Zarr store is {store}\n"
-          f"  open it in napari:   napari --plugin napari-ome-zarr {store}\n"
-          f"  or in Python:        ome_zarr.reader / zarr.open_group('{store}')")
+    _info(
+        args,
+        f"IoU vs ground truth ({n}² central crop): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()),
+    )
+    print(
+        f"\nDone. The OME-Zarr store is {store}\n"
+        f"  open it in napari:   napari --plugin napari-ome-zarr {store}\n"
+        f"  or in Python:        ome_zarr.reader / zarr.open_group('{store}')"
+    )
     return 0
 
 
 def cmd_bench_segment(args: argparse.Namespace) -> int:
     from segloop.bench.segment import run_bench
 
-    result = run_bench(size=args.size[0], tile=args.tile, batch=args.batch,
-                       threads=args.threads, runtime=args.runtime, save=args.save,
-                       memory_sizes=args.memory_sizes, log=lambda s: _info(args, s))
+    result = run_bench(
+        size=args.size[0],
+        tile=args.tile,
+        batch=args.batch,
+        threads=args.threads,
+        runtime=args.runtime,
+        save=args.save,
+        memory_sizes=args.memory_sizes,
+        log=lambda s: _info(args, s),
+    )
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
 
 # --- parser -----------------------------------------------------------------------------
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segloop", description=__doc__)
@@ -248,18 +317,24 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser, json_flag: bool = True) -> None:
         sp.add_argument("--quiet", action="store_true", help="no progress or info output")
         if json_flag:
-            sp.add_argument("--json", action="store_true",
-                            help="one JSON object per progress event and a final summary")
+            sp.add_argument(
+                "--json",
+                action="store_true",
+                help="one JSON object per progress event and a final summary",
+            )
 
     s = sub.add_parser("synth", help="generate a synthetic H&E-like OME-TIFF with ground truth")
     s.add_argument("output", type=Path)
     s.add_argument("--size", type=parse_size, default=(4096, 4096), help="N or HxW")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--stain", choices=["he", "shifted", "mixed"], default="he",
-                   help="shifted: out-of-distribution colours; mixed: shifted patches")
+    s.add_argument(
+        "--stain",
+        choices=["he", "shifted", "mixed"],
+        default="he",
+        help="shifted: out-of-distribution colours; mixed: shifted patches",
+    )
     s.add_argument("--truth", type=Path, help="also write ground-truth classes (TIFF)")
-    s.add_argument("--compression", choices=["jpeg", "zlib", "lzw", "zstd", "none"],
-                   default="jpeg")
+    s.add_argument("--compression", choices=["jpeg", "zlib", "lzw", "zstd", "none"], default="jpeg")
     s.add_argument("--overwrite", action="store_true")
     common(s)
     s.set_defaults(func=cmd_synth)
@@ -270,8 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runtime", default="onnx", help="onnx (default) or torch")
     s.add_argument("--model", type=Path, help="ONNX model (default: newest in model_repository)")
     s.add_argument("--tile", type=int, default=512, help="tile core = output chunk side (px)")
-    s.add_argument("--shard", type=int,
-                   help="shard side (px, multiple of --tile): the unit of writing and resume")
+    s.add_argument(
+        "--shard",
+        type=int,
+        help="shard side (px, multiple of --tile): the unit of writing and resume",
+    )
     s.add_argument("--batch", type=int, default=4, help="tiles per inference call")
     s.add_argument("--threads", type=int, help="runtime threads (default: all cores)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -302,8 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=4)
     s.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     s.add_argument("--runtime", default="onnx")
-    s.add_argument("--memory-sizes", type=lambda t: [int(v) for v in t.split(",") if v],
-                   default=[], help="also measure peak RSS at these square sizes, e.g. 10000,40000")
+    s.add_argument(
+        "--memory-sizes",
+        type=lambda t: [int(v) for v in t.split(",") if v],
+        default=[],
+        help="also measure peak RSS at these square sizes, e.g. 10000,40000",
+    )
     s.add_argument("--save", type=Path, help="folder for JSON + markdown results")
     common(s)
     s.set_defaults(func=cmd_bench_segment)
@@ -312,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # tifffile logs what it finds wrong in a damaged file before raising; the reader turns
+    # that into our one-line error, so the log lines would only repeat it as noise
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     try:
         return args.func(args)
     except UserError as exc:

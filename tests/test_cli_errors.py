@@ -16,15 +16,17 @@ from tests.conftest import assert_user_error, run_cli
 
 
 def test_missing_input(tmp_path):
-    assert_user_error(run_cli("segment", tmp_path / "nope.tif", "-o", tmp_path / "o.zarr"),
-                      "not found")
+    assert_user_error(
+        run_cli("segment", tmp_path / "nope.tif", "-o", tmp_path / "o.zarr"), "not found"
+    )
     assert not (tmp_path / "o.zarr").exists()
 
 
 def test_directory_input(tmp_path):
     (tmp_path / "d").mkdir()
-    assert_user_error(run_cli("segment", tmp_path / "d", "-o", tmp_path / "o.zarr"),
-                      "not a zarr store")
+    assert_user_error(
+        run_cli("segment", tmp_path / "d", "-o", tmp_path / "o.zarr"), "not a zarr store"
+    )
 
 
 def test_non_image_file(tmp_path):
@@ -48,12 +50,17 @@ def test_truncated_tiff(tmp_path, slide):
 def test_corrupt_tile_data(tmp_path):
     """Header intact, compressed tile bytes garbage: a clear error, store not complete."""
     img = tmp_path / "c.tif"
-    tifffile.imwrite(img, np.full((512, 512, 3), 128, np.uint8), tile=(256, 256),
-                     compression="zlib", photometric="rgb")
+    tifffile.imwrite(
+        img,
+        np.full((512, 512, 3), 128, np.uint8),
+        tile=(256, 256),
+        compression="zlib",
+        photometric="rgb",
+    )
     with tifffile.TiffFile(img) as t:
         off, n = t.pages[0].dataoffsets[1], t.pages[0].databytecounts[1]
     raw = bytearray(img.read_bytes())
-    raw[off:off + n] = b"\x00\xff" * (n // 2) + b"\x00" * (n % 2)
+    raw[off : off + n] = b"\x00\xff" * (n // 2) + b"\x00" * (n % 2)
     img.write_bytes(bytes(raw))
     out = tmp_path / "o.zarr"
     proc = run_cli("segment", img, "-o", out, "--tile", "256")
@@ -78,7 +85,7 @@ def test_huge_header_tiny_file(tmp_path):
     n = struct.unpack_from("<H", raw, ifd)[0]
     for i in range(n):
         e = ifd + 2 + 12 * i
-        tag, typ = struct.unpack_from("<HH", raw, e)
+        tag, _typ = struct.unpack_from("<HH", raw, e)
         if tag in (256, 257):
             struct.pack_into("<HHII", raw, e, tag, 4, 1, 1_000_000)
     f.write_bytes(bytes(raw))
@@ -89,13 +96,20 @@ def test_huge_header_tiny_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("shape", "dtype", "axes", "word"),
-    [((64, 64, 3), np.float64, "YXS", "uint8 or uint16"),
-     ((2, 3, 1, 64, 64), np.uint8, "TZCYX", "2-D"),
-     ((64, 64, 2), np.uint8, "YXC", "channels")],
+    [
+        ((64, 64, 3), np.float64, "YXS", "uint8 or uint16"),
+        ((2, 3, 1, 64, 64), np.uint8, "TZCYX", "2-D"),
+        ((2, 64, 64), np.uint8, "CYX", "channels"),
+    ],
 )
 def test_refused_pixel_layouts(tmp_path, shape, dtype, axes, word):
     f = tmp_path / "x.ome.tif"
-    tifffile.imwrite(f, np.zeros(shape, dtype), metadata={"axes": axes})
+    tifffile.imwrite(
+        f,
+        np.zeros(shape, dtype),
+        metadata={"axes": axes},
+        photometric="rgb" if axes == "YXS" else "minisblack",
+    )
     assert_user_error(run_cli("segment", f, "-o", tmp_path / "o.zarr"), word)
 
 
@@ -127,8 +141,9 @@ def test_unwritable_output(tmp_path, slide):
 
 
 def test_bad_tile(tmp_path, slide):
-    assert_user_error(run_cli("segment", slide[0], "-o", tmp_path / "o.zarr", "--tile", "100"),
-                      "multiple of 8")
+    assert_user_error(
+        run_cli("segment", slide[0], "-o", tmp_path / "o.zarr", "--tile", "100"), "multiple of 8"
+    )
 
 
 def test_synth_refuses_existing(tmp_path):
@@ -144,8 +159,9 @@ def tiny_fs(tmp_path):
     mnt.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount command: cannot make a small filesystem for the disk-full test")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)],
-                       capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True
+    )
     if r.returncode:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.decode().strip()}")
     yield mnt

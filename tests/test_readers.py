@@ -32,16 +32,25 @@ def _check(path, expected: np.ndarray) -> None:
 
 @pytest.mark.parametrize("compression", ["zlib", "lzw", "zstd", None])
 @pytest.mark.parametrize("tiled", [True, False])
-@pytest.mark.parametrize(("channels", "dtype"), [(1, np.uint8), (3, np.uint8), (4, np.uint8),
-                                                 (3, np.uint16), (1, np.uint16)])
+@pytest.mark.parametrize(
+    ("channels", "dtype"),
+    [(1, np.uint8), (3, np.uint8), (4, np.uint8), (3, np.uint16), (1, np.uint16)],
+)
 def test_tiff_lossless(tmp_path, compression, tiled, channels, dtype):
     img = _img(channels, dtype)
     f = tmp_path / "x.tif"
     kw = {"tile": (64, 64)} if tiled else {"rowsperstrip": 50}
     photometric = {1: "minisblack", 3: "rgb", 4: "rgb"}[channels]
     extrasamples = ["unassalpha"] if channels == 4 else None
-    tifffile.imwrite(f, img, compression=compression, photometric=photometric,
-                     extrasamples=extrasamples, bigtiff=tiled, **kw)
+    tifffile.imwrite(
+        f,
+        img,
+        compression=compression,
+        photometric=photometric,
+        extrasamples=extrasamples,
+        bigtiff=tiled,
+        **kw,
+    )
     _check(f, img)
 
 
@@ -50,8 +59,7 @@ def test_tiff_jpeg_and_pyramid(tmp_path):
     f = tmp_path / "p.ome.tif"
     with tifffile.TiffWriter(f, bigtiff=True) as tw:
         tw.write(img, subifds=1, tile=(64, 64), compression="jpeg", photometric="rgb")
-        tw.write(img[::2, ::2], subfiletype=1, tile=(64, 64), compression="jpeg",
-                 photometric="rgb")
+        tw.write(img[::2, ::2], subfiletype=1, tile=(64, 64), compression="jpeg", photometric="rgb")
     src = open_image(f)
     assert src.shape == (H, W)  # level 0 of the pyramid
     ref = tifffile.imread(f)
@@ -65,7 +73,7 @@ def test_striped_full_width_uses_band_cache(tmp_path):
     src = open_image(f)
     assert src._banded
     for x0 in (0, 500, 1000):
-        assert np.array_equal(src.read(0, 300, x0, x0 + 500), img[:300, x0:x0 + 500])
+        assert np.array_equal(src.read(0, 300, x0, x0 + 500), img[:300, x0 : x0 + 500])
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])
@@ -90,13 +98,27 @@ def test_png_uint16(tmp_path):
 def test_ome_zarr_05(tmp_path):
     img = _img(3, np.uint8)
     g = zarr.open_group(tmp_path / "i.zarr", mode="w", zarr_format=3)
-    g.create_array("0", data=np.moveaxis(img, -1, 0), chunks=(3, 64, 64),
-                   dimension_names=("c", "y", "x"))
-    g.attrs["ome"] = {"version": "0.5", "multiscales": [{
-        "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"},
-                 {"name": "x", "type": "space"}],
-        "datasets": [{"path": "0", "coordinateTransformations": [
-            {"type": "scale", "scale": [1, 1, 1]}]}]}]}
+    g.create_array(
+        "0", data=np.moveaxis(img, -1, 0), chunks=(3, 64, 64), dimension_names=("c", "y", "x")
+    )
+    g.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", "type": "space"},
+                    {"name": "x", "type": "space"},
+                ],
+                "datasets": [
+                    {
+                        "path": "0",
+                        "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 1]}],
+                    }
+                ],
+            }
+        ],
+    }
     _check(tmp_path / "i.zarr", img)
 
 
@@ -104,10 +126,18 @@ def test_ome_zarr_04_v2(tmp_path):
     img = _img(1, np.uint16)
     g = zarr.open_group(tmp_path / "i.zarr", mode="w", zarr_format=2)
     g.create_array("0", data=img[None, None], chunks=(1, 1, 64, 64))
-    g.attrs["multiscales"] = [{"version": "0.4", "axes": [
-        {"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
-        {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
-        "datasets": [{"path": "0"}]}]
+    g.attrs["multiscales"] = [
+        {
+            "version": "0.4",
+            "axes": [
+                {"name": "t", "type": "time"},
+                {"name": "c", "type": "channel"},
+                {"name": "y", "type": "space"},
+                {"name": "x", "type": "space"},
+            ],
+            "datasets": [{"path": "0"}],
+        }
+    ]
     _check(tmp_path / "i.zarr", img)
 
 
@@ -115,5 +145,5 @@ def test_ome_zarr_04_v2(tmp_path):
 def test_plain_zarr(tmp_path, layout):
     img = _img(1 if layout == "yx" else 3, np.uint8)
     data = np.moveaxis(img, -1, 0) if layout == "cyx" else img
-    zarr.create_array(tmp_path / "a.zarr", data=data, chunks=(3, 64, 64)[-data.ndim:])
+    zarr.create_array(tmp_path / "a.zarr", data=data, chunks=(3, 64, 64)[-data.ndim :])
     _check(tmp_path / "a.zarr", img)

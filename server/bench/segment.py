@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from segloop.io.ome_zarr import OutputStore
+from segloop.io.ome_zarr import OutputStore, remove_store
 from segloop.io.source import open_image
 from segloop.kernels.post import labels_confidence
 from segloop.pipeline.segment import SegmentOptions, default_model, normalisation_for, segment
@@ -73,9 +73,13 @@ def machine() -> dict[str, Any]:
     except OSError:
         lines = []
     model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)),
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "cpu": model,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def _model_only(rt, src, grid: TileGrid, batch: int) -> Callable[[], float]:
@@ -85,7 +89,7 @@ def _model_only(rt, src, grid: TileGrid, batch: int) -> Callable[[], float]:
     tiles = [t for sy, sx in grid.shards() for t in grid.tiles(sy, sx)]
     batches = []
     for i in range(0, len(tiles), batch):
-        chunk = tiles[i:i + batch]
+        chunk = tiles[i : i + batch]
         arr = np.empty((len(chunk), 3, grid.window, grid.window), np.float32)
         for j, t in enumerate(chunk):
             r0, r1, c0, c1, rows, cols = grid.window_indices(t)
@@ -105,14 +109,20 @@ def _monai(predictor, src, grid: TileGrid, batch: int, out: Path, rss: list) -> 
     import torch
     from monai.inferers import sliding_window_inference
 
+    remove_store(out)  # rounds reuse the folder; deleting is not part of the timing
     rgb = src.read(0, src.height, 0, src.width)
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
     x = (x - 0.5) / 0.25
     t0 = time.perf_counter()
     with _PeakRss() as peak, torch.inference_mode():
-        logits = sliding_window_inference(x, roi_size=(grid.window, grid.window),
-                                          sw_batch_size=batch, predictor=predictor,
-                                          overlap=0.25, mode="gaussian")
+        logits = sliding_window_inference(
+            x,
+            roi_size=(grid.window, grid.window),
+            sw_batch_size=batch,
+            predictor=predictor,
+            overlap=0.25,
+            mode="gaussian",
+        )
         labels, conf = labels_confidence(logits.numpy(), 0, src.height)
         store = OutputStore.create(out, grid, src.channels, src.dtype)
         box = (0, src.height, 0, src.width)
@@ -124,9 +134,25 @@ def _monai(predictor, src, grid: TileGrid, batch: int, out: Path, rss: list) -> 
 
 def peak_rss_of_segment(image: Path, out: Path, tile: int, batch: int, threads: int) -> float:
     """Peak RSS (MB) of a ``segloop segment`` child process (wait4's ru_maxrss)."""
-    proc = subprocess.Popen([sys.executable, "-m", "segloop", "segment", str(image), "-o",
-                             str(out), "--tile", str(tile), "--batch", str(batch), "--threads",
-                             str(threads), "--quiet", "--overwrite"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "segloop",
+            "segment",
+            str(image),
+            "-o",
+            str(out),
+            "--tile",
+            str(tile),
+            "--batch",
+            str(batch),
+            "--threads",
+            str(threads),
+            "--quiet",
+            "--overwrite",
+        ]
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
@@ -134,10 +160,17 @@ def peak_rss_of_segment(image: Path, out: Path, tile: int, batch: int, threads: 
     return usage.ru_maxrss / 1024
 
 
-def run_bench(size: int, tile: int = 512, batch: int = 4, threads: int = 2,
-              runtime: str = "onnx", rounds: int = 2, save: Path | None = None,
-              memory_sizes: list[int] | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_bench(
+    size: int,
+    tile: int = 512,
+    batch: int = 4,
+    threads: int = 2,
+    runtime: str = "onnx",
+    rounds: int = 2,
+    save: Path | None = None,
+    memory_sizes: list[int] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
@@ -150,8 +183,9 @@ def run_bench(size: int, tile: int = 512, batch: int = 4, threads: int = 2,
         model = default_model()
         rt = create_runtime(runtime, model, threads)
         grid = TileGrid.create(size, size, tile, rt.card["halo"], rt.card["input"]["multiple_of"])
-        opts = SegmentOptions(runtime=runtime, model=model, tile=tile, batch=batch,
-                              threads=threads, overwrite=True)
+        opts = SegmentOptions(
+            runtime=runtime, model=model, tile=tile, batch=batch, threads=threads, overwrite=True
+        )
         model_only = _model_only(rt, src, grid, batch)
 
         def ort_predictor(t):
@@ -176,8 +210,9 @@ def run_bench(size: int, tile: int = 512, batch: int = 4, threads: int = 2,
             log(f"round {r + 1}/{rounds}: model-only …")
             times["model"].append(model_only())
             log(f"round {r + 1}/{rounds}: MONAI sliding window (same ORT session) …")
-            times["monai"].append(_monai(ort_predictor, src, grid, batch, tmp / "monai.zarr",
-                                         rss_monai))
+            times["monai"].append(
+                _monai(ort_predictor, src, grid, batch, tmp / "monai.zarr", rss_monai)
+            )
         log("MONAI sliding window with the torch module …")
         monai_torch_s = _monai(module, src, grid, batch, tmp / "monai_t.zarr", rss_monai)
         busy1, own1 = _cpu_busy_s(), sum(psutil.Process().cpu_times()[:2])
@@ -185,8 +220,14 @@ def run_bench(size: int, tile: int = 512, batch: int = 4, threads: int = 2,
         e2e, mo, mon = (px / 1e6 / best[k] for k in ("e2e", "model", "monai"))
         result: dict[str, Any] = {
             "benchmark": "segment",
-            "size": size, "tile": grid.tile, "halo": grid.halo, "window": grid.window,
-            "batch": batch, "threads": threads, "runtime": runtime, "rounds": rounds,
+            "size": size,
+            "tile": grid.tile,
+            "halo": grid.halo,
+            "window": grid.window,
+            "batch": batch,
+            "threads": threads,
+            "runtime": runtime,
+            "rounds": rounds,
             "end_to_end_mpx_s": round(e2e, 3),
             "model_only_mpx_s": round(mo, 3),
             "efficiency": round(e2e / mo, 3),
@@ -208,8 +249,9 @@ def run_bench(size: int, tile: int = 512, batch: int = 4, threads: int = 2,
                 log(f"peak RSS of segloop segment at {n}² …")
                 img = tmp / f"mem_{n}.ome.tif"
                 write_ome_tiff(img, n, n, seed=5)
-                rss[str(n)] = round(peak_rss_of_segment(img, tmp / f"mem_{n}.zarr", tile,
-                                                        batch, threads), 1)
+                rss[str(n)] = round(
+                    peak_rss_of_segment(img, tmp / f"mem_{n}.zarr", tile, batch, threads), 1
+                )
                 img.unlink()
             result["segment_peak_rss_mb_by_size"] = rss
     if save:
@@ -221,13 +263,20 @@ def _save(result: dict[str, Any], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     name = f"segment_{result['size']}_{result['runtime']}_cpu{result['machine']['cores']}"
     (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    rows = [("end-to-end (segloop)", result["end_to_end_mpx_s"], "1.00"),
-            ("model-only ceiling", result["model_only_mpx_s"],
-             f"{1 / result['efficiency']:.2f}"),
-            ("MONAI sliding window, same ORT session", result["monai_mpx_s"],
-             f"{1 / result['vs_monai']:.2f}"),
-            ("MONAI sliding window, torch module", result["monai_torch_mpx_s"],
-             f"{1 / result['vs_monai_torch']:.2f}")]
+    rows = [
+        ("end-to-end (segloop)", result["end_to_end_mpx_s"], "1.00"),
+        ("model-only ceiling", result["model_only_mpx_s"], f"{1 / result['efficiency']:.2f}"),
+        (
+            "MONAI sliding window, same ORT session",
+            result["monai_mpx_s"],
+            f"{1 / result['vs_monai']:.2f}",
+        ),
+        (
+            "MONAI sliding window, torch module",
+            result["monai_torch_mpx_s"],
+            f"{1 / result['vs_monai_torch']:.2f}",
+        ),
+    ]
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
     m = result["machine"]
     (folder / f"{name}.md").write_text(
@@ -240,6 +289,10 @@ def _save(result: dict[str, Any], folder: Path) -> None:
         f"vs_monai = **{result['vs_monai']}**, vs_monai_torch = {result['vs_monai_torch']}; "
         f"peak RSS segloop {result['peak_rss_mb']} MB vs MONAI "
         f"{result['monai_peak_rss_mb']} MB (process RSS during each phase)."
-        + (f"\n\nsegloop peak RSS by image size (MB): {result['segment_peak_rss_mb_by_size']}"
-           if "segment_peak_rss_mb_by_size" in result else "") + "\n"
+        + (
+            f"\n\nsegloop peak RSS by image size (MB): {result['segment_peak_rss_mb_by_size']}"
+            if "segment_peak_rss_mb_by_size" in result
+            else ""
+        )
+        + "\n"
     )

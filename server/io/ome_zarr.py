@@ -64,8 +64,10 @@ def remove_store(path: Path) -> None:
         if not any((path / m).exists() for m in ("zarr.json", RECORD, ".zgroup")) and any(
             path.iterdir()
         ):
-            raise UserError(f"{path} is a non-empty folder that is not a zarr store; "
-                            "refusing to delete it even with --overwrite")
+            raise UserError(
+                f"{path} is a non-empty folder that is not a zarr store; "
+                "refusing to delete it even with --overwrite"
+            )
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
@@ -94,8 +96,13 @@ class OutputStore:
     def _create(self, name: str, shape: tuple[int, ...], dtype, dims: tuple[str, ...]) -> None:
         t, s = self.grid.tile, self.grid.shard
         self.root.create_array(
-            name, shape=shape, dtype=dtype, chunks=(*shape[:-2], t, t)[-len(shape):],
-            shards=(*shape[:-2], s, s)[-len(shape):], compressors=_COMPRESSOR, fill_value=0,
+            name,
+            shape=shape,
+            dtype=dtype,
+            chunks=(*shape[:-2], t, t)[-len(shape) :],
+            shards=(*shape[:-2], s, s)[-len(shape) :],
+            compressors=_COMPRESSOR,
+            fill_value=0,
             dimension_names=dims,
         )
 
@@ -120,8 +127,12 @@ class OutputStore:
                 "name": name,
                 "axes": axes,
                 "datasets": [
-                    {"path": str(k), "coordinateTransformations": [
-                        {"type": "scale", "scale": ([1.0] if c else []) + [2.0**k, 2.0**k]}]}
+                    {
+                        "path": str(k),
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": ([1.0] if c else []) + [2.0**k, 2.0**k]}
+                        ],
+                    }
                     for k in range(levels)
                 ],
             }
@@ -129,7 +140,9 @@ class OutputStore:
         yx = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
         c = [{"name": "c", "type": "channel"}]
         self.root.require_group("labels").attrs["ome"] = {
-            "version": "0.5", "labels": ["segmentation"]}
+            "version": "0.5",
+            "labels": ["segmentation"],
+        }
         self.root["labels/segmentation"].attrs["ome"] = {
             "version": "0.5",
             "multiscales": [multiscale("segmentation", yx, False)],
@@ -141,6 +154,10 @@ class OutputStore:
             },
         }
         self.root["confidence"].attrs["ome"] = {
-            "version": "0.5", "multiscales": [multiscale("confidence", yx, False)]}
+            "version": "0.5",
+            "multiscales": [multiscale("confidence", yx, False)],
+        }
         self.root.attrs["ome"] = {
-            "version": "0.5", "multiscales": [multiscale("image", c + yx, True)]}
+            "version": "0.5",
+            "multiscales": [multiscale("image", c + yx, True)],
+        }

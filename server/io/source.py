@@ -40,8 +40,11 @@ class ImageSource:
                 "(e.g. rescale floats to 0..255)"
             )
         self.dtype = dtype
-        extra = [f"{a}={s}" for a, s in zip(axes, shape, strict=True)
-                 if a not in ("Y", "X", *CHANNEL_AXES) and s > 1]
+        extra = [
+            f"{a}={s}"
+            for a, s in zip(axes, shape, strict=True)
+            if a not in ("Y", "X", *CHANNEL_AXES) and s > 1
+        ]
         chans = [(i, a) for i, a in enumerate(axes) if a in CHANNEL_AXES and shape[i] > 1]
         if extra or len(chans) > 1 or "Y" not in axes or "X" not in axes:
             raise UserError(
@@ -102,7 +105,7 @@ class ImageSource:
                 if self._band is None or not (self._band[0] <= y0 and y1 <= self._band[1]):
                     self._band = (y0, y1, self._read_raw(y0, y1, 0, self.width))
                 b0, _, band = self._band
-                return band[y0 - b0:y1 - b0, x0:x1]
+                return band[y0 - b0 : y1 - b0, x0:x1]
         except UserError:
             raise
         except Exception as exc:  # decoder errors of corrupt files

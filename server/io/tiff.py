@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import tifffile
@@ -24,8 +25,16 @@ def open_tiff(path: Path) -> ImageSource:
             for page in pages[: min(len(pages), 4096)]:
                 if page is None or not hasattr(page, "dataoffsets"):
                     continue
-                ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)
-                        if n]
+                expected = math.prod(page.chunked)
+                if len(page.dataoffsets) < expected:
+                    raise UserError(
+                        f"{path}: corrupt TIFF (header claims {page.shape[0]}×{page.shape[1]} "
+                        f"pixels in {expected} tiles/strips but lists {len(page.dataoffsets)}); "
+                        "re-copy or re-export it"
+                    )
+                ends = [
+                    o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False) if n
+                ]
                 if ends and max(ends) > size:
                     raise UserError(
                         f"{path}: truncated or corrupt TIFF (image data runs past the end of "

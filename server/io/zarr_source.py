@@ -18,7 +18,7 @@ def _guess_axes(shape: tuple[int, ...]) -> str:
         return "YXC"
     if len(shape) == 3 and shape[0] <= 4:
         return "CYX"
-    return "TZCYX"[-len(shape):] if len(shape) <= 5 else "?" * len(shape)
+    return "TZCYX"[-len(shape) :] if len(shape) <= 5 else "?" * len(shape)
 
 
 def open_zarr(path: Path) -> ImageSource:
@@ -44,8 +44,10 @@ def open_zarr(path: Path) -> ImageSource:
         axes = "".join(str(n) for n in names)
     axes = (axes or _guess_axes(node.shape)).upper()
     if len(axes) != node.ndim or not set(axes) <= set("TZCSYX"):
-        raise UserError(f"{path}: cannot tell the axes of shape {node.shape}; name them "
-                        "with zarr dimension_names (e.g. y, x, c)")
+        raise UserError(
+            f"{path}: cannot tell the axes of shape {node.shape}; name them "
+            "with zarr dimension_names (e.g. y, x, c)"
+        )
     digest = hashlib.sha256(f"{node.shape}{node.dtype}{axes}".encode())
     for meta in ("zarr.json", ".zarray", ".zattrs"):
         f = path / meta

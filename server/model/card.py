@@ -6,13 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
-from torch import nn
 
 from segloop.errors import UserError
-from segloop.model.unet import DOWNSAMPLE, MEAN, STD, WIDTHS, receptive_radius
 from segloop.synth import CLASS_NAMES
+
+if TYPE_CHECKING:  # torch is imported only to train/export, not to read a card
+    from torch import nn
 
 HELD_OUT_SEED = 90210
 
@@ -25,14 +27,18 @@ def read_card(path: Path) -> dict:
         raise UserError(f"{path}: not a readable ONNX model ({exc})") from exc
     card = {p.key: json.loads(p.value) for p in proto.metadata_props}
     if "halo" not in card or "input" not in card:
-        raise UserError(f"{path}: ONNX model has no segloop model card (halo, input); "
-                        "export it with `segloop train`")
+        raise UserError(
+            f"{path}: ONNX model has no segloop model card (halo, input); "
+            "export it with `segloop train`"
+        )
     card["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     card["path"] = str(path)
     return card
 
 
 def model_card(model: nn.Module, info: dict, version: int, parent: int | None = None) -> dict:
+    from segloop.model.unet import DOWNSAMPLE, MEAN, STD, WIDTHS, receptive_radius
+
     radius = receptive_radius(model)
     halo = -(-radius // DOWNSAMPLE) * DOWNSAMPLE
     return {
@@ -41,9 +47,15 @@ def model_card(model: nn.Module, info: dict, version: int, parent: int | None = 
         "parent_version": parent,
         "classes": list(CLASS_NAMES),
         "colors": [[0, 0, 0, 0], [236, 124, 186, 255], [60, 40, 200, 255]],
-        "input": {"layout": "NCHW", "channels": "RGB", "dtype": "float32",
-                  "normalise": "(rgb/255 - mean) / std", "mean": list(MEAN), "std": list(STD),
-                  "multiple_of": DOWNSAMPLE},
+        "input": {
+            "layout": "NCHW",
+            "channels": "RGB",
+            "dtype": "float32",
+            "normalise": "(rgb/255 - mean) / std",
+            "mean": list(MEAN),
+            "std": list(STD),
+            "multiple_of": DOWNSAMPLE,
+        },
         "output": {"layout": "NCHW", "dtype": "float32", "kind": "logits"},
         "architecture": {"type": "unet", "widths": list(WIDTHS)},
         "receptive_radius": radius,
@@ -55,21 +67,21 @@ def model_card(model: nn.Module, info: dict, version: int, parent: int | None = 
 def write_card_markdown(card: dict, path: Path) -> None:
     iou_rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in card["training"]["held_out_iou"].items())
     path.write_text(
-        f"""# Model card: {card['name']} v{card['version']}
+        f"""# Model card: {card["name"]} v{card["version"]}
 
-Small fully convolutional UNet (widths {card['architecture']['widths']}, no normalisation
+Small fully convolutional UNet (widths {card["architecture"]["widths"]}, no normalisation
 layers), trained by `segloop train` on synthetic H&E-like histology from `segloop synth`.
 
-- **Classes**: {', '.join(f'{i} {c}' for i, c in enumerate(card['classes']))}
-- **Input**: (N, 3, H, W) float32 RGB, `(rgb/255 - {card['input']['mean']}) / \
-{card['input']['std']}`; H, W multiples of {card['input']['multiple_of']}
+- **Classes**: {", ".join(f"{i} {c}" for i, c in enumerate(card["classes"]))}
+- **Input**: (N, 3, H, W) float32 RGB, `(rgb/255 - {card["input"]["mean"]}) / \
+{card["input"]["std"]}`; H, W multiples of {card["input"]["multiple_of"]}
 - **Output**: (N, 3, H, W) float32 logits
-- **Receptive-field radius**: {card['receptive_radius']} px (measured by gradient);
-  **halo** used for exact tiling: {card['halo']} px (rounded up to the downsampling factor)
-- **Training**: {card['training']['steps']} steps × batch {card['training']['batch']} of \
-{card['training']['patch']}² patches, AdamW + one-cycle, \
-{card['training']['train_seconds']} s on a 2-core CPU
-- **Parent version**: {card['parent_version']}
+- **Receptive-field radius**: {card["receptive_radius"]} px (measured by gradient);
+  **halo** used for exact tiling: {card["halo"]} px (rounded up to the downsampling factor)
+- **Training**: {card["training"]["steps"]} steps × batch {card["training"]["batch"]} of \
+{card["training"]["patch"]}² patches, AdamW + one-cycle, \
+{card["training"]["train_seconds"]} s on a 2-core CPU
+- **Parent version**: {card["parent_version"]}
 
 ## Held-out IoU (1024² image, seed {HELD_OUT_SEED}, not seen in training)
 

@@ -82,8 +82,15 @@ def train(
             log(f"step {step:4d}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
     model.eval()
     metrics = evaluate(model)
-    info = {"steps": steps, "batch": batch, "patch": patch, "lr": lr, "seed": seed,
-            "train_seconds": round(time.time() - t0, 1), "held_out_iou": metrics}
+    info = {
+        "steps": steps,
+        "batch": batch,
+        "patch": patch,
+        "lr": lr,
+        "seed": seed,
+        "train_seconds": round(time.time() - t0, 1),
+        "held_out_iou": metrics,
+    }
     return model, info
 
 
@@ -93,9 +100,16 @@ def export_onnx(model: UNet, path: Path, card: dict) -> None:
     model.eval()
     dummy = torch.zeros(1, 3, 128, 128)
     axes = {0: "batch", 2: "height", 3: "width"}
-    torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=17,
-                      input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": axes, "logits": axes})
+    torch.onnx.export(
+        model,
+        (dummy,),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": axes, "logits": axes},
+    )
     proto = onnx.load(str(path))
     for key, value in card.items():
         entry = proto.metadata_props.add()

@@ -19,8 +19,10 @@ STD = (0.25, 0.25, 0.25)
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.ReLU(inplace=True),
     )
 
 

@@ -25,8 +25,12 @@ def _pad_even(a: np.ndarray) -> np.ndarray:
 def downsample_mean(a: np.ndarray) -> np.ndarray:
     """(…, h, w) integer → (…, ⌈h/2⌉, ⌈w/2⌉), 2×2 mean rounded half up, same dtype."""
     a = _pad_even(a)
-    s = (a[..., ::2, ::2].astype(np.uint32) + a[..., 1::2, ::2] + a[..., ::2, 1::2]
-         + a[..., 1::2, 1::2])
+    s = (
+        a[..., ::2, ::2].astype(np.uint32)
+        + a[..., 1::2, ::2]
+        + a[..., ::2, 1::2]
+        + a[..., 1::2, 1::2]
+    )
     return ((s + 2) // 4).astype(a.dtype)
 
 
@@ -53,8 +57,12 @@ class PyramidBuilder:
 
     def _children(self, level: int, sy: int, sx: int) -> list[Key]:
         ny, nx = self.grid.shard_grid(level - 1)
-        return [(level - 1, y, x) for y in (2 * sy, 2 * sy + 1) for x in (2 * sx, 2 * sx + 1)
-                if y < ny and x < nx]
+        return [
+            (level - 1, y, x)
+            for y in (2 * sy, 2 * sy + 1)
+            for x in (2 * sx, 2 * sx + 1)
+            if y < ny and x < nx
+        ]
 
     def _build(self, level: int, sy: int, sx: int) -> None:
         y0, y1, x0, x1 = self.grid.shard_box(sy, sx, level)

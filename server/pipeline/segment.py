@@ -39,11 +39,19 @@ ProgressFn = Callable[[int, int], None]  # (pixels done, pixels total)
 def default_model() -> Path:
     """Newest version of ``segloop_unet`` in ``$SEGLOOP_MODEL_REPOSITORY`` or the repo's."""
     repo = Path(os.environ.get("SEGLOOP_MODEL_REPOSITORY", DEFAULT_MODEL_REPOSITORY))
-    versions = sorted((int(p.name) for p in (repo / "segloop_unet").glob("[0-9]*")
-                       if (p / "model.onnx").exists()), reverse=True)
+    versions = sorted(
+        (
+            int(p.name)
+            for p in (repo / "segloop_unet").glob("[0-9]*")
+            if (p / "model.onnx").exists()
+        ),
+        reverse=True,
+    )
     if not versions:
-        raise UserError(f"no model found under {repo}/segloop_unet/<version>/model.onnx; "
-                        "pass --model or run `segloop train`")
+        raise UserError(
+            f"no model found under {repo}/segloop_unet/<version>/model.onnx; "
+            "pass --model or run `segloop train`"
+        )
     return repo / "segloop_unet" / str(versions[0]) / "model.onnx"
 
 
@@ -62,7 +70,8 @@ class SegmentOptions:
 def normalisation_for(card: dict, src: ImageSource) -> Normalisation:
     inp = card["input"]
     return Normalisation(
-        mean=tuple(inp["mean"]), std=tuple(inp["std"]),
+        mean=tuple(inp["mean"]),
+        std=tuple(inp["std"]),
         channels=(0, 0, 0) if src.channels == 1 else (0, 1, 2),
         max_value=255.0 if src.dtype == np.uint8 else 65535.0,
     )
@@ -71,12 +80,18 @@ def normalisation_for(card: dict, src: ImageSource) -> Normalisation:
 def _params(src: ImageSource, rt: Runtime, grid: TileGrid) -> dict[str, Any]:
     """Everything that determines the output bits; a resumed run must match them."""
     return {
-        "source": {"path": str(src.path), "fingerprint": src.fingerprint,
-                   "shape": [src.height, src.width], "channels": src.channels,
-                   "dtype": str(src.dtype)},
+        "source": {
+            "path": str(src.path),
+            "fingerprint": src.fingerprint,
+            "shape": [src.height, src.width],
+            "channels": src.channels,
+            "dtype": str(src.dtype),
+        },
         "model": {"sha256": rt.card["sha256"], "version": rt.card.get("version")},
         "runtime": rt.name,
-        "tile": grid.tile, "halo": grid.halo, "shard": grid.shard,
+        "tile": grid.tile,
+        "halo": grid.halo,
+        "shard": grid.shard,
     }
 
 
@@ -105,12 +120,16 @@ def _prepare_output(out: Path, params: dict, overwrite: bool) -> tuple[str, dict
         return "create", None
     record = read_record(out)
     if record is None:
-        raise UserError(f"{out} already exists and is not a segloop store; "
-                        "pass --overwrite to replace it or choose another -o")
+        raise UserError(
+            f"{out} already exists and is not a segloop store; "
+            "pass --overwrite to replace it or choose another -o"
+        )
     changed = _diff(record.get("params", {}), params)
     if changed:
-        raise UserError(f"{out} was made with other parameters ({'; '.join(changed)}); "
-                        "pass --overwrite to start over, or use the same parameters to resume")
+        raise UserError(
+            f"{out} was made with other parameters ({'; '.join(changed)}); "
+            "pass --overwrite to start over, or use the same parameters to resume"
+        )
     return ("complete" if record.get("status") == "complete" else "resume"), record
 
 
@@ -156,19 +175,21 @@ class _ShardWriter:
         if key not in self.open:
             y0, y1, x0, x1 = self.grid.shard_box(*key)
             shape = (y1 - y0, x1 - x0)
-            self.open[key] = [np.zeros((self.store.channels, *shape), self.store.dtype),
-                              np.zeros(shape, np.uint8), np.zeros(shape, np.uint8),
-                              len(self.grid.tiles(*key))]
+            self.open[key] = [
+                np.zeros((self.store.channels, *shape), self.store.dtype),
+                np.zeros(shape, np.uint8),
+                np.zeros(shape, np.uint8),
+                len(self.grid.tiles(*key)),
+            ]
         buf = self.open[key]
         y, x = t.y0 - key[0] * s, t.x0 - key[1] * s
-        buf[0][:, y:y + t.h, x:x + t.w] = np.moveaxis(core, -1, 0)
-        buf[1][y:y + t.h, x:x + t.w] = labels
-        buf[2][y:y + t.h, x:x + t.w] = conf
+        buf[0][:, y : y + t.h, x : x + t.w] = np.moveaxis(core, -1, 0)
+        buf[1][y : y + t.h, x : x + t.w] = labels
+        buf[2][y : y + t.h, x : x + t.w] = conf
         buf[3] -= 1
         if buf[3] == 0:
             box = self.grid.shard_box(*key)
-            for layer, data in zip(("image", "segmentation", "confidence"), buf[:3],
-                                   strict=True):
+            for layer, data in zip(("image", "segmentation", "confidence"), buf[:3], strict=True):
                 self.store.write(layer, 0, box, data)
             del self.open[key]
             self.manifest.add((0, *key))
@@ -191,26 +212,34 @@ def segment(
     src = open_image(input_path)
     rt = create_runtime(opts.runtime, opts.model or default_model(), opts.threads)
     card = rt.card
-    grid = TileGrid.create(src.height, src.width, opts.tile, card["halo"],
-                           card["input"]["multiple_of"], opts.shard)
+    grid = TileGrid.create(
+        src.height, src.width, opts.tile, card["halo"], card["input"]["multiple_of"], opts.shard
+    )
     params = _params(src, rt, grid)
     action, record = _prepare_output(out, params, opts.overwrite)
     if action == "complete":
-        return {"status": "already-complete", "output": str(out), **(record or {})}
+        return {**(record or {}), "status": "already-complete", "output": str(out)}
     if action == "create":
         store = OutputStore.create(out, grid, src.channels, src.dtype)
-        record = {"segloop_version": __version__, "status": "running", "params": params,
-                  "model": {k: card[k] for k in ("name", "version", "classes", "sha256",
-                                                  "receptive_radius", "halo")}}
+        record = {
+            "segloop_version": __version__,
+            "status": "running",
+            "params": params,
+            "model": {
+                k: card[k]
+                for k in ("name", "version", "classes", "sha256", "receptive_radius", "halo")
+            },
+        }
         write_record(out, record)
     else:
         store = OutputStore(out, grid, src.channels, src.dtype)
     manifest = Manifest(out)
     norm = normalisation_for(card, src)
     total = src.height * src.width
-    done_px = sum((b[1] - b[0]) * (b[3] - b[2])
-                  for b in (grid.shard_box(sy, sx) for sy, sx in grid.shards() if (0, sy, sx)
-                            in manifest))
+    done_px = sum(
+        (b[1] - b[0]) * (b[3] - b[2])
+        for b in (grid.shard_box(sy, sx) for sy, sx in grid.shards() if (0, sy, sx) in manifest)
+    )
     counter = [done_px]
 
     def advance(n: int) -> None:
@@ -230,8 +259,10 @@ def segment(
         arr = np.empty((len(batch), 3, window, window), np.float32)
         for i, (_, region, rows, cols) in enumerate(batch):
             normalise_into(region, rows, cols, norm, arr[i])
-        cores = [(t, region[rows[halo]:rows[halo] + t.h, cols[halo]:cols[halo] + t.w])
-                 for t, region, rows, cols in batch]
+        cores = [
+            (t, region[rows[halo] : rows[halo] + t.h, cols[halo] : cols[halo] + t.w])
+            for t, region, rows, cols in batch
+        ]
         batch.clear()
         return [(cores, arr)]
 
@@ -246,24 +277,31 @@ def segment(
     def post(item) -> list:
         cores, logits = item
         labels, conf = labels_confidence(logits, halo, core)
-        return [(t, c, labels[i, :t.h, :t.w], conf[i, :t.h, :t.w])
-                for i, (t, c) in enumerate(cores)]
+        return [
+            (t, c, labels[i, : t.h, : t.w], conf[i, : t.h, : t.w]) for i, (t, c) in enumerate(cores)
+        ]
 
     writer = _ShardWriter(store, manifest, advance)
-    stages = [Stage("pre", pre, flush=emit), Stage("infer", infer), Stage("post", post),
-              Stage("write", writer)]
+    stages = [
+        Stage("pre", pre, flush=emit),
+        Stage("infer", infer),
+        Stage("post", post),
+        Stage("write", writer),
+    ]
     read_stats = StageStats("read")
-    todo = (t for sy, sx in grid.shards() if (0, sy, sx) not in manifest
-            for t in grid.tiles(sy, sx))
+    todo = (
+        t for sy, sx in grid.shards() if (0, sy, sx) not in manifest for t in grid.tiles(sy, sx)
+    )
     t0 = time.perf_counter()
     try:
-        Pipeline(stages).run(_Reader(src, grid, opts.read_workers, read_stats)(todo),
-                             read_stats)
+        Pipeline(stages).run(_Reader(src, grid, opts.read_workers, read_stats)(todo), read_stats)
         writer.pyramid.complete()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"disk full while writing {out}; free space and run the same "
-                            "command again to resume") from exc
+            raise UserError(
+                f"disk full while writing {out}; free space and run the same "
+                "command again to resume"
+            ) from exc
         raise UserError(f"cannot write {out}: {exc}; run the same command to resume") from exc
     finally:
         manifest.close()
@@ -271,12 +309,20 @@ def segment(
     wall = time.perf_counter() - t0
     store.write_ome_metadata(card["classes"], card["colors"])
     new_px = total - done_px
-    stats = {"wall_s": round(wall, 3), "pixels": new_px,
-             "mpx_s": round(new_px / 1e6 / wall, 3) if wall > 0 else None,
-             "stages": {s.name: s.as_dict() for s in [read_stats] + [st.stats for st in stages]},
-             "threads": opts.threads, "batch": opts.batch, "resumed": action == "resume"}
-    record = {**(record or {}), "status": "complete", "stats": stats,
-              "grid": {"levels": grid.levels, "tile": grid.tile, "halo": grid.halo,
-                       "shard": grid.shard}}
+    stats = {
+        "wall_s": round(wall, 3),
+        "pixels": new_px,
+        "mpx_s": round(new_px / 1e6 / wall, 3) if wall > 0 else None,
+        "stages": {s.name: s.as_dict() for s in [read_stats] + [st.stats for st in stages]},
+        "threads": opts.threads,
+        "batch": opts.batch,
+        "resumed": action == "resume",
+    }
+    record = {
+        **(record or {}),
+        "status": "complete",
+        "stats": stats,
+        "grid": {"levels": grid.levels, "tile": grid.tile, "halo": grid.halo, "shard": grid.shard},
+    }
     write_record(out, record)
     return {"output": str(out), **record}

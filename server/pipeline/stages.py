@@ -29,8 +29,12 @@ class StageStats:
     items: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"busy_s": round(self.busy_s, 3), "wait_in_s": round(self.wait_in_s, 3),
-                "wait_out_s": round(self.wait_out_s, 3), "items": self.items}
+        return {
+            "busy_s": round(self.busy_s, 3),
+            "wait_in_s": round(self.wait_in_s, 3),
+            "wait_out_s": round(self.wait_out_s, 3),
+            "items": self.items,
+        }
 
 
 @dataclass
@@ -95,8 +99,12 @@ class Pipeline:
         """Feed ``source`` (its time counted in ``source_stats``) through all stages."""
         queues = [queue.Queue(maxsize=self.depth) for _ in self.stages]
         threads = [
-            threading.Thread(target=self._run_stage, name=f"segloop-{s.name}", daemon=True,
-                             args=(s, queues[i], queues[i + 1] if i + 1 < len(queues) else None))
+            threading.Thread(
+                target=self._run_stage,
+                name=f"segloop-{s.name}",
+                daemon=True,
+                args=(s, queues[i], queues[i + 1] if i + 1 < len(queues) else None),
+            )
             for i, s in enumerate(self.stages)
         ]
         for th in threads:

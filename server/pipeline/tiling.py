@@ -37,8 +37,9 @@ class TileGrid:
     shard: int
 
     @classmethod
-    def create(cls, height: int, width: int, tile: int, halo: int, multiple: int,
-               shard: int | None = None) -> TileGrid:
+    def create(
+        cls, height: int, width: int, tile: int, halo: int, multiple: int, shard: int | None = None
+    ) -> TileGrid:
         """Validate ``tile`` and ``shard`` (default: ~2048 px); a small image is one tile."""
         if tile <= 0 or tile % multiple:
             raise UserError(f"--tile {tile} must be a positive multiple of {multiple}")
@@ -85,8 +86,11 @@ class TileGrid:
     def tiles(self, sy: int, sx: int) -> list[Tile]:
         """Level-0 tiles of one shard, row-major."""
         y0, y1, x0, x1 = self.shard_box(sy, sx)
-        return [Tile(y, x, min(self.tile, y1 - y), min(self.tile, x1 - x))
-                for y in range(y0, y1, self.tile) for x in range(x0, x1, self.tile)]
+        return [
+            Tile(y, x, min(self.tile, y1 - y), min(self.tile, x1 - x))
+            for y in range(y0, y1, self.tile)
+            for x in range(x0, x1, self.tile)
+        ]
 
     def window_indices(self, t: Tile) -> tuple[int, int, int, int, np.ndarray, np.ndarray]:
         """Source box (r0, r1, c0, c1) to read and (window,) row/col indices into it."""

@@ -21,8 +21,9 @@ class OnnxRuntime(Runtime):
         # no busy-waiting: the other pipeline stages need the cores between calls
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(model_path), opts,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(model_path), opts, providers=["CPUExecutionProvider"]
+        )
         self._input = self.session.get_inputs()[0].name
 
     def run(self, batch: np.ndarray) -> np.ndarray:

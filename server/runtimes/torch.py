@@ -16,8 +16,9 @@ from segloop.runtimes.base import Runtime
 def load_unet(model_path: Path, n_classes: int) -> UNet:
     """UNet with the ONNX initializers as its state_dict (names match 1:1, strict)."""
     proto = onnx.load(str(model_path))
-    state = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
-             for t in proto.graph.initializer}
+    state = {
+        t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer
+    }
     model = UNet(n_classes=n_classes)
     model.load_state_dict(state, strict=True)
     return model.eval()

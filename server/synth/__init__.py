@@ -71,8 +71,9 @@ def write_ome_tiff(
         lh, lw = -(-height // step), -(-width // step)
         for ty in range(0, lh, tile):
             for tx in range(0, lw, tile):
-                rgb, truth = render(ty * step, tx * step, tile, tile, seed=seed, stain=stain,
-                                    step=step)
+                rgb, truth = render(
+                    ty * step, tx * step, tile, tile, seed=seed, stain=stain, step=step
+                )
                 if level == 0 and truth_path is not None:
                     truth_q.put(truth)
                 if progress is not None and level == 0:
@@ -85,8 +86,14 @@ def write_ome_tiff(
                 yield t
 
         with tifffile.TiffWriter(truth_path, bigtiff=True) as tw:
-            tw.write(it(), shape=(height, width), dtype=np.uint8, tile=(tile, tile),
-                     compression="zlib", photometric="minisblack")
+            tw.write(
+                it(),
+                shape=(height, width),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                compression="zlib",
+                photometric="minisblack",
+            )
 
     writer = None
     if truth_path is not None:
@@ -97,8 +104,14 @@ def write_ome_tiff(
         opts["compressionargs"] = {"level": 90}
     try:
         with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
-            tw.write(tiles(0), shape=(height, width, 3), dtype=np.uint8,
-                     subifds=n_levels - 1, metadata={"axes": "YXS"}, **opts)
+            tw.write(
+                tiles(0),
+                shape=(height, width, 3),
+                dtype=np.uint8,
+                subifds=n_levels - 1,
+                metadata={"axes": "YXS"},
+                **opts,
+            )
             for level in range(1, n_levels):
                 shape = (-(-height >> level), -(-width >> level), 3)
                 tw.write(tiles(level), shape=shape, dtype=np.uint8, subfiletype=1, **opts)

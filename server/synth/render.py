@@ -126,8 +126,10 @@ def render_region(
             if t >= 0.47:
                 lab = TISSUE
                 ang = 3.0 * _noise(seed, fy, fx, 400.0, 4)
-                fib = 0.5 + 0.5 * math.sin(0.35 * (fx * math.cos(ang) + fy * math.sin(ang))
-                                           + 7.0 * _noise(seed, fy, fx, 40.0, 5))
+                fib = 0.5 + 0.5 * math.sin(
+                    0.35 * (fx * math.cos(ang) + fy * math.sin(ang))
+                    + 7.0 * _noise(seed, fy, fx, 40.0, 5)
+                )
                 stroma = _noise(seed, fy, fx, 180.0, 6)
                 eos = 0.35 + 0.35 * stroma + 0.2 * fib * stroma + 0.1 * _noise(seed, fy, fx, 8.0, 7)
                 hem = 0.04 + 0.06 * _noise(seed, fy, fx, 25.0, 8)
@@ -163,7 +165,10 @@ def od_to_rgb(seed: int, y0: int, x0: int, step: int, od: np.ndarray, out: np.nd
     for r in nb.prange(h):
         for c in range(w):
             for k in range(3):
-                n = (_hash(seed, y0 + step * r, x0 + step * c, 30 + k)
-                     + _hash(seed, y0 + step * r, x0 + step * c, 33 + k) - 1.0) * 7.0
+                n = (
+                    _hash(seed, y0 + step * r, x0 + step * c, 30 + k)
+                    + _hash(seed, y0 + step * r, x0 + step * c, 33 + k)
+                    - 1.0
+                ) * 7.0
                 v = 255.0 * math.exp(-od[r, c, k]) + n
                 out[r, c, k] = np.uint8(min(255.0, max(0.0, v + 0.5)))
