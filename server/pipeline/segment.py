@@ -11,6 +11,7 @@ import errno
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,9 +28,9 @@ from segloop.kernels.post import labels_confidence
 from segloop.kernels.pre import Normalisation, normalise_into
 from segloop.pipeline.manifest import Manifest
 from segloop.pipeline.pyramid import PyramidBuilder
-from segloop.pipeline.stages import Pipeline, Stage, StageStats
-from segloop.pipeline.tiling import Tile, TileGrid
-from segloop.runtimes import Runtime, create_runtime
+from segloop.pipeline.stages import Pipeline, Stage, StageStats, peak_rss_mb
+from segloop.pipeline.tiling import TileGrid
+from segloop.runtimes import Runtime, TileRuntime, create_runtime
 
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
@@ -64,6 +65,7 @@ class SegmentOptions:
     batch: int = 4
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     read_workers: int = 2
+    runtime_options: dict[str, Any] = field(default_factory=dict)  # e.g. triton url
     overwrite: bool = False
 
 
@@ -134,29 +136,40 @@ def _prepare_output(out: Path, params: dict, overwrite: bool) -> tuple[str, dict
 
 
 class _Reader:
-    """Decoder pool: yields (tile, region, rows, cols) in tile order, ``workers`` ahead."""
+    """Decoder pool: reads each shard's window (shard + halo) once, in shard order,
+    ``workers`` shards ahead, and yields (tile, region, rows, cols) for its tiles.
+
+    One read per shard decodes each source tile about once; reading each tile's own
+    window would decode the source tiles under the halo again for every neighbour.
+    """
 
     def __init__(self, src: ImageSource, grid: TileGrid, workers: int, stats: StageStats):
         self.src, self.grid, self.workers, self.stats = src, grid, workers, stats
         self._lock = threading.Lock()
 
-    def _read(self, t: Tile):
+    def _read_shard(self, key: tuple[int, int]) -> list[tuple]:
         t0 = time.perf_counter()
-        r0, r1, c0, c1, rows, cols = self.grid.window_indices(t)
+        tiles = self.grid.tiles(*key)
+        boxes = [self.grid.window_indices(t) for t in tiles]
+        r0, r1 = min(b[0] for b in boxes), max(b[1] for b in boxes)
+        c0, c1 = min(b[2] for b in boxes), max(b[3] for b in boxes)
         region = self.src.read(r0, r1, c0, c1)
         with self._lock:
             self.stats.busy_s += time.perf_counter() - t0
-        return t, region, rows, cols
+        return [
+            (t, region, rows + (tr0 - r0), cols + (tc0 - c0))
+            for t, (tr0, _, tc0, _, rows, cols) in zip(tiles, boxes, strict=True)
+        ]
 
-    def __call__(self, tiles: Iterator[Tile]) -> Iterator[tuple]:
-        pending: list[Future] = []
+    def __call__(self, shards: Iterator[tuple[int, int]]) -> Iterator[tuple]:
+        pending: deque[Future] = deque()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="segloop-read") as pool:
-            for t in tiles:
-                pending.append(pool.submit(self._read, t))
-                if len(pending) > 2 * self.workers:
-                    yield pending.pop(0).result()
+            for key in shards:
+                pending.append(pool.submit(self._read_shard, key))
+                if len(pending) > self.workers:
+                    yield from pending.popleft().result()
             while pending:
-                yield pending.pop(0).result()
+                yield from pending.popleft().result()
 
 
 class _ShardWriter:
@@ -210,7 +223,15 @@ def segment(
     as it is (summary ``status: already-complete``).
     """
     src = open_image(input_path)
-    rt = create_runtime(opts.runtime, opts.model or default_model(), opts.threads)
+    rt = create_runtime(
+        opts.runtime, opts.model or default_model(), opts.threads, **opts.runtime_options
+    )
+    if isinstance(rt, TileRuntime) and src.dtype != np.uint8:
+        rt.close()
+        raise UserError(
+            f"{input_path}: --runtime {opts.runtime} sends uint8 tiles; this image "
+            f"is {src.dtype}: use --runtime onnx or convert it to uint8"
+        )
     card = rt.card
     grid = TileGrid.create(
         src.height, src.width, opts.tile, card["halo"], card["input"]["multiple_of"], opts.shard
@@ -253,12 +274,17 @@ def segment(
     halo, core, window = grid.halo, grid.tile, grid.window
     batch: list[tuple] = []
 
+    remote = isinstance(rt, TileRuntime)  # pre + network + post run on a server
+
     def emit() -> list:
         if not batch:
             return []
-        arr = np.empty((len(batch), 3, window, window), np.float32)
-        for i, (_, region, rows, cols) in enumerate(batch):
-            normalise_into(region, rows, cols, norm, arr[i])
+        if remote:  # uint8 windows on the wire: gather the reflect-padded windows only
+            arr = np.stack([region[np.ix_(rows, cols)] for _, region, rows, cols in batch])
+        else:
+            arr = np.empty((len(batch), 3, window, window), np.float32)
+            for i, (_, region, rows, cols) in enumerate(batch):
+                normalise_into(region, rows, cols, norm, arr[i])
         cores = [
             (t, region[rows[halo] : rows[halo] + t.h, cols[halo] : cols[halo] + t.w])
             for t, region, rows, cols in batch
@@ -272,11 +298,11 @@ def segment(
 
     def infer(item) -> list:
         cores, arr = item
-        return [(cores, rt.run(arr))]
+        return [(cores, rt.submit(arr) if remote else rt.run(arr))]
 
     def post(item) -> list:
-        cores, logits = item
-        labels, conf = labels_confidence(logits, halo, core)
+        cores, out = item
+        labels, conf = out.result() if remote else labels_confidence(out, halo, core)
         return [
             (t, c, labels[i, : t.h, : t.w], conf[i, : t.h, : t.w]) for i, (t, c) in enumerate(cores)
         ]
@@ -289,12 +315,12 @@ def segment(
         Stage("write", writer),
     ]
     read_stats = StageStats("read")
-    todo = (
-        t for sy, sx in grid.shards() if (0, sy, sx) not in manifest for t in grid.tiles(sy, sx)
-    )
+    todo = (key for key in grid.shards() if (0, *key) not in manifest)
     t0 = time.perf_counter()
     try:
-        Pipeline(stages).run(_Reader(src, grid, opts.read_workers, read_stats)(todo), read_stats)
+        Pipeline(stages, depth=getattr(rt, "in_flight", 4)).run(
+            _Reader(src, grid, opts.read_workers, read_stats)(todo), read_stats
+        )
         writer.pyramid.complete()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -317,6 +343,7 @@ def segment(
         "threads": opts.threads,
         "batch": opts.batch,
         "resumed": action == "resume",
+        "peak_rss_mb": peak_rss_mb(),
     }
     record = {
         **(record or {}),

@@ -18,6 +18,22 @@ from typing import Any
 _END = object()
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (MB) from /proc (VmHWM; None off Linux).
+
+    Unlike getrusage's ru_maxrss, VmHWM restarts at exec, so a child started from a big
+    parent reports its own peak, not the parent's.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 @dataclass
 class StageStats:
     """Seconds a stage spent working, waiting for input and waiting to hand on output."""

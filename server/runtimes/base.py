@@ -1,14 +1,17 @@
-"""The ``Runtime`` interface and its registry.
+"""The runtime interfaces and their registry.
 
-A runtime maps a normalised batch (B, 3, S, S) float32 to logits (B, K, S, S) float32,
-with S a multiple of the model's downsampling factor. All runtimes load the same ONNX
-file (weights and model card) so their outputs agree.
+A ``Runtime`` maps a normalised batch (B, 3, S, S) float32 to logits (B, K, S, S)
+float32, with S a multiple of the model's downsampling factor; the pipeline runs pre and
+post around it. A ``TileRuntime`` does all three elsewhere (a Triton ensemble): uint8
+windows in, uint8 labels + confidence out, asynchronously. All runtimes use the same
+ONNX weights and model card, so their outputs agree.
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ from segloop.model.card import read_card
 RUNTIMES = {
     "onnx": "segloop.runtimes.onnx:OnnxRuntime",
     "torch": "segloop.runtimes.torch:TorchRuntime",
+    "triton": "segloop.runtimes.triton:TritonRuntime",
 }
 
 
@@ -39,8 +43,31 @@ class Runtime(ABC):
         """Release sessions/threads (optional)."""
 
 
-def create_runtime(name: str, model_path: Path, threads: int) -> Runtime:
+class TileRuntime(ABC):
+    """Pre + network + post in one remote call; many calls may be in flight."""
+
+    name: str
+    card: dict
+    halo: int
+
+    @abstractmethod
+    def submit(self, windows: np.ndarray) -> Future:
+        """(B, S, S, C) uint8 windows → Future of (labels, confidence), (B, S-2h, S-2h) uint8."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections and shared memory."""
+
+
+def create_runtime(name: str, model_path: Path, threads: int, **options) -> Runtime | TileRuntime:
+    """The runtime called ``name``; ``options`` go to runtimes that take them (triton: url)."""
     if name not in RUNTIMES:
         raise UserError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
     module, cls = RUNTIMES[name].split(":")
-    return getattr(importlib.import_module(module), cls)(model_path, threads)
+    try:
+        factory = getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise UserError(
+            f"runtime {name!r} is not installed here ({exc.name} missing); run `make install`"
+        ) from exc
+    return factory(model_path, threads, **options) if options else factory(model_path, threads)

@@ -1,0 +1,3 @@
+"""Triton python backend entry point (see segloop.triton.models)."""
+
+from segloop.triton.models import PreModel as TritonPythonModel  # noqa: F401

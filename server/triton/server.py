@@ -1,0 +1,205 @@
+"""``segloop triton serve``: run a real ``tritonserver`` on a model repository.
+
+Uses ``tritonserver`` from PATH when there is one (the official container), else the
+binary bundled in the ``nvidia-pytriton`` wheel, which needs three things set up: the
+python-backend stub copied next to the backend, this interpreter's ``bin/`` first on PATH
+(the stub runs ``python3`` from PATH) and libpython's folder on LD_LIBRARY_PATH.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from segloop.errors import UserError
+
+DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+
+
+@dataclass
+class ServerOptions:
+    model_repository: Path = DEFAULT_REPOSITORY
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    explicit: bool = False  # --model-control-mode=explicit, loading `load` at start
+    load: list[str] = field(default_factory=lambda: ["segloop"])
+    log_verbose: int = 0
+
+
+def _bundled() -> tuple[Path, Path, dict[str, str]]:
+    """(binary, backend dir, extra env) of the tritonserver inside nvidia-pytriton."""
+    # locate the package without importing it (its __init__ pulls in client-only deps)
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "no tritonserver found: none on PATH and nvidia-pytriton is not installed; "
+            "run `make install` (it installs nvidia-pytriton) or use the Triton container"
+        )
+    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    binary, backends = root / "bin" / "tritonserver", root / "backends"
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = backends / "python" / "triton_python_backend_stub"
+    bundled_stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
+    if not stub.exists():
+        if not bundled_stub.exists():
+            raise UserError(f"nvidia-pytriton has no python backend stub for Python {py}")
+        shutil.copy2(bundled_stub, stub)
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env = {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "LD_LIBRARY_PATH": os.pathsep.join(
+            p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p
+        ),
+    }
+    return binary, backends, env
+
+
+def find_server() -> tuple[list[str], dict[str, str]]:
+    """Command prefix and environment for the tritonserver to run."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return [on_path], {}
+    binary, backends, env = _bundled()
+    return [str(binary), f"--backend-directory={backends}"], env
+
+
+def _check_port_free(port: int, flag: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as exc:
+            raise UserError(f"port {port} is already in use; choose another with {flag}") from exc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TritonServer:
+    """A running tritonserver child process (context manager: start → ready → stop)."""
+
+    def __init__(self, opts: ServerOptions) -> None:
+        self.opts = opts
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"localhost:{self.opts.grpc_port}"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        o = self.opts
+        repo = o.model_repository.resolve()
+        if not (repo.is_dir() and any(repo.glob("*/config.pbtxt"))):
+            raise UserError(
+                f"{o.model_repository} is not a Triton model repository "
+                "(no <model>/config.pbtxt inside)"
+            )
+        prefix, env = find_server()
+        cmd = [
+            *prefix,
+            f"--model-repository={repo}",
+            f"--http-port={o.http_port}",
+            f"--grpc-port={o.grpc_port}",
+            f"--metrics-port={o.metrics_port}",
+            "--allow-metrics=true",
+            f"--log-verbose={o.log_verbose}",
+            # liveness before the models load; readiness (polled below) after
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+        ]
+        if o.explicit:
+            cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in o.load)]
+        return cmd, env
+
+    def start(self, timeout: float = 180.0) -> TritonServer:
+        for port, flag in (
+            (self.opts.http_port, "--http-port"),
+            (self.opts.grpc_port, "--grpc-port"),
+            (self.opts.metrics_port, "--metrics-port"),
+        ):
+            _check_port_free(port, flag)
+        cmd, extra = self.command()
+        env = {**os.environ, **extra}
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no busy-waiting ORT/numba pools
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        url = f"http://localhost:{self.opts.http_port}/v2/health/ready"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise UserError(
+                    f"tritonserver exited with code {self.proc.returncode} while "
+                    "starting; its log above says why"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise UserError(f"tritonserver was not ready after {timeout:.0f} s")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send ``sig`` and wait (SIGKILL after ``timeout``); returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return 0 if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(opts: ServerOptions, log=print) -> int:
+    """Run until SIGINT/SIGTERM, forward the signal, return tritonserver's exit code."""
+    server = TritonServer(opts)
+    received: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        received.append(signum)
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        log(
+            f"tritonserver ready: gRPC localhost:{opts.grpc_port}, HTTP localhost:"
+            f"{opts.http_port}, metrics http://localhost:{opts.metrics_port}/metrics"
+        )
+        code = server.proc.wait()
+        if received and code in (0, -signal.SIGTERM, -signal.SIGINT):
+            return 0
+        if code:
+            raise UserError(f"tritonserver exited with code {code}")
+        return 0
+    finally:
+        server.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
