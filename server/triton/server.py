@@ -77,6 +77,7 @@ def find_server() -> tuple[list[str], dict[str, str]]:
 
 def _check_port_free(port: int, flag: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "taken"
         try:
             s.bind(("0.0.0.0", port))
         except OSError as exc:

@@ -1,0 +1,308 @@
+"""A real tritonserver (`segloop triton serve`) and `segment --runtime triton` against it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnx
+import psutil
+import pytest
+from onnx import numpy_helper
+
+from segloop.model.card import read_card
+from segloop.triton.server import free_port
+from tests.conftest import ROOT, assert_user_error, read_store, run_cli
+
+pytest.importorskip("tritonclient.grpc.aio")
+try:
+    from segloop.triton.server import find_server
+
+    find_server()
+except Exception as exc:  # noqa: BLE001 - any reason means: no server binary here
+    pytest.skip(f"no tritonserver binary: {exc}", allow_module_level=True)
+
+
+class Server:
+    """`segloop triton serve` in a child process on free ports."""
+
+    def __init__(self, repo: Path, explicit: bool = False, ports: tuple | None = None):
+        self.http, self.grpc, self.metrics = ports or (free_port(), free_port(), free_port())
+        cmd = [
+            sys.executable,
+            "-m",
+            "segloop",
+            "triton",
+            "serve",
+            "--model-repository",
+            str(repo),
+            "--http-port",
+            str(self.http),
+            "--grpc-port",
+            str(self.grpc),
+            "--metrics-port",
+            str(self.metrics),
+        ]
+        if explicit:
+            cmd += ["--model-control-mode", "explicit"]
+        self.log = open(repo.parent / f"triton_{self.grpc}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while not self.ready():
+            assert self.proc.poll() is None, Path(self.log.name).read_text()[-3000:]
+            assert time.monotonic() < deadline, "tritonserver did not become ready"
+            time.sleep(0.5)
+
+    @property
+    def url(self) -> str:
+        return f"localhost:{self.grpc}"
+
+    @property
+    def ports(self) -> tuple[int, int, int]:
+        return self.http, self.grpc, self.metrics
+
+    def ready(self) -> bool:
+        try:
+            url = f"http://localhost:{self.http}/v2/models/segloop/ready"
+            with urllib.request.urlopen(url, timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(60)
+        self.log.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A copy of the shipped repository (tests add versions to it)."""
+    d = tmp_path_factory.mktemp("triton") / "model_repository"
+    shutil.copytree(ROOT / "model_repository", d, ignore=shutil.ignore_patterns("__pycache__"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    s = Server(repo, explicit=True)
+    yield s
+    assert s.stop() == 0, "segloop triton serve should exit 0 on SIGTERM"
+
+
+def _env(repo: Path) -> dict[str, str]:
+    return {**os.environ, "SEGLOOP_MODEL_REPOSITORY": str(repo)}
+
+
+def _segment(slide: Path, out: Path, *extra: str, env=None) -> subprocess.CompletedProcess:
+    return run_cli("segment", slide, "-o", out, "--tile", "256", "--quiet", *extra, env=env)
+
+
+@pytest.fixture(scope="module")
+def embedded(slide, tmp_path_factory) -> dict[str, np.ndarray]:
+    out = tmp_path_factory.mktemp("embedded") / "onnx.zarr"
+    assert _segment(slide[0], out).returncode == 0
+    return read_store(out)
+
+
+def test_repository_configs_match_the_model_card():
+    """pre normalises and post crops exactly as the model card says."""
+    card = read_card(ROOT / "model_repository/segloop_unet/1/model.onnx")
+    pre = (ROOT / "model_repository/segloop_pre/config.pbtxt").read_text()
+    post = (ROOT / "model_repository/segloop_post/config.pbtxt").read_text()
+    assert f'"{json.dumps(card["input"]["mean"])}"' in pre.replace("'", '"')
+    assert f'"{json.dumps(card["input"]["std"])}"' in pre
+    assert f'{{ key: "halo" value: {{ string_value: "{card["halo"]}" }} }}' in post
+
+
+@pytest.mark.parametrize("shm", ["system", "none"])
+def test_ensemble_equals_embedded_runtime(server, repo, slide, embedded, tmp_path, shm):
+    out = tmp_path / "triton.zarr"
+    proc = _segment(
+        slide[0],
+        out,
+        "--runtime",
+        "triton",
+        "--url",
+        server.url,
+        "--triton-shm",
+        shm,
+        env=_env(repo),
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = read_store(out)
+    for key in ("labels/segmentation/0", "confidence/0", "labels/segmentation/1", "0"):
+        np.testing.assert_array_equal(got[key], embedded[key], err_msg=key)
+    record = json.loads((out / "segloop.json").read_text())
+    assert record["params"]["runtime"] == "triton" and record["model"]["version"] == 1
+
+
+def test_two_urls_share_the_work(server, repo, slide, embedded, tmp_path):
+    """The same server twice in --url: requests alternate; result unchanged."""
+    out = tmp_path / "two.zarr"
+    proc = _segment(
+        slide[0],
+        out,
+        "--runtime",
+        "triton",
+        "--url",
+        f"{server.url},127.0.0.1:{server.grpc}",
+        env=_env(repo),
+    )
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(
+        read_store(out)["labels/segmentation/0"], embedded["labels/segmentation/0"]
+    )
+
+
+def test_unreachable_server_is_a_clear_error(slide, tmp_path):
+    proc = _segment(
+        slide[0], tmp_path / "o.zarr", "--runtime", "triton", "--url", f"localhost:{free_port()}"
+    )
+    assert_user_error(proc, "cannot reach triton", "segloop triton serve")
+
+
+def test_serve_refuses_a_taken_port(server, repo):
+    proc = run_cli(
+        "triton",
+        "serve",
+        "--model-repository",
+        repo,
+        "--http-port",
+        str(server.http),
+        "--grpc-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+        timeout=60,
+    )
+    assert_user_error(proc, f"port {server.http}", "--http-port")
+
+
+def test_serve_refuses_a_folder_that_is_not_a_repository(tmp_path):
+    proc = run_cli(
+        "triton",
+        "serve",
+        "--model-repository",
+        tmp_path,
+        "--http-port",
+        str(free_port()),
+        timeout=60,
+    )
+    assert_user_error(proc, "not a triton model repository")
+
+
+def _make_version_2(repo: Path) -> Path:
+    """segloop_unet/2: v1 with the nucleus logit raised (visibly different masks)."""
+    src = repo / "segloop_unet/1"
+    dst = repo / "segloop_unet/2"
+    dst.mkdir()
+    shutil.copy(src / "model.py", dst / "model.py")
+    proto = onnx.load(str(src / "model.onnx"))
+    head = [t for t in proto.graph.initializer if t.name.startswith("head") and "bias" in t.name]
+    bias = numpy_helper.to_array(head[0]).copy()
+    bias[2] += 3.0
+    head[0].CopyFrom(numpy_helper.from_array(bias, head[0].name))
+    for p in proto.metadata_props:
+        if p.key == "version":
+            p.value = "2"
+        elif p.key == "parent_version":
+            p.value = "1"
+    onnx.save(proto, str(dst / "model.onnx"))
+    return dst / "model.onnx"
+
+
+def test_new_version_loaded_explicitly_serves_the_next_job(server, repo, slide, embedded, tmp_path):
+    import tritonclient.grpc as grpcclient
+
+    v2 = _make_version_2(repo)
+    client = grpcclient.InferenceServerClient(server.url)
+    client.load_model("segloop_unet")  # explicit mode: picks up version 2, unloads 1
+    deadline = time.monotonic() + 60
+    while not (client.is_model_ready("segloop_unet", "2") and client.is_model_ready("segloop")):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    out = tmp_path / "v2.zarr"
+    proc = _segment(slide[0], out, "--runtime", "triton", "--url", server.url, env=_env(repo))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "segloop.json").read_text())
+    assert record["model"]["version"] == 2
+    assert record["model"]["sha256"] == read_card(v2)["sha256"]
+    labels = read_store(out)["labels/segmentation/0"]
+    v1 = embedded["labels/segmentation/0"]
+    assert np.mean(labels != v1) > 0.002 and np.mean(labels == 2) > np.mean(v1 == 2)
+    ref = tmp_path / "v2_onnx.zarr"
+    assert _segment(slide[0], ref, "--model", v2).returncode == 0
+    np.testing.assert_array_equal(labels, read_store(ref)["labels/segmentation/0"])
+
+
+def test_server_killed_mid_job_then_resume(slide, embedded, tmp_path):
+    """kill -9 the server mid-job: the client stops with one clear line; after a restart
+    the same command resumes and the store equals the embedded run bit for bit."""
+    repo = tmp_path / "model_repository"
+    shutil.copytree(ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("__pycache__"))
+    server = Server(repo)
+    out = tmp_path / "killed.zarr"
+    args = [
+        "segment",
+        str(slide[0]),
+        "-o",
+        str(out),
+        "--tile",
+        "256",
+        "--shard",
+        "256",
+        "--runtime",
+        "triton",
+        "--url",
+        server.url,
+    ]
+    client = subprocess.Popen(
+        [sys.executable, "-m", "segloop", *args, "--quiet"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(repo),
+    )
+    manifest = out / "segloop.manifest"
+    deadline = time.monotonic() + 120
+    while not (manifest.exists() and manifest.read_text().count("\n") >= 2):
+        assert client.poll() is None, client.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # the node "crashes": `segloop triton serve` and its tritonserver child die at once
+    family = psutil.Process(server.proc.pid).children(recursive=True)
+    server.proc.send_signal(signal.SIGKILL)
+    for p in family:
+        p.kill()
+    server.proc.wait()
+    server.log.close()
+    _, err = client.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert client.returncode == 2 and len(lines) == 1, err
+    assert "run the same command again to resume" in lines[0]
+    assert json.loads((out / "segloop.json").read_text())["status"] == "running"
+
+    for p in family:  # the killed server's python stubs may hold its sockets a moment
+        with contextlib.suppress(psutil.Error):
+            p.wait(30)
+    restarted = Server(repo, ports=server.ports)
+    try:
+        proc = run_cli(*args, "--json", env=_env(repo))
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout.splitlines()[-1])["stats"]["resumed"] is True
+    finally:
+        restarted.stop()
+    got = read_store(out)
+    for key in embedded:
+        np.testing.assert_array_equal(got[key], embedded[key], err_msg=key)
