@@ -326,6 +326,22 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_triton(args: argparse.Namespace) -> int:
+    from segloop.bench.triton import run_triton_bench
+
+    result = run_triton_bench(
+        size=args.size[0],
+        tile=args.tile,
+        batch=args.batch,
+        threads=args.threads,
+        shm=args.triton_shm,
+        save=args.save,
+        log=lambda s: _info(args, s),
+    )
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
 def cmd_triton_serve(args: argparse.Namespace) -> int:
     from segloop.triton.server import DEFAULT_REPOSITORY, ServerOptions, serve
 
@@ -429,6 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runtime", default="onnx")
     bench_common(s)
     s.set_defaults(func=cmd_bench_segment)
+    s = b.add_parser("triton", help="Triton ensemble vs embedded runtime, one run")
+    s.add_argument("--size", type=parse_size, default=(2048, 2048))
+    s.add_argument("--triton-shm", choices=["auto", "system", "none"], default="auto")
+    bench_common(s)
+    s.set_defaults(func=cmd_bench_triton)
     s = b.add_parser("memory", help="peak RSS of segloop and MONAI by image size")
     s.add_argument("--sizes", type=sizes, default=[10000, 40000], help="segloop, e.g. 10000,40000")
     s.add_argument("--monai-sizes", type=sizes, default=[4096, 8192], help="MONAI sizes")

@@ -36,7 +36,7 @@ from segloop.runtimes import create_runtime
 from segloop.synth import write_ome_tiff
 
 
-def _cpu_busy_s() -> float:
+def cpu_busy_s() -> float:
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
     idle = fields[3] + fields[4]
@@ -135,7 +135,7 @@ def run_bench(
         module = load_unet(model, len(rt.card["classes"]))
         px = size * size
         times: dict[str, list[float]] = {"e2e": [], "model": [], "monai": []}
-        busy0, own0 = _cpu_busy_s(), sum(psutil.Process().cpu_times()[:2])
+        busy0, own0 = cpu_busy_s(), sum(psutil.Process().cpu_times()[:2])
         segment(image, tmp / "warm.zarr", opts)  # JIT + page cache warm-up, not timed
         for r in range(rounds):
             log(f"round {r + 1}/{rounds}: end-to-end …")
@@ -148,7 +148,7 @@ def run_bench(
             times["monai"].append(monai_segment(predictor, src, grid, batch, tmp / "monai.zarr"))
         log("MONAI sliding window with the torch module …")
         monai_torch_s = monai_segment(module, src, grid, batch, tmp / "monai_t.zarr")
-        busy1, own1 = _cpu_busy_s(), sum(psutil.Process().cpu_times()[:2])
+        busy1, own1 = cpu_busy_s(), sum(psutil.Process().cpu_times()[:2])
         rt.close()
         log("peak RSS of each pipeline in its own process …")
         rss = segloop_peak_rss_mb(image, tmp / "rss.zarr", tile, batch, threads)

@@ -93,8 +93,10 @@ def free_port() -> int:
 class TritonServer:
     """A running tritonserver child process (context manager: start → ready → stop)."""
 
-    def __init__(self, opts: ServerOptions) -> None:
+    def __init__(self, opts: ServerOptions, log: Path | None = None) -> None:
+        """``log``: file for the server's output (default: this process's stderr)."""
         self.opts = opts
+        self.log = log
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -136,7 +138,13 @@ class TritonServer:
         cmd, extra = self.command()
         env = {**os.environ, **extra}
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no busy-waiting ORT/numba pools
-        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        out = self.log.open("ab") if self.log else None
+        try:
+            self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out,
+                                         stderr=subprocess.STDOUT if out else None)
+        finally:
+            if out:
+                out.close()
         self.wait_ready(timeout)
         return self
 
