@@ -306,3 +306,19 @@ def test_server_killed_mid_job_then_resume(slide, embedded, tmp_path):
     got = read_store(out)
     for key in embedded:
         np.testing.assert_array_equal(got[key], embedded[key], err_msg=key)
+
+
+def test_tensorrt_plan_build(tmp_path):
+    """The container's engine build (fp16, dynamic profile); needs TensorRT and a GPU."""
+    pytest.importorskip(
+        "tensorrt",
+        reason="TensorRT cannot be installed on these machines; "
+        "the plan is built only in the GPU container (Dockerfile)",
+    )
+    from segloop.triton.engines import build_missing
+
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "model_repository/segloop_unet", repo / "segloop_unet")
+    plans = build_missing(repo)
+    assert plans and all(p.stat().st_size > 0 for p in plans)
+    assert build_missing(repo) == []  # stamped for this GPU: not rebuilt

@@ -140,8 +140,13 @@ class TritonServer:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no busy-waiting ORT/numba pools
         out = self.log.open("ab") if self.log else None
         try:
-            self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out,
-                                         stderr=subprocess.STDOUT if out else None)
+            self.proc = subprocess.Popen(
+                cmd,
+                env=env,
+                start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+            )
         finally:
             if out:
                 out.close()
