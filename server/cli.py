@@ -342,6 +342,41 @@ def cmd_bench_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from segloop.review.app import run
+
+    run(args.stores, args.host, args.port, log=lambda s: print(s, file=sys.stderr, flush=True))
+    return 0
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from segloop.review.app import open_stores
+    from segloop.review.db import ROLES, ReviewDB
+
+    open_stores([args.store])
+    db = ReviewDB(args.store)
+    try:
+        if args.action == "add":
+            if not args.name or args.role not in ROLES:
+                raise UserError(f"users add needs NAME and --role {'|'.join(ROLES)}")
+            if any(u["name"] == args.name for u in db.users()):
+                raise UserError(f"user {args.name!r} exists; revoke it first or pick another")
+            token = db.add_user(args.name, args.role)
+            _info(args, f"added {args.name} ({args.role}); bearer token:")
+            print(token)
+        elif args.action == "list":
+            for u in db.users():
+                state = "revoked" if u["revoked"] else "active"
+                print(f"{u['name']}\t{u['role']}\t{state}")
+        else:
+            if not args.name or not db.revoke(args.name):
+                raise UserError(f"no active user {args.name!r}")
+            _info(args, f"revoked {args.name}")
+    finally:
+        db.close()
+    return 0
+
+
 def cmd_triton_serve(args: argparse.Namespace) -> int:
     from segloop.triton.server import DEFAULT_REPOSITORY, ServerOptions, serve
 
@@ -455,6 +490,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--monai-sizes", type=sizes, default=[4096, 8192], help="MONAI sizes")
     bench_common(s)
     s.set_defaults(func=cmd_bench_memory)
+    s = sub.add_parser("serve", help="review server for one or more stores (browser + API)")
+    s.add_argument("stores", type=Path, nargs="+")
+    s.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("users", help="review-server users: add, list, revoke")
+    s.add_argument("action", choices=["add", "list", "revoke"])
+    s.add_argument("name", nargs="?")
+    s.add_argument("--role", choices=["viewer", "annotator", "reviewer", "admin"])
+    s.add_argument("--store", type=Path, required=True, help="the store whose users to manage")
+    common(s, json_flag=False)
+    s.set_defaults(func=cmd_users)
+
     t = sub.add_parser("triton", help="Triton Inference Server").add_subparsers(
         dest="triton", required=True
     )

@@ -1,0 +1,143 @@
+"""Mask edits: request bodies (msgspec), rasterisation, pixel deltas.
+
+Coordinates are level-0 pixels, x = column, y = row. An edit becomes a *delta*: for each
+touched level-0 chunk "cy/cx", the flat indices of the pixels it changed with their
+values before and after. Deltas make undo exact and local (a pixel is reverted only if it
+still holds the edit's value, so a later edit by someone else is kept) and make replay
+after a crash idempotent.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Literal
+
+import msgspec
+import numpy as np
+from numcodecs import Zstd
+from scipy import ndimage
+from skimage.draw import disk, polygon
+
+MAX_POINTS = 10_000
+MAX_RADIUS = 256
+MAX_BOX = 4096  # polygon / fill / relabel work inside at most MAX_BOX² pixels
+_CODEC = Zstd(level=3)
+
+Point = tuple[int, int]
+
+
+class Edit(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/images/{image}/edits`` body.
+
+    op: brush / erase (stroke through ``points`` with ``radius``), polygon (fill the
+    polygon ``points``), fill (flood fill of the 4-connected same-label region at
+    ``points[0]``), relabel (the 8-connected component at ``points[0]``). ``label``: new
+    class (erase → 0). ``base``: {"cy/cx": version} of the chunks the client drew on; a
+    different current version → 409 (omitted = no check).
+    """
+
+    op: Literal["brush", "erase", "polygon", "fill", "relabel"]
+    points: list[Point]
+    label: int = 0
+    radius: int = 8
+    base: dict[str, int] | None = None
+
+
+class BadEdit(ValueError):
+    """The edit is well-formed JSON but cannot be applied (→ 400)."""
+
+
+def validate(edit: Edit, shape: tuple[int, int], n_classes: int) -> None:
+    h, w = shape
+    if not edit.points:
+        raise BadEdit("points must not be empty")
+    if len(edit.points) > MAX_POINTS:
+        raise BadEdit(f"at most {MAX_POINTS} points per edit")
+    if not 0 <= edit.label < n_classes:
+        raise BadEdit(f"label must be in 0..{n_classes - 1}")
+    if not 1 <= edit.radius <= MAX_RADIUS:
+        raise BadEdit(f"radius must be in 1..{MAX_RADIUS}")
+    for x, y in edit.points:
+        if not (0 <= x < w and 0 <= y < h):
+            raise BadEdit(f"point ({x}, {y}) is outside the {w}×{h} image")
+    if edit.op == "polygon" and len(edit.points) < 3:
+        raise BadEdit("a polygon needs at least 3 points")
+
+
+def box(edit: Edit, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of the pixels the edit may change, clipped to the image."""
+    h, w = shape
+    pts = np.asarray(edit.points)
+    if edit.op in ("brush", "erase"):
+        r = edit.radius
+        y0, y1 = pts[:, 1].min() - r, pts[:, 1].max() + r + 1
+        x0, x1 = pts[:, 0].min() - r, pts[:, 0].max() + r + 1
+    elif edit.op == "polygon":
+        y0, y1, x0, x1 = pts[:, 1].min(), pts[:, 1].max() + 1, pts[:, 0].min(), pts[:, 0].max() + 1
+        if y1 - y0 > MAX_BOX or x1 - x0 > MAX_BOX:
+            raise BadEdit(f"polygon larger than {MAX_BOX}² pixels")
+    else:  # fill / relabel: a bounded window centred on the seed
+        x, y = edit.points[0]
+        half = MAX_BOX // 2
+        y0, y1, x0, x1 = y - half, y + half, x - half, x + half
+    return max(0, int(y0)), min(h, int(y1)), max(0, int(x0)), min(w, int(x1))
+
+
+def rasterise(edit: Edit, region: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
+    """New labels for ``region`` (h, w) uint8 whose top-left pixel is ``origin`` (y, x)."""
+    out = region.copy()
+    oy, ox = origin
+    label = 0 if edit.op == "erase" else edit.label
+    if edit.op in ("brush", "erase"):
+        pts = np.asarray(edit.points, np.float64)
+        step = max(1.0, edit.radius / 2)
+        centres = [pts[0]]
+        for a, b in itertools.pairwise(pts):
+            n = int(np.ceil(np.linalg.norm(b - a) / step))
+            centres += [a + (b - a) * t for t in np.linspace(0, 1, n + 1)[1:]]
+        for x, y in centres:
+            rr, cc = disk((y - oy, x - ox), edit.radius + 0.5, shape=out.shape)
+            out[rr, cc] = label
+    elif edit.op == "polygon":
+        pts = np.asarray(edit.points)
+        rr, cc = polygon(pts[:, 1] - oy, pts[:, 0] - ox, shape=out.shape)
+        out[rr, cc] = label
+    else:
+        x, y = edit.points[0]
+        seed = (y - oy, x - ox)
+        structure = ndimage.generate_binary_structure(2, 1 if edit.op == "fill" else 2)
+        components, _ = ndimage.label(region == region[seed], structure=structure)
+        out[components == components[seed]] = label
+    return out
+
+
+def chunk_keys(b: tuple[int, int, int, int], chunk: int) -> list[tuple[int, int]]:
+    y0, y1, x0, x1 = b
+    return [
+        (cy, cx)
+        for cy in range(y0 // chunk, (y1 - 1) // chunk + 1)
+        for cx in range(x0 // chunk, (x1 - 1) // chunk + 1)
+    ]
+
+
+Delta = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # "cy/cx" → idx, before, after
+
+
+def pack(delta: Delta) -> bytes:
+    """Delta → compressed msgpack bytes (for the edits table)."""
+    raw = {
+        k: (i.astype("<u4").tobytes(), b.tobytes(), a.tobytes()) for k, (i, b, a) in delta.items()
+    }
+    return bytes(_CODEC.encode(msgspec.msgpack.encode(raw)))
+
+
+def unpack(blob: bytes) -> Delta:
+    raw = msgspec.msgpack.decode(bytes(_CODEC.decode(blob)))
+    return {
+        k: (
+            np.frombuffer(i, "<u4").astype(np.intp),
+            np.frombuffer(b, np.uint8),
+            np.frombuffer(a, np.uint8),
+        )
+        for k, (i, b, a) in raw.items()
+    }

@@ -1,0 +1,312 @@
+"""Edit, history, review-state, coverage, queue and live-update handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Literal
+
+import msgspec
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from segloop.review.db import FLAG_REASONS, STATES
+from segloop.review.edits import BadEdit, Edit
+from segloop.review.image import Conflict, NothingToDo, ReviewImage
+from segloop.review.tiles import image_of
+
+MAX_BODY = 1 << 20  # bytes
+LEASE_MINUTES = 10
+
+
+def json_error(status: int, message: str, **extra) -> web.HTTPException:
+    cls = {
+        400: web.HTTPBadRequest,
+        403: web.HTTPForbidden,
+        404: web.HTTPNotFound,
+        409: web.HTTPConflict,
+        413: web.HTTPRequestEntityTooLarge,
+    }[status]
+    body = json.dumps({"error": message, **extra})
+    if cls is web.HTTPRequestEntityTooLarge:
+        return cls(max_size=MAX_BODY, actual_size=0, text=body, content_type="application/json")
+    return cls(text=body, content_type="application/json")
+
+
+async def decode(request: web.Request, kind: type):
+    """Read and validate a JSON body as ``kind`` (msgspec), bounded in size."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise json_error(413, f"body larger than {MAX_BODY} bytes")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise json_error(413, f"body larger than {MAX_BODY} bytes")
+    try:
+        return msgspec.json.decode(raw or b"{}", type=kind)
+    except msgspec.ValidationError as exc:
+        raise json_error(400, f"invalid body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise json_error(400, f"malformed JSON: {exc}") from None
+
+
+def _run(request: web.Request, fn, *args):
+    return request.loop.run_in_executor(None, fn, *args)
+
+
+# --- edits ------------------------------------------------------------------------------
+
+
+async def post_edit(request: web.Request) -> web.Response:
+    img = image_of(request)
+    edit = await decode(request, Edit)
+    user = request["user"]
+    try:
+        result = await _run(request, img.apply, edit, user)
+    except BadEdit as exc:
+        raise json_error(400, str(exc)) from None
+    except Conflict as exc:
+        raise json_error(
+            409, "the chunks changed since you drew; rebase and retry", versions=exc.versions
+        ) from None
+    request.app["metrics"].edits.labels(edit.op).inc()
+    return web.json_response(result)
+
+
+async def undo(request: web.Request) -> web.Response:
+    return await _undo_redo(request, "undo")
+
+
+async def redo(request: web.Request) -> web.Response:
+    return await _undo_redo(request, "redo")
+
+
+async def _undo_redo(request: web.Request, op: str) -> web.Response:
+    img = image_of(request)
+    try:
+        result = await _run(request, getattr(img, op), request["user"])
+    except NothingToDo as exc:
+        raise json_error(409, str(exc)) from None
+    request.app["metrics"].edits.labels(op).inc()
+    return web.json_response(result)
+
+
+async def history(request: web.Request) -> web.Response:
+    img = image_of(request)
+    try:
+        limit = min(1000, int(request.query.get("limit", "100")))
+        before = int(request.query.get("before", str(2**62)))
+    except ValueError:
+        raise json_error(400, "limit and before must be integers") from None
+    with img.db.lock:
+        rows = img.db.conn.execute(
+            "SELECT e.id, u.name AS user, e.created, e.op, e.label, e.chunks, e.reverts, "
+            "e.undone, e.status FROM edits e JOIN users u ON u.id = e.user_id "
+            "WHERE e.id < ? ORDER BY e.id DESC LIMIT ?",
+            (before, limit),
+        ).fetchall()
+    return web.json_response(
+        [{**dict(r), "chunks": json.loads(r["chunks"]), "undone": bool(r["undone"])} for r in rows]
+    )
+
+
+class Decision(msgspec.Struct, forbid_unknown_fields=True):
+    decision: Literal["approve", "reject"]
+
+
+async def decide(request: web.Request) -> web.Response:
+    """Reviewer approves or rejects an annotator's proposed edit (reject reverts it)."""
+    img = image_of(request)
+    body = await decode(request, Decision)
+    try:
+        edit_id = int(request.match_info["edit_id"])
+    except ValueError:
+        raise json_error(404, "no such edit") from None
+    with img.db.lock:
+        row = img.db.conn.execute("SELECT status FROM edits WHERE id = ?", (edit_id,)).fetchone()
+    if row is None:
+        raise json_error(404, "no such edit")
+    if row["status"] != "proposed":
+        raise json_error(409, f"edit {edit_id} is {row['status']}, not proposed")
+    result = {"edit_id": edit_id}
+    if body.decision == "reject":
+        result["revert"] = await _run(request, img.revert, edit_id, request["user"])
+    status = "approved" if body.decision == "approve" else "rejected"
+    with img.db.tx() as c:
+        c.execute("UPDATE edits SET status = ? WHERE id = ?", (status, edit_id))
+    return web.json_response({**result, "status": status})
+
+
+# --- review state -----------------------------------------------------------------------
+
+
+class TileReview(msgspec.Struct, forbid_unknown_fields=True):
+    state: Literal["unseen", "in_review", "accepted", "corrected", "flagged"]
+    reason: Literal["unsure", "out_of_distribution", "bad_image_quality"] | None = None
+    comment: str | None = None
+
+
+def _tile(request: web.Request, img: ReviewImage) -> tuple[int, int]:
+    try:
+        ty, tx = int(request.match_info["ty"]), int(request.match_info["tx"])
+    except ValueError:
+        raise json_error(404, "no such tile") from None
+    ny, nx = img.grid(0)
+    if not (0 <= ty < ny and 0 <= tx < nx):
+        raise json_error(404, "no such tile")
+    return ty, tx
+
+
+async def put_review(request: web.Request) -> web.Response:
+    img = image_of(request)
+    ty, tx = _tile(request, img)
+    body = await decode(request, TileReview)
+    user = request["user"]
+    if body.state == "accepted" and user["role"] not in ("reviewer", "admin"):
+        raise json_error(403, "only reviewers accept tiles")
+    if body.comment is not None and len(body.comment) > 2000:
+        raise json_error(400, "comment longer than 2000 characters")
+    with img.db.tx() as c:
+        c.execute(
+            "INSERT OR REPLACE INTO review VALUES (?,?,?,?,?,?,?)",
+            (ty, tx, body.state, body.reason, body.comment, user["id"], time.time()),
+        )
+        if body.state != "in_review":
+            c.execute("DELETE FROM leases WHERE cy = ? AND cx = ?", (ty, tx))
+    event = {"type": "review", "tile": [ty, tx], "state": body.state, "user": user["name"]}
+    img._notify(event)
+    return web.json_response(event)
+
+
+async def get_review(request: web.Request) -> web.Response:
+    img = image_of(request)
+    ty, tx = _tile(request, img)
+    with img.db.lock:
+        row = img.db.conn.execute(
+            "SELECT r.state, r.reason, r.comment, r.updated, u.name AS user FROM review r "
+            "LEFT JOIN users u ON u.id = r.user_id WHERE cy = ? AND cx = ?",
+            (ty, tx),
+        ).fetchone()
+    return web.json_response(dict(row) if row else {"state": "unseen"})
+
+
+async def coverage(request: web.Request) -> web.Response:
+    """Review state per level-0 tile as a grid of state indices (see ``states``)."""
+    img = image_of(request)
+    ny, nx = img.grid(0)
+    grid = np.zeros((ny, nx), np.uint8)
+    with img.db.lock:
+        for r in img.db.conn.execute("SELECT cy, cx, state FROM review"):
+            grid[r["cy"], r["cx"]] = STATES.index(r["state"])
+    counts = {s: int((grid == i).sum()) for i, s in enumerate(STATES)}
+    return web.json_response(
+        {
+            "states": list(STATES),
+            "reasons": list(FLAG_REASONS),
+            "grid": grid.tolist(),
+            "counts": counts,
+        }
+    )
+
+
+# --- work queue -------------------------------------------------------------------------
+
+
+def uncertainty(img: ReviewImage) -> np.ndarray:
+    """(ny, nx) mean of 255 − confidence per level-0 tile, from a coarse pyramid level."""
+    if getattr(img, "_uncertainty", None) is not None:
+        return img._uncertainty
+    ny, nx = img.grid(0)
+    level = min(img.levels - 1, max(0, int(np.log2(img.tile)) - 2))
+    conf = img.array("confidence", level)[...].astype(np.float32)
+    step = img.tile >> level
+    pad = np.full((ny * step, nx * step), np.nan, np.float32)
+    pad[: conf.shape[0], : conf.shape[1]] = conf
+    blocks = pad.reshape(ny, step, nx, step)
+    img._uncertainty = 255 - np.nanmean(blocks, axis=(1, 3))
+    return img._uncertainty
+
+
+async def queue_next(request: web.Request) -> web.Response:
+    img = image_of(request)
+    user = request["user"]
+    try:
+        minutes = float(request.query.get("minutes", LEASE_MINUTES))
+    except ValueError:
+        raise json_error(400, "minutes must be a number") from None
+    if not 0 < minutes <= 240:
+        raise json_error(400, "minutes must be in (0, 240]")
+    u = await _run(request, uncertainty, img)
+    order = np.argsort(-u, axis=None, kind="stable")
+    now = time.time()
+    with img.db.tx() as c:
+        c.execute("DELETE FROM leases WHERE expires <= ?", (now,))
+        c.execute("DELETE FROM leases WHERE user_id = ?", (user["id"],))  # one lease each
+        taken = {(r[0], r[1]) for r in c.execute("SELECT cy, cx FROM leases")}
+        done = {
+            (r[0], r[1]) for r in c.execute("SELECT cy, cx FROM review WHERE state != 'unseen'")
+        }
+        for flat in order:
+            ty, tx = divmod(int(flat), u.shape[1])
+            if (ty, tx) not in taken and (ty, tx) not in done:
+                c.execute(
+                    "INSERT INTO leases VALUES (?,?,?,?)", (ty, tx, user["id"], now + 60 * minutes)
+                )
+                break
+        else:
+            return web.json_response({"tile": None, "remaining": 0})
+        remaining = u.size - len(done) - len(taken) - 1
+    request.app["metrics"].queue.labels(img.name).set(remaining)
+    return web.json_response(
+        {
+            "tile": [ty, tx],
+            "uncertainty": round(float(u[ty, tx]), 2),
+            "expires": now + 60 * minutes,
+            "remaining": remaining,
+        }
+    )
+
+
+class Release(msgspec.Struct, forbid_unknown_fields=True):
+    tile: tuple[int, int]
+
+
+async def queue_release(request: web.Request) -> web.Response:
+    img = image_of(request)
+    body = await decode(request, Release)
+    with img.db.tx() as c:
+        cur = c.execute(
+            "DELETE FROM leases WHERE cy = ? AND cx = ? AND user_id = ?",
+            (*body.tile, request["user"]["id"]),
+        )
+    return web.json_response({"released": cur.rowcount > 0})
+
+
+# --- live updates -----------------------------------------------------------------------
+
+
+async def live(request: web.Request) -> web.WebSocketResponse:
+    """WebSocket: chunk-version and review-state events of one image, as JSON."""
+    img = image_of(request)
+    ws = web.WebSocketResponse(heartbeat=30)
+    await ws.prepare(request)
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue(maxsize=1000)
+
+    def listener(event: dict) -> None:
+        loop.call_soon_threadsafe(q.put_nowait, event)
+
+    img.listeners.append(listener)
+
+    async def pump() -> None:
+        while True:
+            await ws.send_json(await q.get())
+
+    task = asyncio.create_task(pump())
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.ERROR:
+                break
+    finally:
+        task.cancel()
+        img.listeners.remove(listener)
+    return ws

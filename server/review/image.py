@@ -1,0 +1,348 @@
+"""One reviewed store: its arrays, versions, and the single writer that applies edits.
+
+All edits of an image go through one writer thread, so they have a total order and no
+two writers touch a shard at once (zarr shards must have one writer). Tile reads take a
+shard's lock only while a write replaces that shard file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import zarr
+
+from segloop.io.ome_zarr import array_path, read_record
+from segloop.pipeline.pyramid import downsample_mode
+from segloop.review.db import ReviewDB
+from segloop.review.edits import Delta, Edit, box, chunk_keys, pack, rasterise, unpack, validate
+
+SEG = "segmentation"
+
+
+class Conflict(Exception):
+    """The edit was drawn on chunk versions that are no longer current (→ 409)."""
+
+    def __init__(self, versions: dict[str, int]) -> None:
+        super().__init__("stale chunk versions")
+        self.versions = versions
+
+
+class NothingToDo(Exception):
+    """Undo/redo with an empty stack (→ 409)."""
+
+
+class ReviewImage:
+    def __init__(self, path: Path, name: str) -> None:
+        record = read_record(path)
+        if record is None or record.get("status") != "complete":
+            raise ValueError(f"{path} is not a finished segloop store")
+        self.path, self.name, self.record = path, name, record
+        self.root = zarr.open_group(path, mode="r+")
+        grid = record["grid"]
+        self.tile, self.shard, self.levels = grid["tile"], grid["shard"], grid["levels"]
+        self.model = record["model"]
+        self.classes: list[str] = self.model["classes"]
+        ome = self.root["labels/segmentation"].attrs["ome"]["image-label"]
+        self.colors = [c["rgba"] for c in ome["colors"]]
+        self.shape = tuple(self.array(SEG, 0).shape)
+        self.db = ReviewDB(path)
+        self.versions = self.db.all_versions()  # (layer, level, cy, cx) → version
+        # part of every ETag: tiles of another store (or a re-segmented one) never match
+        params = json.dumps(record["params"], sort_keys=True).encode()
+        self.tag = hashlib.sha1(params).hexdigest()[:12]
+        self._locks: dict[tuple[int, int, int], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix=f"segloop-edit-{name}")
+        self.listeners: list = []  # callables(event dict), e.g. websocket broadcasters
+        self.replayed = self._replay()
+
+    # --- arrays and locks --------------------------------------------------------------
+
+    def array(self, layer: str, level: int) -> zarr.Array:
+        return self.root[array_path(layer, level)]
+
+    def level_shape(self, level: int) -> tuple[int, int]:
+        return tuple(self.array(SEG, level).shape)
+
+    def grid(self, level: int) -> tuple[int, int]:
+        h, w = self.level_shape(level)
+        return -(-h // self.tile), -(-w // self.tile)
+
+    def shard_lock(self, level: int, cy: int, cx: int) -> threading.Lock:
+        per = self.shard // self.tile
+        key = (level, cy // per, cx // per)
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def chunk_written(self, layer: str, level: int, cy: int, cx: int) -> bool:
+        """Whether the shard file holding this chunk exists (else it is all fill value)."""
+        per = self.shard // self.tile
+        key = [*(["0"] if layer == "image" else []), str(cy // per), str(cx // per)]
+        return (self.path / array_path(layer, level) / "c").joinpath(*key).exists()
+
+    def version(self, layer: str, level: int, cy: int, cx: int) -> int:
+        return self.versions.get((layer, level, cy, cx), 0)
+
+    def chunk_box(self, level: int, cy: int, cx: int) -> tuple[int, int, int, int]:
+        h, w = self.level_shape(level)
+        t = self.tile
+        return cy * t, min(h, (cy + 1) * t), cx * t, min(w, (cx + 1) * t)
+
+    def read_chunk(self, layer: str, level: int, cy: int, cx: int) -> np.ndarray:
+        y0, y1, x0, x1 = self.chunk_box(level, cy, cx)
+        arr = self.array(layer, level)
+        if layer != SEG:  # never edited: no lock needed
+            return arr[..., y0:y1, x0:x1]
+        with self.shard_lock(level, cy, cx):
+            return arr[y0:y1, x0:x1]
+
+    def _write_region(self, level: int, y0: int, x0: int, data: np.ndarray) -> None:
+        """Write labels (whole chunks) under the locks of every shard they touch."""
+        t = self.tile
+        keys = chunk_keys((y0, y0 + data.shape[0], x0, x0 + data.shape[1]), t)
+        locks = sorted({id(lk): lk for lk in (self.shard_lock(level, *k) for k in keys)}.items())
+        for _, lk in locks:
+            lk.acquire()
+        try:
+            self.array(SEG, level)[y0 : y0 + data.shape[0], x0 : x0 + data.shape[1]] = data
+        finally:
+            for _, lk in locks:
+                lk.release()
+
+    # --- applying deltas ---------------------------------------------------------------
+
+    def _apply_delta(self, delta: Delta, values: str = "after") -> list[tuple[int, int, int]]:
+        """Set the delta's pixels (level 0) and rebuild the pyramid above them; returns
+        every (level, cy, cx) chunk rewritten."""
+        touched = []
+        for key, (idx, before, after) in delta.items():
+            cy, cx = map(int, key.split("/"))
+            chunk = self.read_chunk(SEG, 0, cy, cx).copy()
+            chunk.reshape(-1)[idx] = after if values == "after" else before
+            y0, _, x0, _ = self.chunk_box(0, cy, cx)
+            self._write_region(0, y0, x0, chunk)
+            touched.append((0, cy, cx))
+        level_keys = {(cy, cx) for _, cy, cx in touched}
+        for level in range(1, self.levels):
+            level_keys = {(cy // 2, cx // 2) for cy, cx in level_keys}
+            for cy, cx in sorted(level_keys):
+                y0, y1, x0, x1 = self.chunk_box(level, cy, cx)
+                below = self.array(SEG, level - 1)
+                with self.shard_lock(level - 1, 2 * cy, 2 * cx):
+                    src = below[
+                        2 * y0 : min(below.shape[0], 2 * y1), 2 * x0 : min(below.shape[1], 2 * x1)
+                    ]
+                self._write_region(level, y0, x0, downsample_mode(src)[: y1 - y0, : x1 - x0])
+                touched.append((level, cy, cx))
+        return touched
+
+    def _bump(self, conn, touched: list[tuple[int, int, int]]) -> dict[str, int]:
+        out = {}
+        for level, cy, cx in touched:
+            v = self.version(SEG, level, cy, cx) + 1
+            conn.execute(
+                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?)", (SEG, level, cy, cx, v)
+            )
+            out[f"{level}/{cy}/{cx}"] = v
+        return out
+
+    def _replay(self) -> int:
+        """Write edits committed to the database but not yet to zarr (after a crash)."""
+        with self.db.lock:
+            rows = self.db.conn.execute(
+                "SELECT id, delta FROM edits WHERE applied = 0 ORDER BY id"
+            ).fetchall()
+        for row in rows:
+            self._apply_delta(unpack(row["delta"]))
+            with self.db.tx() as c:
+                c.execute("UPDATE edits SET applied = 1 WHERE id = ?", (row["id"],))
+        return len(rows)
+
+    def _commit(
+        self,
+        user: dict,
+        op: str,
+        label: int | None,
+        body: dict,
+        delta: Delta,
+        reverts: int | None = None,
+        status: str = "applied",
+        undone: int | None = None,
+    ) -> tuple[int, dict[str, int]]:
+        """Commit the edit + new versions (fsync'd), then write zarr, then mark applied."""
+        touched = [(0, *map(int, k.split("/"))) for k in delta]
+        # versions of the levels above are bumped too: compute their keys the same way
+        keys = {(cy, cx) for _, cy, cx in touched}
+        for level in range(1, self.levels):
+            keys = {(cy // 2, cx // 2) for cy, cx in keys}
+            touched += [(level, cy, cx) for cy, cx in sorted(keys)]
+        with self.db.tx() as c:
+            cur = c.execute(
+                "INSERT INTO edits (user_id, created, op, label, body, chunks, delta, reverts,"
+                " status) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    user["id"],
+                    time.time(),
+                    op,
+                    label,
+                    json.dumps(body),
+                    json.dumps(list(delta)),
+                    pack(delta),
+                    reverts,
+                    status,
+                ),
+            )
+            if undone is not None:
+                c.execute("UPDATE edits SET undone = ? WHERE id = ?", undone)
+            versions = self._bump(c, touched)
+        edit_id = cur.lastrowid
+        for key, v in versions.items():
+            level, cy, cx = map(int, key.split("/"))
+            self.versions[(SEG, level, cy, cx)] = v
+        self._apply_delta(delta)
+        with self.db.tx() as c:
+            c.execute("UPDATE edits SET applied = 1 WHERE id = ?", (edit_id,))
+        self._notify(
+            {
+                "type": "chunks",
+                "layer": SEG,
+                "versions": versions,
+                "edit_id": edit_id,
+                "user": user["name"],
+            }
+        )
+        return edit_id, versions
+
+    def _notify(self, event: dict[str, Any]) -> None:
+        for listener in list(self.listeners):
+            listener(event)
+
+    # --- operations (run on the writer thread) -----------------------------------------
+
+    def apply(self, edit: Edit, user: dict) -> dict[str, Any]:
+        return self.writer.submit(self._apply, edit, user).result()
+
+    def _apply(self, edit: Edit, user: dict) -> dict[str, Any]:
+        validate(edit, self.shape, len(self.classes))
+        if edit.base:
+            current = {k: self.version(SEG, 0, *map(int, k.split("/"))) for k in edit.base}
+            if current != edit.base:
+                raise Conflict(current)
+        y0, y1, x0, x1 = box(edit, self.shape)
+        keys = chunk_keys((y0, y1, x0, x1), self.tile)
+        # read whole chunks so the delta indexes chunk pixels
+        cy0, cx0 = keys[0]
+        cy1, cx1 = keys[-1]
+        ry0, _, rx0, _ = self.chunk_box(0, cy0, cx0)
+        _, ry1, _, rx1 = self.chunk_box(0, cy1, cx1)
+        before = np.empty((ry1 - ry0, rx1 - rx0), np.uint8)
+        for cy, cx in keys:
+            a, b, c, d = self.chunk_box(0, cy, cx)
+            before[a - ry0 : b - ry0, c - rx0 : d - rx0] = self.read_chunk(SEG, 0, cy, cx)
+        after = before.copy()
+        after[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0] = rasterise(
+            edit, before[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0], (y0, x0)
+        )
+        delta: Delta = {}
+        for cy, cx in keys:
+            a, b, c, d = self.chunk_box(0, cy, cx)
+            old = before[a - ry0 : b - ry0, c - rx0 : d - rx0].reshape(-1)
+            new = after[a - ry0 : b - ry0, c - rx0 : d - rx0].reshape(-1)
+            idx = np.flatnonzero(old != new)
+            if idx.size:
+                delta[f"{cy}/{cx}"] = (idx, old[idx], new[idx])
+        status = "proposed" if user["role"] == "annotator" else "applied"
+        if not delta:
+            return {"edit_id": None, "versions": {}, "changed_px": 0}
+        body = msgspec_to_dict(edit)
+        edit_id, versions = self._commit(user, edit.op, edit.label, body, delta, status=status)
+        return {
+            "edit_id": edit_id,
+            "versions": _level0(versions),
+            "status": status,
+            "changed_px": int(sum(i.size for i, _, _ in delta.values())),
+        }
+
+    def undo(self, user: dict) -> dict[str, Any]:
+        return self.writer.submit(self._undo_redo, user, "undo").result()
+
+    def redo(self, user: dict) -> dict[str, Any]:
+        return self.writer.submit(self._undo_redo, user, "redo").result()
+
+    def _undo_redo(self, user: dict, op: str) -> dict[str, Any]:
+        with self.db.lock:
+            rows = self.db.conn.execute(
+                "SELECT id, op, reverts, undone, delta FROM edits WHERE user_id = ? "
+                "ORDER BY id DESC",
+                (user["id"],),
+            ).fetchall()
+        target = None
+        if op == "undo":  # newest own drawing edit (or redo) not undone yet
+            target = next((r for r in rows if r["op"] != "undo" and not r["undone"]), None)
+        else:  # redo: the newest undo, if no drawing edit came after it
+            for r in rows:
+                if r["op"] == "undo" and not r["undone"]:
+                    target = r
+                    break
+                if r["op"] not in ("undo", "redo"):
+                    break
+        if target is None:
+            raise NothingToDo(f"nothing to {op}")
+        return self._revert(target, user, op)
+
+    def revert(self, edit_id: int, user: dict) -> dict[str, Any]:
+        """Revert one edit (a reviewer rejecting a proposal), recorded as op "reject"."""
+
+        def run() -> dict[str, Any]:
+            with self.db.lock:
+                row = self.db.conn.execute(
+                    "SELECT id, delta FROM edits WHERE id = ?", (edit_id,)
+                ).fetchone()
+            return self._revert(row, user, "reject")
+
+        return self.writer.submit(run).result()
+
+    def _revert(self, target, user: dict, op: str) -> dict[str, Any]:
+        """Put back the target's "before" values where its "after" values still stand."""
+        delta = {}
+        for key, (idx, before, after) in unpack(target["delta"]).items():
+            cy, cx = map(int, key.split("/"))
+            now = self.read_chunk(SEG, 0, cy, cx).reshape(-1)[idx]
+            still = now == after  # pixels nobody changed since: revert those only
+            if still.any():
+                delta[key] = (idx[still], after[still], before[still])
+        if not delta:
+            with self.db.tx() as c:
+                c.execute("UPDATE edits SET undone = 1 WHERE id = ?", (target["id"],))
+            return {"edit_id": None, "reverts": target["id"], "versions": {}}
+        edit_id, versions = self._commit(
+            user,
+            op,
+            None,
+            {"reverts": target["id"]},
+            delta,
+            reverts=target["id"],
+            undone=(1, target["id"]),
+        )
+        return {"edit_id": edit_id, "reverts": target["id"], "versions": _level0(versions)}
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True)
+        self.db.close()
+
+
+def _level0(versions: dict[str, int]) -> dict[str, int]:
+    """{"0/cy/cx": v, "1/…": …} → {"cy/cx": v} for level 0 (what clients send as base)."""
+    return {k[2:]: v for k, v in versions.items() if k.startswith("0/")}
+
+
+def msgspec_to_dict(edit: Edit) -> dict[str, Any]:
+    return msgspec.to_builtins(edit)

@@ -1,0 +1,149 @@
+"""Tile handlers: image list/metadata and versioned, cacheable tiles.
+
+Tile = one store chunk. ETag = layer/level/chunk/version (+ the store's tag); a request
+whose If-None-Match matches gets 304 before zarr is touched; ``?v=<version>`` URLs that
+match the current version are immutable for a year. Chunks in a shard file that was
+never written are answered from a pre-encoded fill tile, without decoding.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+
+import numpy as np
+from aiohttp import web
+from PIL import Image
+
+from segloop.review.image import SEG, ReviewImage
+
+LAYERS = ("image", SEG, "confidence")
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def image_of(request: web.Request) -> ReviewImage:
+    images = request.app["images"]
+    name = request.match_info["image"]
+    if name not in images:
+        raise web.HTTPNotFound(
+            text=f'{{"error": "no image {name!r}"}}', content_type="application/json"
+        )
+    return images[name]
+
+
+def describe(img: ReviewImage) -> dict:
+    ny, nx = img.grid(0)
+    edited = sum(1 for (layer, level, _, _) in img.versions if layer == SEG and level == 0)
+    return {
+        "name": img.name,
+        "shape": list(img.shape),
+        "levels": img.levels,
+        "tile": img.tile,
+        "level_shapes": [list(img.level_shape(k)) for k in range(img.levels)],
+        "tiles": [ny, nx],
+        "classes": img.classes,
+        "colors": img.colors,
+        "model": {k: img.model.get(k) for k in ("name", "version", "sha256")},
+        "channels": int(img.array("image", 0).shape[0]),
+        "versions": {"edited_chunks": edited},
+    }
+
+
+async def list_images(request: web.Request) -> web.Response:
+    return web.json_response([describe(i) for i in request.app["images"].values()])
+
+
+async def get_image(request: web.Request) -> web.Response:
+    return web.json_response(describe(image_of(request)))
+
+
+def _parse(request: web.Request, img: ReviewImage) -> tuple[str, int, int, int]:
+    layer = request.match_info["layer"]
+    if layer not in LAYERS:
+        raise web.HTTPNotFound(
+            text='{"error": "layer must be image, segmentation or confidence"}',
+            content_type="application/json",
+        )
+    try:
+        level, ty, tx = (int(request.match_info[k]) for k in ("level", "ty", "tx"))
+    except ValueError:
+        raise web.HTTPNotFound() from None
+    if not 0 <= level < img.levels:
+        raise web.HTTPNotFound(text='{"error": "no such level"}', content_type="application/json")
+    ny, nx = img.grid(level)
+    if not (0 <= ty < ny and 0 <= tx < nx):
+        raise web.HTTPNotFound(text='{"error": "no such tile"}', content_type="application/json")
+    return layer, level, ty, tx
+
+
+def _format(request: web.Request, layer: str) -> str:
+    accept = request.headers.get("Accept", "")
+    if layer == "image":
+        return "webp" if "image/webp" in accept else "jpeg"
+    return "raw" if "application/octet-stream" in accept else "png"
+
+
+MIME = {
+    "webp": "image/webp",
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "raw": "application/octet-stream",
+}
+
+
+def _encode(img: ReviewImage, layer: str, data: np.ndarray, fmt: str) -> bytes:
+    if fmt == "raw":
+        return np.ascontiguousarray(data).tobytes()
+    buf = io.BytesIO()
+    if layer == "image":
+        rgb = np.moveaxis(data, 0, -1)
+        if rgb.dtype == np.uint16:
+            rgb = (rgb >> 8).astype(np.uint8)
+        pil = Image.fromarray(rgb[..., 0] if rgb.shape[-1] == 1 else rgb[..., :3])
+        pil.save(buf, "WEBP" if fmt == "webp" else "JPEG", quality=85)
+    elif layer == SEG:
+        pil = Image.fromarray(data, mode="P")
+        palette = [v for c in img.colors for v in c[:3]]
+        pil.putpalette(palette + [0] * (768 - len(palette)))
+        pil.save(buf, "PNG", compress_level=1)
+    else:
+        Image.fromarray(data, mode="L").save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+@lru_cache(maxsize=4096)
+def _cached(
+    img: ReviewImage, layer: str, level: int, ty: int, tx: int, version: int, fmt: str
+) -> bytes:
+    """Encoded tile; the version in the key makes stale entries unreachable."""
+    if not img.chunk_written(layer, level, ty, tx):
+        return _fill(img, layer, img.chunk_box(level, ty, tx), fmt)
+    return _encode(img, layer, img.read_chunk(layer, level, ty, tx), fmt)
+
+
+def _fill(img: ReviewImage, layer: str, b: tuple[int, int, int, int], fmt: str) -> bytes:
+    h, w = b[1] - b[0], b[3] - b[2]
+    shape = (img.array("image", 0).shape[0], h, w) if layer == "image" else (h, w)
+    return _encode(img, layer, np.zeros(shape, img.array(layer, 0).dtype), fmt)
+
+
+async def get_tile(request: web.Request) -> web.Response:
+    img = image_of(request)
+    layer, level, ty, tx = _parse(request, img)
+    version = img.version(layer, level, ty, tx)
+    fmt = _format(request, layer)
+    etag = f'"{img.tag}-{layer}-{level}-{ty}-{tx}-v{version}-{fmt}"'
+    asked = request.query.get("v")
+    headers = {
+        "ETag": etag,
+        "Vary": "Accept",
+        "Cache-Control": IMMUTABLE if asked == str(version) else "no-cache",
+    }
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers=headers)
+    loop = request.app["loop_pool"]
+    body = await request.loop.run_in_executor(
+        loop, _cached, img, layer, level, ty, tx, version, fmt
+    )
+    request.app["metrics"].tiles.labels(layer).inc()
+    return web.Response(body=body, content_type=MIME[fmt], headers=headers)
