@@ -294,52 +294,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_segment(args: argparse.Namespace) -> int:
-    from segloop.bench.segment import run_bench
-
-    result = run_bench(
-        size=args.size[0],
+def _bench(args: argparse.Namespace, run, **options) -> int:
+    """Run one benchmark with the shared options; print its result as JSON."""
+    result = run(
         tile=args.tile,
         batch=args.batch,
         threads=args.threads,
-        runtime=args.runtime,
         save=args.save,
         log=lambda s: _info(args, s),
+        **options,
     )
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
+
+
+def cmd_bench_segment(args: argparse.Namespace) -> int:
+    from segloop.bench.segment import run_bench
+
+    return _bench(args, run_bench, size=args.size[0], runtime=args.runtime)
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
     from segloop.bench.segment import run_memory
 
-    result = run_memory(
-        sizes=args.sizes,
-        monai_sizes=args.monai_sizes,
-        tile=args.tile,
-        batch=args.batch,
-        threads=args.threads,
-        save=args.save,
-        log=lambda s: _info(args, s),
-    )
-    print(json.dumps(result, indent=None if args.json else 2))
-    return 0
+    return _bench(args, run_memory, sizes=args.sizes, monai_sizes=args.monai_sizes)
 
 
 def cmd_bench_triton(args: argparse.Namespace) -> int:
     from segloop.bench.triton import run_triton_bench
 
-    result = run_triton_bench(
-        size=args.size[0],
-        tile=args.tile,
-        batch=args.batch,
-        threads=args.threads,
-        shm=args.triton_shm,
-        save=args.save,
-        log=lambda s: _info(args, s),
-    )
-    print(json.dumps(result, indent=None if args.json else 2))
-    return 0
+    return _bench(args, run_triton_bench, size=args.size[0], shm=args.triton_shm)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

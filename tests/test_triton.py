@@ -109,6 +109,10 @@ def _segment(slide: Path, out: Path, *extra: str, env=None) -> subprocess.Comple
     return run_cli("segment", slide, "-o", out, "--tile", "256", "--quiet", *extra, env=env)
 
 
+def _on_triton(slide: Path, out: Path, url: str, repo: Path, *extra: str):
+    return _segment(slide, out, "--runtime", "triton", "--url", url, *extra, env=_env(repo))
+
+
 @pytest.fixture(scope="module")
 def embedded(slide, tmp_path_factory) -> dict[str, np.ndarray]:
     out = tmp_path_factory.mktemp("embedded") / "onnx.zarr"
@@ -129,17 +133,7 @@ def test_repository_configs_match_the_model_card():
 @pytest.mark.parametrize("shm", ["system", "none"])
 def test_ensemble_equals_embedded_runtime(server, repo, slide, embedded, tmp_path, shm):
     out = tmp_path / "triton.zarr"
-    proc = _segment(
-        slide[0],
-        out,
-        "--runtime",
-        "triton",
-        "--url",
-        server.url,
-        "--triton-shm",
-        shm,
-        env=_env(repo),
-    )
+    proc = _on_triton(slide[0], out, server.url, repo, "--triton-shm", shm)
     assert proc.returncode == 0, proc.stderr
     got = read_store(out)
     for key in ("labels/segmentation/0", "confidence/0", "labels/segmentation/1", "0"):
@@ -151,15 +145,7 @@ def test_ensemble_equals_embedded_runtime(server, repo, slide, embedded, tmp_pat
 def test_two_urls_share_the_work(server, repo, slide, embedded, tmp_path):
     """The same server twice in --url: requests alternate; result unchanged."""
     out = tmp_path / "two.zarr"
-    proc = _segment(
-        slide[0],
-        out,
-        "--runtime",
-        "triton",
-        "--url",
-        f"{server.url},127.0.0.1:{server.grpc}",
-        env=_env(repo),
-    )
+    proc = _on_triton(slide[0], out, f"{server.url},127.0.0.1:{server.grpc}", repo)
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_array_equal(
         read_store(out)["labels/segmentation/0"], embedded["labels/segmentation/0"]
@@ -234,7 +220,7 @@ def test_new_version_loaded_explicitly_serves_the_next_job(server, repo, slide, 
         assert time.monotonic() < deadline
         time.sleep(0.2)
     out = tmp_path / "v2.zarr"
-    proc = _segment(slide[0], out, "--runtime", "triton", "--url", server.url, env=_env(repo))
+    proc = _on_triton(slide[0], out, server.url, repo)
     assert proc.returncode == 0, proc.stderr
     record = json.loads((out / "segloop.json").read_text())
     assert record["model"]["version"] == 2
