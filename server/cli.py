@@ -327,6 +327,12 @@ def cmd_bench_triton(args: argparse.Namespace) -> int:
     return _bench(args, run_triton_bench, size=args.size[0], shm=args.triton_shm)
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from segloop.bench.serve import run_serve_bench
+
+    return _bench(args, run_serve_bench, size=args.size[0], clients=args.clients)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from segloop.review.app import run
 
@@ -470,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--triton-shm", choices=["auto", "system", "none"], default="auto")
     bench_common(s)
     s.set_defaults(func=cmd_bench_triton)
+    s = b.add_parser("serve", help="review-server tile and edit latency (loopback)")
+    s.add_argument("--size", type=parse_size, default=(4096, 4096))
+    s.add_argument("--clients", type=int, default=32)
+    bench_common(s)
+    s.set_defaults(func=cmd_bench_serve)
     s = b.add_parser("memory", help="peak RSS of segloop and MONAI by image size")
     s.add_argument("--sizes", type=sizes, default=[10000, 40000], help="segloop, e.g. 10000,40000")
     s.add_argument("--monai-sizes", type=sizes, default=[4096, 8192], help="MONAI sizes")

@@ -287,15 +287,19 @@ async def queue_release(request: web.Request) -> web.Response:
 async def live(request: web.Request) -> web.WebSocketResponse:
     """WebSocket: chunk-version and review-state events of one image, as JSON."""
     img = image_of(request)
-    ws = web.WebSocketResponse(heartbeat=30)
-    await ws.prepare(request)
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue(maxsize=1000)
 
     def listener(event: dict) -> None:
         loop.call_soon_threadsafe(q.put_nowait, event)
 
-    img.listeners.append(listener)
+    img.listeners.append(listener)  # before the handshake: no event can slip past
+    ws = web.WebSocketResponse(heartbeat=30)
+    try:
+        await ws.prepare(request)
+    except Exception:
+        img.listeners.remove(listener)
+        raise
 
     async def pump() -> None:
         while True:
