@@ -2,8 +2,9 @@
 
 ``pre``: uint8/uint16 HWC regions (+ halo, reflect padding by index maps) → normalised
 NCHW float batch. ``post``: NCHW logits → halo cropped, uint8 labels + uint8 confidence.
-Each is one per-pixel definition; this package holds the CPU (numba ``@njit``) versions,
-whose signatures the CUDA versions share.
+Each is one per-pixel definition with two twins of the same signature: ``pre``/``post``
+(CPU, numba ``@njit``) and ``pre_cuda``/``post_cuda`` (numba ``@cuda.jit`` on device
+arrays; checked against the CPU twins under ``NUMBA_ENABLE_CUDASIM=1``).
 """
 
 from __future__ import annotations
