@@ -72,3 +72,16 @@ def test_onnx_and_torch_runtimes_agree():
     assert a.shape == b.shape == (2, len(onnx_rt.card["classes"]), 128, 128)
     assert np.abs(a - b).max() < 1e-3 * max(1.0, np.abs(a).max())
     assert np.mean(a.argmax(1) == b.argmax(1)) >= 0.9999
+
+
+def test_tensorrt_runtime_agrees_with_onnx():
+    pytest.importorskip(
+        "tensorrt",
+        reason="TensorRT cannot be installed on these machines; "
+        "the tensorrt runtime runs only where it is (a GPU node)",
+    )
+    rng = np.random.default_rng(4)
+    batch = rng.standard_normal((2, 3, 128, 128)).astype(np.float32)
+    a = create_runtime("onnx", default_model(), 2).run(batch)
+    b = create_runtime("tensorrt", default_model(), 2).run(batch)
+    assert np.mean(a.argmax(1) == b.argmax(1)) >= 0.999  # fp16 engine: near, not equal

@@ -24,6 +24,7 @@ RUNTIMES = {
     "onnx": "segloop.runtimes.onnx:OnnxRuntime",
     "torch": "segloop.runtimes.torch:TorchRuntime",
     "triton": "segloop.runtimes.triton:TritonRuntime",
+    "tensorrt": "segloop.runtimes.tensorrt:TensorRTRuntime",
 }
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 PROFILE = {"min": (1, 3, 96, 96), "opt": (4, 3, 608, 608), "max": (16, 3, 1120, 1120)}
 
 
-def _stamp() -> dict[str, str]:
+def stamp() -> dict[str, str]:
+    """What a plan is valid for: TensorRT version and GPU name."""
     import tensorrt as trt
     import torch
 
@@ -49,22 +50,26 @@ def build_plan(onnx_path: Path, plan_path: Path) -> None:
     tmp.replace(plan_path)
 
 
+def ensure_plan(onnx_path: Path) -> tuple[Path, bool]:
+    """``model.plan`` beside ``onnx_path``, built unless one stamped for this GPU and
+    TensorRT exists; returns (plan, built)."""
+    current = stamp()
+    plan = onnx_path.with_name("model.plan")
+    meta = plan.with_suffix(".plan.json")
+    if plan.exists() and meta.exists() and json.loads(meta.read_text()) == current:
+        return plan, False
+    print(
+        f"building {plan} for {current['gpu']} (TensorRT {current['tensorrt']}) …", file=sys.stderr
+    )
+    build_plan(onnx_path, plan)
+    meta.write_text(json.dumps(current))
+    return plan, True
+
+
 def build_missing(repo: Path, model: str = "segloop_unet") -> list[Path]:
-    """Build every version's plan that is missing or stamped for another GPU/TensorRT."""
-    stamp = _stamp()
-    built = []
-    for onnx_path in sorted((repo / model).glob("[0-9]*/model.onnx")):
-        plan = onnx_path.with_name("model.plan")
-        meta = plan.with_suffix(".plan.json")
-        if plan.exists() and meta.exists() and json.loads(meta.read_text()) == stamp:
-            continue
-        print(
-            f"building {plan} for {stamp['gpu']} (TensorRT {stamp['tensorrt']}) …", file=sys.stderr
-        )
-        build_plan(onnx_path, plan)
-        meta.write_text(json.dumps(stamp))
-        built.append(plan)
-    return built
+    """Plans for every version of ``model``; returns the ones built now."""
+    plans = [ensure_plan(p) for p in sorted((repo / model).glob("[0-9]*/model.onnx"))]
+    return [plan for plan, built in plans if built]
 
 
 if __name__ == "__main__":
