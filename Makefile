@@ -10,13 +10,19 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt review_ui/package.json review_ui/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
 	@# the tritonserver binary (Triton 2.51, python backend) bundled in nvidia-pytriton;
 	@# --no-deps: its client-side deps pin numpy<2 and segloop only runs the binary
 	$(PIP) install --quiet --no-deps nvidia-pytriton==0.7.0
+	@# the review UI's viewer (OpenSeadragon) from npm, never copied into the repo
+	cd review_ui && npm ci --no-audit --no-fund --loglevel=error
+	@# Debian's chromium for the browser tests (Playwright drives it; its own download
+	@# cannot work here). Without root or apt the browser tests skip and say why.
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+	    || echo "make install: could not install chromium; browser tests will be skipped" >&2
 	touch $(STAMP)
 
 demo: install
@@ -36,4 +42,4 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache .numba_cache
+	rm -rf $(VENV) demo .pytest_cache .numba_cache review_ui/node_modules test-artifacts

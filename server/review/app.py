@@ -21,9 +21,16 @@ from segloop.review.db import ROLES, ReviewDB
 from segloop.review.edits import Edit
 from segloop.review.image import ReviewImage
 
+UI_DIR = Path(__file__).resolve().parents[2] / "review_ui"
+UI_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+OSD_DIR = UI_DIR / "node_modules" / "openseadragon" / "build" / "openseadragon"
+
 #: (method, path, handler, minimum role or None for public)
 ROUTES = [
+    ("GET", "/", "index", None),
+    ("GET", "/ui/{name}", "ui_file", None),
     ("GET", "/api/health", "health", None),
+    ("GET", "/api/me", "me", "viewer"),
     ("GET", "/api/openapi.json", "openapi", "viewer"),
     ("GET", "/metrics", "metrics", "viewer"),
     ("GET", "/api/images", tiles.list_images, "viewer"),
@@ -108,6 +115,24 @@ async def guard(request: web.Request, handler):
         )
 
 
+async def index(request: web.Request) -> web.FileResponse:
+    """The browser UI (holds no data; everything it shows comes through the API)."""
+    return web.FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def ui_file(request: web.Request) -> web.FileResponse:
+    name = request.match_info["name"]
+    if name not in UI_FILES:  # a fixed list: no path from the request reaches the disk
+        raise web.HTTPNotFound()
+    return web.FileResponse(UI_DIR / name, headers={"Content-Type": UI_FILES[name],
+                                                    "Cache-Control": "no-cache"})
+
+
+async def me(request: web.Request) -> web.Response:
+    user = request["user"]
+    return web.json_response({"name": user["name"], "role": user["role"]})
+
+
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "images": list(request.app["images"])})
 
@@ -177,7 +202,8 @@ def create_app(stores: list[Path]) -> web.Application:
     app["metrics"] = Metrics()
     app["openapi"] = openapi_spec()
     app["loop_pool"] = ThreadPoolExecutor(8, thread_name_prefix="segloop-tiles")
-    local = {"health": health, "metrics": metrics, "openapi": openapi}
+    local = {"health": health, "metrics": metrics, "openapi": openapi, "index": index,
+             "ui_file": ui_file, "me": me}
     app["roles"] = {}
     for method, path, handler, role in ROUTES:
         fn = local[handler] if isinstance(handler, str) else handler
@@ -190,6 +216,17 @@ def create_app(stores: list[Path]) -> web.Application:
         app["db"].close()
         app["loop_pool"].shutdown(wait=False)
 
+    if OSD_DIR.is_dir():
+        app.router.add_static("/vendor/openseadragon", OSD_DIR)
+    else:
+        app.logger.warning("review UI: %s missing; run `make install` (npm)", OSD_DIR)
+    app["websockets"] = set()
+
+    async def close_websockets(app: web.Application) -> None:
+        for ws in list(app["websockets"]):
+            await ws.close(code=1001, message=b"server shutdown")
+
+    app.on_shutdown.append(close_websockets)
     app.on_cleanup.append(close)
     return app
 
@@ -236,4 +273,4 @@ def run(stores: list[Path], host: str, port: int, log=print) -> None:
     log(f"serving {', '.join(app['images'])} on {url}")
     if first:
         log(f"first start: created user 'admin'. Log in once with {url}?token={first}")
-    web.run_app(app, host=host, port=port, print=None, access_log=None)
+    web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=5)

@@ -306,11 +306,13 @@ async def live(request: web.Request) -> web.WebSocketResponse:
             await ws.send_json(await q.get())
 
     task = asyncio.create_task(pump())
+    request.app["websockets"].add(ws)
     try:
         async for msg in ws:
             if msg.type == WSMsgType.ERROR:
                 break
     finally:
+        request.app["websockets"].discard(ws)
         task.cancel()
         img.listeners.remove(listener)
     return ws

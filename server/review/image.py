@@ -267,6 +267,7 @@ class ReviewImage:
         return {
             "edit_id": edit_id,
             "versions": _level0(versions),
+            "pyramid": versions,
             "status": status,
             "changed_px": int(sum(i.size for i, _, _ in delta.values())),
         }
@@ -332,7 +333,8 @@ class ReviewImage:
             reverts=target["id"],
             undone=(1, target["id"]),
         )
-        return {"edit_id": edit_id, "reverts": target["id"], "versions": _level0(versions)}
+        return {"edit_id": edit_id, "reverts": target["id"], "versions": _level0(versions),
+                "pyramid": versions}
 
     def close(self) -> None:
         self.writer.shutdown(wait=True)

@@ -105,7 +105,8 @@ def _encode(img: ReviewImage, layer: str, data: np.ndarray, fmt: str) -> bytes:
         pil = Image.fromarray(data, mode="P")
         palette = [v for c in img.colors for v in c[:3]]
         pil.putpalette(palette + [0] * (768 - len(palette)))
-        pil.save(buf, "PNG", compress_level=1)
+        alpha = bytes(c[3] if len(c) > 3 else 255 for c in img.colors)  # class 0: clear
+        pil.save(buf, "PNG", compress_level=1, transparency=alpha)
     else:
         Image.fromarray(data, mode="L").save(buf, "PNG", compress_level=1)
     return buf.getvalue()

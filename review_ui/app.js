@@ -1,0 +1,288 @@
+// segloop review UI: OpenSeadragon deep-zoom viewer over the review server's tile API,
+// segmentation overlay, brush/eraser/polygon/fill tools, server-side undo, review queue.
+"use strict";
+
+const state = {
+  token: null, user: null, image: null, meta: null, viewer: null, seg: null,
+  tool: "pan", label: 1, versions: {}, lease: null, drawing: null,
+};
+
+// --- login: token from ?token=… (then removed from the address bar) or sessionStorage ---
+function takeToken() {
+  const url = new URL(location.href);
+  const fromUrl = url.searchParams.get("token");
+  if (fromUrl) {
+    sessionStorage.setItem("segloop-token", fromUrl);
+    url.searchParams.delete("token");
+    history.replaceState(null, "", url.pathname + url.search);
+  }
+  return sessionStorage.getItem("segloop-token");
+}
+
+async function api(method, path, body) {
+  const r = await fetch(path, {
+    method,
+    headers: { Authorization: `Bearer ${state.token}`, "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const data = r.headers.get("Content-Type")?.includes("json") ? await r.json() : null;
+  if (!r.ok) throw Object.assign(new Error(data?.error || r.statusText), { status: r.status, data });
+  return data;
+}
+
+function status(text) { document.getElementById("status").textContent = text; }
+
+// --- tiles: OpenSeadragon level L ↔ store level maxLevel − L -----------------------------
+function tileSource(layer) {
+  const m = state.meta;
+  const [h, w] = m.shape;
+  const maxLevel = Math.ceil(Math.log2(Math.max(w, h)));
+  return {
+    width: w, height: h, tileSize: m.tile, tileOverlap: 0,
+    minLevel: maxLevel - (m.levels - 1), maxLevel,
+    getTileUrl(level, x, y) {
+      const k = maxLevel - level;
+      const v = layer === "segmentation" ? state.versions[`${k}/${y}/${x}`] : 0;
+      const q = v === undefined ? "" : `?v=${v}`;
+      return `/api/images/${state.image}/tiles/${layer}/${k}/${y}/${x}${q}`;
+    },
+  };
+}
+
+// A new version of some chunks: open the overlay again (its tile URLs now carry the new
+// versions; unchanged tiles come from the browser cache), then drop the old one, so the
+// overlay never blinks.
+function refreshOverlay(versions) {
+  Object.assign(state.versions, versions);
+  if (!state.seg || !Object.keys(versions).length) return;
+  const old = state.seg;
+  state.viewer.addTiledImage({
+    tileSource: tileSource("segmentation"), opacity: old.getOpacity(),
+    success: (e) => {
+      state.seg = e.item;
+      e.item.addOnceHandler("fully-loaded-change", () => state.viewer.world.removeItem(old));
+      if (e.item.getFullyLoaded()) state.viewer.world.removeItem(old);
+    },
+  });
+}
+
+// --- drawing ---------------------------------------------------------------------------
+// coordinates through the image layer itself (the viewport's are ambiguous with 2 layers)
+function base() { return state.viewer.world.getItemAt(0); }
+
+function imagePoint(event) {
+  const p = base().viewerElementToImageCoordinates(
+    new OpenSeadragon.Point(event.offsetX, event.offsetY));
+  return [Math.round(p.x), Math.round(p.y)];
+}
+
+function sketch() {
+  let c = document.querySelector("canvas.sketch");
+  if (!c) {
+    c = document.createElement("canvas");
+    c.className = "sketch";
+    state.viewer.element.appendChild(c);
+  }
+  c.width = state.viewer.element.clientWidth;
+  c.height = state.viewer.element.clientHeight;
+  return c.getContext("2d");
+}
+
+function screenRadius() {
+  const size = Number(document.getElementById("size").value);
+  const a = base().imageToViewerElementCoordinates(new OpenSeadragon.Point(0, 0));
+  const b = base().imageToViewerElementCoordinates(new OpenSeadragon.Point(size, 0));
+  return Math.max(1, b.x - a.x);
+}
+
+function colour(label) {
+  const [r, g, b] = state.meta.colors[label];
+  return `rgba(${r},${g},${b},0.6)`;
+}
+
+async function sendEdit(edit) {
+  status("saving…");
+  try {
+    const out = await api("POST", `/api/images/${state.image}/edits`, edit);
+    refreshOverlay(out.pyramid || {});  // new versions of every level's touched chunks
+    status(out.edit_id ? `saved edit ${out.edit_id}` : "nothing changed");
+  } catch (e) {
+    status(`edit failed: ${e.message}`);
+  } finally {
+    sketch();  // clears the optimistic drawing once the overlay reloads
+  }
+}
+
+function onPress(event) {
+  if (state.tool === "pan" || event.button !== 0) return;
+  const p = imagePoint(event);
+  if (state.tool === "fill") {
+    sendEdit({ op: "fill", points: [p], label: state.label });
+    return;
+  }
+  if (state.tool === "polygon") {
+    state.drawing = state.drawing || { op: "polygon", points: [], screen: [] };
+    state.drawing.points.push(p);
+    state.drawing.screen.push([event.offsetX, event.offsetY]);
+    const ctx = sketch();
+    ctx.fillStyle = colour(state.label);
+    ctx.beginPath();
+    state.drawing.screen.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+    ctx.fill();
+    return;
+  }
+  state.drawing = { op: state.tool, points: [p], ctx: sketch(), r: screenRadius() };
+  dab(event);
+}
+
+function dab(event) {
+  const d = state.drawing;
+  d.ctx.fillStyle = d.op === "erase" ? "rgba(255,255,255,0.5)" : colour(state.label);
+  d.ctx.beginPath();
+  d.ctx.arc(event.offsetX, event.offsetY, d.r, 0, 2 * Math.PI);
+  d.ctx.fill();
+}
+
+function onMove(event) {
+  const d = state.drawing;
+  if (!d || d.op === "polygon" || !(event.buttons & 1)) return;
+  const p = imagePoint(event);
+  const last = d.points[d.points.length - 1];
+  if (p[0] !== last[0] || p[1] !== last[1]) d.points.push(p);
+  dab(event);
+}
+
+function onRelease() {
+  const d = state.drawing;
+  if (!d || d.op === "polygon") return;
+  state.drawing = null;
+  const size = Number(document.getElementById("size").value);
+  sendEdit({ op: d.op, points: d.points.slice(0, 10000), label: d.op === "erase" ? 0 : state.label,
+             radius: size });
+}
+
+function onDoubleClick() {
+  const d = state.drawing;
+  if (!d || d.op !== "polygon") return;
+  state.drawing = null;
+  if (d.points.length >= 3) sendEdit({ op: "polygon", points: d.points, label: state.label });
+}
+
+function setTool(tool) {
+  state.tool = tool;
+  state.drawing = null;
+  state.viewer.setMouseNavEnabled(tool === "pan");
+  for (const b of document.querySelectorAll("[data-tool]")) {
+    b.classList.toggle("active", b.dataset.tool === tool);
+  }
+}
+
+// --- review ----------------------------------------------------------------------------
+async function nextTile() {
+  const out = await api("POST", `/api/images/${state.image}/queue/next`);
+  if (!out.tile) { status("queue empty"); return; }
+  state.lease = out.tile;
+  const [ty, tx] = out.tile;
+  const t = state.meta.tile;
+  const rect = base().imageToViewportRectangle(tx * t, ty * t, t, t);
+  state.viewer.viewport.fitBounds(rect);
+  status(`tile ${ty},${tx} (uncertainty ${out.uncertainty})`);
+}
+
+async function review(stateName, extra = {}) {
+  if (!state.lease) { status("take a tile first (N)"); return; }
+  const [ty, tx] = state.lease;
+  await api("PUT", `/api/images/${state.image}/review/${ty}/${tx}`, { state: stateName, ...extra });
+  status(`tile ${ty},${tx}: ${stateName}`);
+}
+
+async function undoRedo(op) {
+  try {
+    const out = await api("POST", `/api/images/${state.image}/${op}`);
+    refreshOverlay(out.pyramid || {});
+    status(`${op} done`);
+  } catch (e) { status(e.message); }
+}
+
+// --- live updates ------------------------------------------------------------------------
+function listen() {
+  const proto = location.protocol === "https:" ? "wss" : "ws";
+  const ws = new WebSocket(`${proto}://${location.host}/api/images/${state.image}/live?token=${state.token}`);
+  ws.onmessage = (m) => {
+    const event = JSON.parse(m.data);
+    if (event.type === "chunks") refreshOverlay(event.versions);
+  };
+  ws.onclose = () => setTimeout(listen, 2000);
+}
+
+// --- start -------------------------------------------------------------------------------
+async function start() {
+  state.token = takeToken();
+  if (!state.token) {
+    document.getElementById("login").hidden = false;
+    document.getElementById("login-button").onclick = () => {
+      sessionStorage.setItem("segloop-token", document.getElementById("token-input").value.trim());
+      location.reload();
+    };
+    return;
+  }
+  state.user = await api("GET", "/api/me");
+  const images = await api("GET", "/api/images");
+  const wanted = new URL(location.href).searchParams.get("image");
+  state.meta = images.find((i) => i.name === wanted) || images[0];
+  state.image = state.meta.name;
+  document.getElementById("image-name").textContent = `${state.image} — ${state.user.name} (${state.user.role})`;
+  const select = document.getElementById("class");
+  state.meta.classes.forEach((c, i) => select.add(new Option(`${i} ${c}`, i)));
+  select.value = state.label;
+  select.onchange = () => { state.label = Number(select.value); };
+  if (state.user.role === "viewer") document.getElementById("tools").remove();
+
+  state.viewer = OpenSeadragon({
+    element: document.getElementById("viewer"),
+    prefixUrl: "/vendor/openseadragon/images/",
+    tileSources: tileSource("image"),
+    loadTilesWithAjax: true,
+    ajaxHeaders: { Authorization: `Bearer ${state.token}` },
+    showNavigator: true,
+    immediateRender: false,
+    blendTime: 0,
+    imageLoaderLimit: 8,
+    gestureSettingsMouse: { clickToZoom: false },
+  });
+  state.viewer.addTiledImage({
+    tileSource: tileSource("segmentation"), opacity: 0.5,
+    success: (e) => { state.seg = e.item; },
+  });
+  document.getElementById("opacity").oninput = (e) => state.seg?.setOpacity(Number(e.target.value));
+  const el = state.viewer.element;
+  el.addEventListener("pointerdown", onPress, true);
+  el.addEventListener("pointermove", onMove, true);
+  el.addEventListener("pointerup", onRelease, true);
+  el.addEventListener("dblclick", onDoubleClick, true);
+  for (const b of document.querySelectorAll("[data-tool]")) b.onclick = () => setTool(b.dataset.tool);
+  document.getElementById("undo")?.addEventListener("click", () => undoRedo("undo"));
+  document.getElementById("redo")?.addEventListener("click", () => undoRedo("redo"));
+  document.getElementById("next").onclick = nextTile;
+  document.getElementById("accept").onclick = () => review("accepted");
+  document.getElementById("flag").onclick = () => review("flagged", { reason: "unsure" });
+  document.addEventListener("keydown", (e) => {
+    if (e.target.tagName === "INPUT") return;
+    const size = document.getElementById("size");
+    if (e.key === "z" && (e.ctrlKey || e.metaKey)) undoRedo(e.shiftKey ? "redo" : "undo");
+    else if (e.key === "[") size.value = Math.max(1, Number(size.value) - 2);
+    else if (e.key === "]") size.value = Math.min(256, Number(size.value) + 2);
+    else if (/^[0-9]$/.test(e.key) && Number(e.key) < state.meta.classes.length) {
+      state.label = Number(e.key); select.value = e.key;
+    } else if (e.key === "n") nextTile();
+    else if (e.key === "a") review("accepted");
+    else if (e.key === "h") state.seg?.setOpacity(state.seg.getOpacity() ? 0 : 0.5);
+    else if ({ b: 1, e: 1, p: 1, f: 1 }[e.key]) {
+      setTool({ b: "brush", e: "erase", p: "polygon", f: "fill" }[e.key]);
+    }
+  });
+  listen();
+  status("ready");
+}
+
+start().catch((e) => status(`error: ${e.message}`));
