@@ -111,6 +111,15 @@ def test_health_is_public_everything_else_needs_a_token(env):
     assert r.status_code == 401
 
 
+def test_huge_numbers_are_not_server_errors(env):
+    big = "9" * 30
+    assert call(env, "GET", f"/api/images/slide/edits?before={big}").status_code == 200
+    assert call(env, "GET", "/api/images/slide/edits?limit=-5").json() == []
+    r = call(env, "POST", f"/api/images/slide/edits/{big}/decision", json={"decision": "approve"})
+    assert r.status_code == 404
+    assert call(env, "GET", f"/api/images/slide/tiles/image/0/{big}/0").status_code == 404
+
+
 def test_roles_are_enforced(env):
     stroke = {"op": "brush", "points": [[10, 10]], "label": 1, "radius": 3}
     assert call(env, "POST", "/api/images/slide/edits", "viewer", json=stroke).status_code == 403
@@ -153,6 +162,11 @@ def test_unknown_things_are_404(env, path):
         (json.dumps({"op": "brush", "points": [[1, 1]], "radius": 10**6}).encode(), 400, "radius"),
         (json.dumps({"op": "brush", "points": [[1, 1]] * 10001}).encode(), 400, "points"),
         (json.dumps({"op": "brush", "points": [[1, 1]] * 200_000}).encode(), 413, "larger"),
+        (
+            json.dumps({"op": "brush", "points": [[1, 1]], "base": {"../x": 1}}).encode(),
+            400,
+            "base keys",
+        ),
     ],
 )
 def test_bad_edit_bodies(env, body, status, word):

@@ -62,6 +62,10 @@ def validate(edit: Edit, shape: tuple[int, int], n_classes: int) -> None:
             raise BadEdit(f"point ({x}, {y}) is outside the {w}×{h} image")
     if edit.op == "polygon" and len(edit.points) < 3:
         raise BadEdit("a polygon needs at least 3 points")
+    for key in edit.base or {}:
+        parts = key.split("/")
+        if len(parts) != 2 or not all(p.isdigit() and len(p) < 9 for p in parts):
+            raise BadEdit(f'base keys are "cy/cx" chunk indices, got {key!r}')
 
 
 def box(edit: Edit, shape: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -93,8 +93,8 @@ async def _undo_redo(request: web.Request, op: str) -> web.Response:
 async def history(request: web.Request) -> web.Response:
     img = image_of(request)
     try:
-        limit = min(1000, int(request.query.get("limit", "100")))
-        before = int(request.query.get("before", str(2**62)))
+        limit = max(0, min(1000, int(request.query.get("limit", "100"))))
+        before = min(2**62, int(request.query.get("before", str(2**62))))
     except ValueError:
         raise json_error(400, "limit and before must be integers") from None
     with img.db.lock:
@@ -119,6 +119,8 @@ async def decide(request: web.Request) -> web.Response:
     body = await decode(request, Decision)
     try:
         edit_id = int(request.match_info["edit_id"])
+        if not 0 < edit_id < 2**62:
+            raise ValueError
     except ValueError:
         raise json_error(404, "no such edit") from None
     with img.db.lock:
