@@ -288,7 +288,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(
         f"\nDone. The OME-Zarr store is {store}\n"
-        f"  review it:           segloop serve {store}   (API; prints a login URL)\n"
+        f"  review it:           segloop serve {store}   (browser UI; prints a login URL)\n"
         f"  open it in napari:   napari --plugin napari-ome-zarr {store}\n"
         f"  or in Python:        ome_zarr.reader / zarr.open_group('{store}')"
     )
