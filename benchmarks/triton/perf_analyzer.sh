@@ -49,7 +49,7 @@ mkdir -p benchmarks/results
 NAME="benchmarks/results/triton_perf_analyzer_w${WINDOW}_b${BATCH}_cpu$(nproc)"
 LD_LIBRARY_PATH="$CUDART${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$PV/bin/perf_analyzer" \
     -m segloop -u "localhost:$GRPC" -i grpc -b "$BATCH" --shape "TILES:$WINDOW,$WINDOW,3" \
-    --concurrency-range "1:$MAXC:1" --measurement-interval 8000 --stability-percentage 25 \
+    --concurrency-range "1:$MAXC:1" --measurement-mode count_windows --measurement-request-count 8 --stability-percentage 30 \
     -f "$NAME.csv" | tee "$NAME.txt"
 "$PV/bin/python" - "$NAME" "$WINDOW" "$BATCH" <<'PY'
 import csv, sys
@@ -68,6 +68,7 @@ fig, ax = plt.subplots(figsize=(6, 4))
 ax.plot(conc, mpx, "o-", label="throughput (output Mpx/s)")
 ax.set_xlabel("client concurrency (requests in flight)")
 ax.set_ylabel("Mpx/s")
+ax.set_ylim(bottom=0)
 ax2 = ax.twinx()
 ax2.plot(conc, p50, "s--", color="tab:orange", label="p50 latency")
 ax2.plot(conc, p99, "^--", color="tab:red", label="p99 latency")
