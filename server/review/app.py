@@ -124,8 +124,9 @@ async def ui_file(request: web.Request) -> web.FileResponse:
     name = request.match_info["name"]
     if name not in UI_FILES:  # a fixed list: no path from the request reaches the disk
         raise web.HTTPNotFound()
-    return web.FileResponse(UI_DIR / name, headers={"Content-Type": UI_FILES[name],
-                                                    "Cache-Control": "no-cache"})
+    return web.FileResponse(
+        UI_DIR / name, headers={"Content-Type": UI_FILES[name], "Cache-Control": "no-cache"}
+    )
 
 
 async def me(request: web.Request) -> web.Response:
@@ -202,8 +203,14 @@ def create_app(stores: list[Path]) -> web.Application:
     app["metrics"] = Metrics()
     app["openapi"] = openapi_spec()
     app["loop_pool"] = ThreadPoolExecutor(8, thread_name_prefix="segloop-tiles")
-    local = {"health": health, "metrics": metrics, "openapi": openapi, "index": index,
-             "ui_file": ui_file, "me": me}
+    local = {
+        "health": health,
+        "metrics": metrics,
+        "openapi": openapi,
+        "index": index,
+        "ui_file": ui_file,
+        "me": me,
+    }
     app["roles"] = {}
     for method, path, handler, role in ROUTES:
         fn = local[handler] if isinstance(handler, str) else handler

@@ -213,21 +213,6 @@ async def coverage(request: web.Request) -> web.Response:
 # --- work queue -------------------------------------------------------------------------
 
 
-def uncertainty(img: ReviewImage) -> np.ndarray:
-    """(ny, nx) mean of 255 − confidence per level-0 tile, from a coarse pyramid level."""
-    if getattr(img, "_uncertainty", None) is not None:
-        return img._uncertainty
-    ny, nx = img.grid(0)
-    level = min(img.levels - 1, max(0, int(np.log2(img.tile)) - 2))
-    conf = img.array("confidence", level)[...].astype(np.float32)
-    step = img.tile >> level
-    pad = np.full((ny * step, nx * step), np.nan, np.float32)
-    pad[: conf.shape[0], : conf.shape[1]] = conf
-    blocks = pad.reshape(ny, step, nx, step)
-    img._uncertainty = 255 - np.nanmean(blocks, axis=(1, 3))
-    return img._uncertainty
-
-
 async def queue_next(request: web.Request) -> web.Response:
     img = image_of(request)
     user = request["user"]
@@ -237,7 +222,7 @@ async def queue_next(request: web.Request) -> web.Response:
         raise json_error(400, "minutes must be a number") from None
     if not 0 < minutes <= 240:
         raise json_error(400, "minutes must be in (0, 240]")
-    u = await _run(request, uncertainty, img)
+    u = await _run(request, img.uncertainty)
     order = np.argsort(-u, axis=None, kind="stable")
     now = time.time()
     with img.db.tx() as c:

@@ -7,6 +7,7 @@ shard's lock only while a write replaces that shard file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -82,6 +83,18 @@ class ReviewImage:
         with self._locks_guard:
             return self._locks.setdefault(key, threading.Lock())
 
+    @functools.cache  # noqa: B019 - one per image, lives as long as the server
+    def uncertainty(self) -> np.ndarray:
+        """(ny, nx) float: mean of 255 − confidence per level-0 tile (higher = less
+        certain), from a pyramid level where a tile is about 128² pixels."""
+        ny, nx = self.grid(0)
+        level = min(self.levels - 1, max(0, int(np.log2(self.tile)) - 7))
+        conf = self.array("confidence", level)[...].astype(np.float32)
+        step = self.tile >> level
+        pad = np.full((ny * step, nx * step), np.nan, np.float32)
+        pad[: conf.shape[0], : conf.shape[1]] = conf
+        return 255 - np.nanmean(pad.reshape(ny, step, nx, step), axis=(1, 3))
+
     def chunk_written(self, layer: str, level: int, cy: int, cx: int) -> bool:
         """Whether the shard file holding this chunk exists (else it is all fill value)."""
         per = self.shard // self.tile
@@ -119,30 +132,34 @@ class ReviewImage:
 
     # --- applying deltas ---------------------------------------------------------------
 
-    def _apply_delta(self, delta: Delta, values: str = "after") -> list[tuple[int, int, int]]:
-        """Set the delta's pixels (level 0) and rebuild the pyramid above them; returns
-        every (level, cy, cx) chunk rewritten."""
-        touched = []
-        for key, (idx, before, after) in delta.items():
+    def _touched(self, delta: Delta) -> list[tuple[int, int, int]]:
+        """(level, cy, cx) of every chunk a delta changes: its level-0 chunks, then the
+        chunks above them at each pyramid level, level by level."""
+        keys = [tuple(map(int, k.split("/"))) for k in delta]
+        touched = [(0, cy, cx) for cy, cx in keys]
+        for level in range(1, self.levels):
+            keys = sorted({(cy // 2, cx // 2) for cy, cx in keys})
+            touched += [(level, cy, cx) for cy, cx in keys]
+        return touched
+
+    def _apply_delta(self, delta: Delta) -> None:
+        """Set the delta's "after" pixels at level 0, then rebuild the chunks above them."""
+        for key, (idx, _, after) in delta.items():
             cy, cx = map(int, key.split("/"))
             chunk = self.read_chunk(SEG, 0, cy, cx).copy()
-            chunk.reshape(-1)[idx] = after if values == "after" else before
+            chunk.reshape(-1)[idx] = after
             y0, _, x0, _ = self.chunk_box(0, cy, cx)
             self._write_region(0, y0, x0, chunk)
-            touched.append((0, cy, cx))
-        level_keys = {(cy, cx) for _, cy, cx in touched}
-        for level in range(1, self.levels):
-            level_keys = {(cy // 2, cx // 2) for cy, cx in level_keys}
-            for cy, cx in sorted(level_keys):
-                y0, y1, x0, x1 = self.chunk_box(level, cy, cx)
-                below = self.array(SEG, level - 1)
-                with self.shard_lock(level - 1, 2 * cy, 2 * cx):
-                    src = below[
-                        2 * y0 : min(below.shape[0], 2 * y1), 2 * x0 : min(below.shape[1], 2 * x1)
-                    ]
-                self._write_region(level, y0, x0, downsample_mode(src)[: y1 - y0, : x1 - x0])
-                touched.append((level, cy, cx))
-        return touched
+        for level, cy, cx in self._touched(delta):
+            if level == 0:
+                continue
+            y0, y1, x0, x1 = self.chunk_box(level, cy, cx)
+            below = self.array(SEG, level - 1)
+            with self.shard_lock(level - 1, 2 * cy, 2 * cx):
+                src = below[
+                    2 * y0 : min(below.shape[0], 2 * y1), 2 * x0 : min(below.shape[1], 2 * x1)
+                ]
+            self._write_region(level, y0, x0, downsample_mode(src)[: y1 - y0, : x1 - x0])
 
     def _bump(self, conn, touched: list[tuple[int, int, int]]) -> dict[str, int]:
         out = {}
@@ -175,15 +192,10 @@ class ReviewImage:
         delta: Delta,
         reverts: int | None = None,
         status: str = "applied",
-        undone: int | None = None,
+        undone: tuple[int, int] | None = None,
     ) -> tuple[int, dict[str, int]]:
         """Commit the edit + new versions (fsync'd), then write zarr, then mark applied."""
-        touched = [(0, *map(int, k.split("/"))) for k in delta]
-        # versions of the levels above are bumped too: compute their keys the same way
-        keys = {(cy, cx) for _, cy, cx in touched}
-        for level in range(1, self.levels):
-            keys = {(cy // 2, cx // 2) for cy, cx in keys}
-            touched += [(level, cy, cx) for cy, cx in sorted(keys)]
+        touched = self._touched(delta)  # versions of every level's rewritten chunks
         with self.db.tx() as c:
             cur = c.execute(
                 "INSERT INTO edits (user_id, created, op, label, body, chunks, delta, reverts,"
@@ -333,8 +345,12 @@ class ReviewImage:
             reverts=target["id"],
             undone=(1, target["id"]),
         )
-        return {"edit_id": edit_id, "reverts": target["id"], "versions": _level0(versions),
-                "pyramid": versions}
+        return {
+            "edit_id": edit_id,
+            "reverts": target["id"],
+            "versions": _level0(versions),
+            "pyramid": versions,
+        }
 
     def close(self) -> None:
         self.writer.shutdown(wait=True)
