@@ -199,7 +199,7 @@ def create_app(stores: list[Path]) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=handlers.MAX_BODY)
     app["images"] = images
     # users live in the first store's database (one server, one set of users)
-    app["db"] = ReviewDB(stores[0])
+    app["db"] = next(iter(images.values())).db  # the first store's connection
     app["metrics"] = Metrics()
     app["openapi"] = openapi_spec()
     app["loop_pool"] = ThreadPoolExecutor(8, thread_name_prefix="segloop-tiles")
@@ -219,8 +219,7 @@ def create_app(stores: list[Path]) -> web.Application:
 
     async def close(app: web.Application) -> None:
         for img in app["images"].values():
-            img.close()
-        app["db"].close()
+            img.close()  # closes app["db"] too
         app["loop_pool"].shutdown(wait=False)
 
     if OSD_DIR.is_dir():
@@ -278,6 +277,9 @@ def run(stores: list[Path], host: str, port: int, log=print) -> None:
     app = create_app(stores)
     url = f"http://{host}:{port}/"
     log(f"serving {', '.join(app['images'])} on {url}")
+    for img in app["images"].values():
+        if img.replayed:
+            log(f"{img.name}: wrote {img.replayed} committed edits a crash had left out of zarr")
     if first:
         log(f"first start: created user 'admin'. Log in once with {url}?token={first}")
     web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=5)

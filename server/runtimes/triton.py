@@ -87,7 +87,6 @@ class TritonRuntime(TileRuntime):
             raise UserError("--url needs at least one HOST:PORT of a Triton gRPC endpoint")
         if shm not in ("auto", "system", "none"):
             raise UserError(f"--triton-shm {shm!r}: choose auto, system or none")
-        self.threads = threads
         self.retries = retries
         self.in_flight = 4 * len(self.urls)  # requests kept in flight (pipeline queue depth)
         self.loop = asyncio.new_event_loop()
@@ -100,7 +99,6 @@ class TritonRuntime(TileRuntime):
         self._free: dict[tuple, list[_ShmSlot]] = {}
         self._slots: list[_ShmSlot] = []
         self._outstanding = dict.fromkeys(self.urls, 0)
-        self.model_path = model_path
         self.served_version, halo = self._call(self._describe())
         self.card = self._card(model_path, self.served_version)
         if halo != self.card["halo"]:
