@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from segloop.errors import UserError
@@ -159,7 +160,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from segloop.pipeline.segment import SegmentOptions, segment
+    from segloop.pipeline.segment import SegmentOptions, resegment, segment
 
     opts = SegmentOptions(
         runtime=args.runtime,
@@ -177,6 +178,25 @@ def cmd_segment(args: argparse.Namespace) -> int:
         opts.threads = args.threads
     if opts.batch < 1 or opts.threads < 1:
         raise UserError("--batch and --threads must be at least 1")
+    if args.only == "unreviewed":
+        if args.overwrite:
+            raise UserError("--only unreviewed keeps the store; it cannot be used with --overwrite")
+        with Progress("re-segment", args.json, args.quiet) as prog:
+            summary = resegment(args.input, args.output, opts, progress=prog)
+        stats = summary["stats"]
+        if args.json:
+            emit_json({"event": "done", **summary})
+        else:
+            _info(
+                args,
+                f"re-segmented {len(summary['tiles'])} unreviewed tiles of {args.output} with "
+                f"model v{summary['model']['version']}; kept "
+                f"{len(summary['kept_human_tiles'])} human-reviewed tiles "
+                f"({stats['wall_s']:.1f} s)",
+            )
+            if args.stats:
+                print(format_stats(stats), file=sys.stderr)
+        return 0
     with Progress("segment", args.json, args.quiet) as prog:
         summary = segment(args.input, args.output, opts, progress=prog)
     if summary["status"] == "already-complete":
@@ -368,6 +388,76 @@ def cmd_users(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_corrections(args: argparse.Namespace) -> int:
+    from segloop.review.export import export_corrections
+
+    since = None
+    if args.since:
+        try:
+            since = float(args.since)
+        except ValueError:
+            try:
+                since = datetime.fromisoformat(args.since).timestamp()
+            except ValueError:
+                raise UserError(
+                    f"--since {args.since!r}: give an ISO date/time (2026-11-25T10:00) "
+                    "or Unix seconds"
+                ) from None
+    index = export_corrections(
+        args.store, args.output, args.approved_only, since, overwrite=args.overwrite
+    )
+    items = index["items"]
+    if args.json:
+        emit_json({"event": "done", "output": str(args.output), "tiles": len(items)})
+    else:
+        _info(
+            args,
+            f"wrote {len(items)} tiles to {args.output} "
+            f"({sum(i['changed_px'] for i in items)} changed pixels)",
+        )
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from segloop.model.finetune import finetune, publish
+    from segloop.pipeline.segment import default_model
+
+    if args.epochs < 1:
+        raise UserError("--epochs must be at least 1")
+    if not 0 <= args.replay < 1:
+        raise UserError("--replay must be in [0, 1)")
+    model_path = args.model or default_model()
+    repository = args.repository or model_path.parents[1]
+    model, info = finetune(
+        model_path,
+        args.corrections,
+        epochs=args.epochs,
+        replay=args.replay,
+        seed=args.seed,
+        log=lambda s: _info(args, s),
+    )
+    onnx_path = publish(model, info, repository)
+    version = int(onnx_path.parent.name)
+    if args.triton:
+        from segloop.triton.server import load_version
+
+        load_version(args.triton, "segloop_unet", version)
+        _info(args, f"{args.triton}: segloop_unet v{version} loaded")
+    if args.json:
+        emit_json(
+            {
+                "event": "done",
+                "model": str(onnx_path),
+                "version": version,
+                "before": info["before"],
+                "after": info["after"],
+            }
+        )
+    else:
+        _info(args, f"wrote {onnx_path} (v{version}); after: {info['after']}")
+    return 0
+
+
 def cmd_triton_serve(args: argparse.Namespace) -> int:
     from segloop.triton.server import DEFAULT_REPOSITORY, ServerOptions, serve
 
@@ -436,6 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=4, help="tiles per inference call")
     s.add_argument("--threads", type=int, help="runtime threads (default: all cores)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    s.add_argument(
+        "--only",
+        choices=["unreviewed"],
+        help="re-segment the existing store's tiles that no human edited or accepted "
+        "(with --model, e.g. a fine-tuned version); human work is kept",
+    )
     s.add_argument("--stats", action="store_true", help="print per-stage busy/wait times")
     common(s)
     s.set_defaults(func=cmd_segment)
@@ -499,6 +595,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", type=Path, required=True, help="the store whose users to manage")
     common(s, json_flag=False)
     s.set_defaults(func=cmd_users)
+
+    s = sub.add_parser(
+        "export-corrections", help="reviewed tiles of a store → training pairs (npz + index)"
+    )
+    s.add_argument("store", type=Path, help="a reviewed segloop store")
+    s.add_argument("output", type=Path, help="folder for index.json + tiles/*.npz")
+    s.add_argument(
+        "--approved-only",
+        action="store_true",
+        help="only tiles a reviewer accepted/corrected with no pending annotator proposal",
+    )
+    s.add_argument("--since", help="only tiles changed since (ISO date/time or Unix seconds)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    common(s)
+    s.set_defaults(func=cmd_export_corrections)
+
+    s = sub.add_parser("finetune", help="fine-tune on exported corrections → next model version")
+    s.add_argument("--model", type=Path, help="ONNX to start from (default: newest version)")
+    s.add_argument("--corrections", type=Path, required=True, help="export-corrections folder")
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument(
+        "--replay", type=float, default=0.5, help="share of synthetic in-distribution patches"
+    )
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--repository", type=Path, help="model repository (default: the --model's own)")
+    s.add_argument("--triton", metavar="URL", help="then load it on this Triton (gRPC HOST:PORT)")
+    common(s)
+    s.set_defaults(func=cmd_finetune)
 
     t = sub.add_parser("triton", help="Triton Inference Server").add_subparsers(
         dest="triton", required=True

@@ -6,6 +6,8 @@ out.zarr/
   0/ 1/ …                        image pyramid (source dtype, 2×2 mean)
   labels/segmentation/0 1 …      uint8 classes (y, x), image-label colours + names (2×2 mode)
   confidence/0 1 …               uint8 confidence (y, x), 255 = certain (2×2 mean)
+  tiles/uncertainty              float32 per level-0 tile (ty, tx): mean of 1 − conf/255
+  tiles/model_version            uint16 per level-0 tile: model version that produced it
   segloop.json                   run record: status, parameters, model, stats
   segloop.manifest               finished shards, one "level sy sx" line each (resume)
 ```
@@ -15,6 +17,7 @@ The OME metadata is written last, so an unfinished store does not look like an i
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -30,6 +33,8 @@ from segloop.pipeline.tiling import TileGrid
 
 RECORD = "segloop.json"
 LAYERS = ("image", "segmentation", "confidence")
+#: per-tile arrays (one value per level-0 chunk), chunked so one shard owns one chunk
+TILE_ARRAYS = {"uncertainty": np.float32, "model_version": np.uint16}
 _PREFIX = {"image": "", "segmentation": "labels/segmentation/", "confidence": "confidence/"}
 # zstd-1 without shuffle: measured fastest to write at about the same ratio (labels ~33×)
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle")
@@ -57,6 +62,33 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path / RECORD)
+
+
+class StoreLock:
+    """Exclusive advisory lock on a store (``segloop.lock``): one writing process at a time
+    (the review server, or a re-segmentation); a second one gets a clear error."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path / "segloop.lock"
+        self._fh = None
+
+    def __enter__(self) -> StoreLock:
+        fh = self.path.open("a")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise UserError(
+                f"{self.path.parent} is in use by another segloop process (segloop serve?); "
+                "stop it first"
+            ) from None
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing releases the lock
+            self._fh = None
 
 
 def remove_store(path: Path) -> None:
@@ -92,7 +124,24 @@ class OutputStore:
             store._create(array_path("image", level), (channels, h, w), dtype, ("c", "y", "x"))
             for layer in ("segmentation", "confidence"):
                 store._create(array_path(layer, level), (h, w), np.uint8, ("y", "x"))
+        per = grid.shard // grid.tile
+        for name, dtype in TILE_ARRAYS.items():
+            store.root.create_array(
+                f"tiles/{name}",
+                shape=store.tile_grid,
+                dtype=dtype,
+                chunks=(per, per),
+                fill_value=np.nan if name == "uncertainty" else 0,  # NaN: not segmented yet
+                compressors=_COMPRESSOR,
+                dimension_names=("ty", "tx"),
+            )
         return store
+
+    @property
+    def tile_grid(self) -> tuple[int, int]:
+        """(ny, nx) level-0 tiles (= chunks)."""
+        t = self.grid.tile
+        return -(-self.grid.height // t), -(-self.grid.width // t)
 
     def _create(self, name: str, shape: tuple[int, ...], dtype, dims: tuple[str, ...]) -> None:
         t, s = self.grid.tile, self.grid.shard
@@ -118,6 +167,16 @@ class OutputStore:
     def read(self, layer: str, level: int, box: tuple[int, int, int, int]) -> np.ndarray:
         y0, y1, x0, x1 = box
         return self.array(layer, level)[..., y0:y1, x0:x1]
+
+    def write_tiles(self, name: str, sy: int, sx: int, values: np.ndarray) -> None:
+        """Per-tile values of shard (sy, sx): ``values`` (tiles down, tiles across)."""
+        per = self.grid.shard // self.grid.tile
+        y0, x0 = sy * per, sx * per
+        self.root[f"tiles/{name}"][y0 : y0 + values.shape[0], x0 : x0 + values.shape[1]] = values
+
+    def read_tiles(self, name: str) -> np.ndarray:
+        """(ny, nx) per-tile array ``name`` (see ``TILE_ARRAYS``)."""
+        return self.root[f"tiles/{name}"][...]
 
     def write_ome_metadata(self, classes: list[str], colors: list[list[int]]) -> None:
         """Multiscales for image, labels and confidence; image-label colours and names."""

@@ -64,6 +64,27 @@ def model_card(model: nn.Module, info: dict, version: int, parent: int | None = 
     }
 
 
+def _lineage(training: dict) -> str:
+    """Markdown lines on what a fine-tuned version learnt from (empty for `train`)."""
+    if "finetuned_from" not in training:
+        return ""
+    c, before, after = training["corrections"], training["before"], training["after"]
+    rows = "\n".join(
+        f"| {where} | {k} | {before[where][k]:.3f} | {after[where][k]:.3f} |"
+        for where in ("corrections", "in_distribution")
+        for k in before[where]
+    )
+    return f"""- **Fine-tuned from** v{training["finetuned_from"]["version"]} \
+(sha256 {training["finetuned_from"]["sha256"][:12]}…) on {c["tiles"]} corrected tiles of \
+`{c["store"]}` by {", ".join(c["reviewers"])} ({c["changed_px"]} changed pixels), with \
+{training["replay"]:.0%} synthetic replay, {training["epochs"]} epochs
+
+| validation | class | before | after |
+|---|---|---|---|
+{rows}
+"""
+
+
 def write_card_markdown(card: dict, path: Path) -> None:
     iou_rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in card["training"]["held_out_iou"].items())
     path.write_text(
@@ -82,7 +103,7 @@ layers), trained by `segloop train` on synthetic H&E-like histology from `segloo
 {card["training"]["patch"]}² patches, AdamW + one-cycle, \
 {card["training"]["train_seconds"]} s on a 2-core CPU
 - **Parent version**: {card["parent_version"]}
-
+{_lineage(card["training"])}
 ## Held-out IoU (1024² image, seed {HELD_OUT_SEED}, not seen in training)
 
 | class | IoU |

@@ -64,15 +64,16 @@ class PyramidBuilder:
             if y < ny and x < nx
         ]
 
-    def _build(self, level: int, sy: int, sx: int) -> None:
+    def _build(self, level: int, sy: int, sx: int, layers: tuple[str, ...] = LAYERS) -> None:
         y0, y1, x0, x1 = self.grid.shard_box(sy, sx, level)
         src = self.grid.level_shape(level - 1)
         box = (2 * y0, min(src[0], 2 * y1), 2 * x0, min(src[1], 2 * x1))
-        for layer in LAYERS:
+        for layer in layers:
             data = self.store.read(layer, level - 1, box)
             down = downsample_mode(data) if layer == "segmentation" else downsample_mean(data)
             self.store.write(layer, level, (y0, y1, x0, x1), down)
-        self.manifest.add((level, sy, sx))
+        if layers == LAYERS:
+            self.manifest.add((level, sy, sx))
 
     def shard_done(self, key: Key) -> None:
         """Call after ``key`` was written and listed: builds the parents it completes."""
@@ -92,3 +93,10 @@ class PyramidBuilder:
             for sy, sx in self.grid.shards(level):
                 if (level, sy, sx) not in self.manifest:
                     self._build(level, sy, sx)
+
+    def rebuild(self, shards: set[tuple[int, int]], layers: tuple[str, ...]) -> None:
+        """Rebuild ``layers`` above the rewritten level-0 ``shards``, each parent once."""
+        for level in range(1, self.grid.levels):
+            shards = {(sy // 2, sx // 2) for sy, sx in shards}
+            for sy, sx in sorted(shards):
+                self._build(level, sy, sx, layers)

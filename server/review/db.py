@@ -9,6 +9,7 @@ happens after, and ``pending_edits`` replays what a crash left unwritten.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import sqlite3
 import threading
@@ -41,11 +42,15 @@ CREATE TABLE IF NOT EXISTS versions (
     version INTEGER NOT NULL, PRIMARY KEY (layer, level, cy, cx));
 CREATE TABLE IF NOT EXISTS review (
     cy INTEGER NOT NULL, cx INTEGER NOT NULL, state TEXT NOT NULL, reason TEXT,
-    comment TEXT, user_id INTEGER, updated REAL NOT NULL, PRIMARY KEY (cy, cx));
+    comment TEXT, user_id INTEGER, updated REAL NOT NULL,
+    seconds REAL,                    -- time from taking the tile's lease to this state
+    PRIMARY KEY (cy, cx));
 CREATE TABLE IF NOT EXISTS leases (
     cy INTEGER NOT NULL, cx INTEGER NOT NULL, user_id INTEGER NOT NULL,
-    expires REAL NOT NULL, PRIMARY KEY (cy, cx));
+    started REAL NOT NULL, expires REAL NOT NULL, PRIMARY KEY (cy, cx));
 """
+#: review states that mean a human vouched for the whole tile
+FINAL_STATES = ("accepted", "corrected")
 
 
 def hash_token(token: str) -> str:
@@ -118,6 +123,45 @@ class ReviewDB:
                 "SELECT cy, cx, version FROM versions WHERE layer = ? AND level = ?", (layer, level)
             ).fetchall()
         return {(r["cy"], r["cx"]): r["version"] for r in rows}
+
+    @staticmethod
+    def human_tiles(store: Path) -> set[tuple[int, int]]:
+        """Level-0 tiles a human edited, accepted or marked corrected (empty when the
+        store was never reviewed; no database is created)."""
+        if not (store / DB_NAME).exists():
+            return set()
+        db = ReviewDB(store)
+        try:
+            with db.lock:
+                out = {
+                    (r[0], r[1])
+                    for r in db.conn.execute(
+                        f"SELECT cy, cx FROM review WHERE state IN {FINAL_STATES}"
+                    )
+                }
+                for (chunks,) in db.conn.execute("SELECT chunks FROM edits"):
+                    out |= {tuple(map(int, k.split("/"))) for k in json.loads(chunks)}
+        finally:
+            db.close()
+        return out
+
+    @staticmethod
+    def bump_versions(store: Path, tiles: set[tuple[int, int]], levels: int) -> None:
+        """New versions for the segmentation chunks of ``tiles`` at every level (after a
+        re-segmentation wrote them), in one transaction."""
+        db = ReviewDB(store)
+        try:
+            with db.tx() as c:
+                keys = set(tiles)
+                for level in range(levels):
+                    c.executemany(
+                        "INSERT INTO versions VALUES ('segmentation', ?, ?, ?, 1) "
+                        "ON CONFLICT DO UPDATE SET version = version + 1",
+                        [(level, cy, cx) for cy, cx in sorted(keys)],
+                    )
+                    keys = {(cy // 2, cx // 2) for cy, cx in keys}
+        finally:
+            db.close()
 
     def all_versions(self) -> dict[tuple[str, int, int, int], int]:
         with self.lock:

@@ -145,3 +145,15 @@ def unpack(blob: bytes) -> Delta:
         )
         for k, (i, b, a) in raw.items()
     }
+
+
+def rewind(labels: np.ndarray, key: str, deltas: list[Delta]) -> np.ndarray:
+    """(h, w) uint8 labels of chunk ``key`` as they were before ``deltas`` (newest
+    first): each delta's "before" values are put back. Rewinding every edit of a chunk
+    gives the model's prediction."""
+    out = labels.copy().reshape(-1)
+    for delta in deltas:
+        if key in delta:
+            idx, before, _ = delta[key]
+            out[idx] = before
+    return out.reshape(labels.shape)

@@ -167,10 +167,24 @@ async def put_review(request: web.Request) -> web.Response:
         raise json_error(403, "only reviewers accept tiles")
     if body.comment is not None and len(body.comment) > 2000:
         raise json_error(400, "comment longer than 2000 characters")
+    now = time.time()
     with img.db.tx() as c:
+        lease = c.execute(
+            "SELECT started FROM leases WHERE cy = ? AND cx = ? AND user_id = ?",
+            (ty, tx, user["id"]),
+        ).fetchone()
         c.execute(
-            "INSERT OR REPLACE INTO review VALUES (?,?,?,?,?,?,?)",
-            (ty, tx, body.state, body.reason, body.comment, user["id"], time.time()),
+            "INSERT OR REPLACE INTO review VALUES (?,?,?,?,?,?,?,?)",
+            (
+                ty,
+                tx,
+                body.state,
+                body.reason,
+                body.comment,
+                user["id"],
+                now,
+                now - lease[0] if lease else None,
+            ),
         )
         if body.state != "in_review":
             c.execute("DELETE FROM leases WHERE cy = ? AND cx = ?", (ty, tx))
@@ -236,7 +250,8 @@ async def queue_next(request: web.Request) -> web.Response:
             ty, tx = divmod(int(flat), u.shape[1])
             if (ty, tx) not in taken and (ty, tx) not in done:
                 c.execute(
-                    "INSERT INTO leases VALUES (?,?,?,?)", (ty, tx, user["id"], now + 60 * minutes)
+                    "INSERT INTO leases VALUES (?,?,?,?,?)",
+                    (ty, tx, user["id"], now, now + 60 * minutes),
                 )
                 break
         else:

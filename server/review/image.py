@@ -20,7 +20,7 @@ import msgspec
 import numpy as np
 import zarr
 
-from segloop.io.ome_zarr import array_path, read_record
+from segloop.io.ome_zarr import StoreLock, array_path, read_record
 from segloop.pipeline.pyramid import downsample_mode
 from segloop.review.db import ReviewDB
 from segloop.review.edits import Delta, Edit, box, chunk_keys, pack, rasterise, unpack, validate
@@ -46,6 +46,7 @@ class ReviewImage:
         if record is None or record.get("status") != "complete":
             raise ValueError(f"{path} is not a finished segloop store")
         self.path, self.name, self.record = path, name, record
+        self.lock = StoreLock(path).__enter__()  # one writing process per store
         self.root = zarr.open_group(path, mode="r+")
         grid = record["grid"]
         self.tile, self.shard, self.levels = grid["tile"], grid["shard"], grid["levels"]
@@ -57,7 +58,8 @@ class ReviewImage:
         self.db = ReviewDB(path)
         self.versions = self.db.all_versions()  # (layer, level, cy, cx) → version
         # part of every ETag: tiles of another store (or a re-segmented one) never match
-        params = json.dumps(record["params"], sort_keys=True).encode()
+        # … and the generation, bumped by each re-segmentation
+        params = json.dumps([record["params"], record.get("generation", 0)]).encode()
         self.tag = hashlib.sha1(params).hexdigest()[:12]
         self._locks: dict[tuple[int, int, int], threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -85,15 +87,9 @@ class ReviewImage:
 
     @functools.cache  # noqa: B019 - one per image, lives as long as the server
     def uncertainty(self) -> np.ndarray:
-        """(ny, nx) float: mean of 255 − confidence per level-0 tile (higher = less
-        certain), from a pyramid level where a tile is about 128² pixels."""
-        ny, nx = self.grid(0)
-        level = min(self.levels - 1, max(0, int(np.log2(self.tile)) - 7))
-        conf = self.array("confidence", level)[...].astype(np.float32)
-        step = self.tile >> level
-        pad = np.full((ny * step, nx * step), np.nan, np.float32)
-        pad[: conf.shape[0], : conf.shape[1]] = conf
-        return 255 - np.nanmean(pad.reshape(ny, step, nx, step), axis=(1, 3))
+        """(ny, nx) float32 per level-0 tile, stored at segment time (higher = less
+        certain; see ``segloop.pipeline.uncertainty``)."""
+        return self.root["tiles/uncertainty"][...]
 
     def chunk_written(self, layer: str, level: int, cy: int, cx: int) -> bool:
         """Whether the shard file holding this chunk exists (else it is all fill value)."""
@@ -355,6 +351,7 @@ class ReviewImage:
     def close(self) -> None:
         self.writer.shutdown(wait=True)
         self.db.close()
+        self.lock.__exit__()
 
 
 def _level0(versions: dict[str, int]) -> dict[str, int]:

@@ -226,3 +226,26 @@ def serve(opts: ServerOptions, log=print) -> int:
         server.stop()
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def load_version(url: str, model: str, version: int, timeout: float = 120.0) -> None:
+    """Ask a Triton server in explicit model-control mode to (re)load ``model`` and wait
+    until ``version`` is ready (the version policy decides what else stays loaded)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.load_model(model)
+        deadline = time.monotonic() + timeout
+        while not client.is_model_ready(model, str(version)):
+            if time.monotonic() > deadline:
+                raise UserError(f"{url}: {model} version {version} did not become ready")
+            time.sleep(0.2)
+    except InferenceServerException as exc:
+        raise UserError(
+            f"{url}: could not load {model} v{version} ({exc.message()}); is the server "
+            "running with --model-control-mode explicit?"
+        ) from None
+    finally:
+        client.close()

@@ -1,0 +1,159 @@
+"""``segloop finetune``: a new model version from human corrections.
+
+Starts from the served ONNX weights, trains on random crops of the corrected tiles mixed
+with a replay of synthetic in-distribution patches (what the model was trained on: no
+forgetting), validates on both, and exports the next version into the Triton model
+repository with a model card that records its lineage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from segloop.errors import UserError
+from segloop.model.card import model_card, read_card, write_card_markdown
+from segloop.model.corrections import IGNORE, CorrectionsDataset
+from segloop.model.train import evaluate, export_onnx, iou, normalise, sample_batch
+from segloop.runtimes.torch import load_unet
+
+
+def _crops(
+    data: CorrectionsDataset, rng: np.random.Generator, n: int, size: int
+) -> tuple[np.ndarray, torch.Tensor]:
+    """n random (size², flipped/rotated) crops of random corrected tiles."""
+    imgs, targets = [], []
+    for _ in range(n):
+        rgb, target = data[int(rng.integers(len(data)))]
+        h, w = target.shape
+        s = min(size, h, w) // 8 * 8
+        y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+        rgb, target = rgb[y : y + s, x : x + s], target[y : y + s, x : x + s].numpy()
+        k = int(rng.integers(4))
+        rgb, target = np.rot90(rgb, k), np.rot90(target, k)
+        if rng.random() < 0.5:
+            rgb, target = rgb[:, ::-1], target[:, ::-1]
+        pad = size - s  # a tile smaller than the crop: pad, the padding is ignored
+        imgs.append(np.pad(rgb, ((0, pad), (0, pad), (0, 0)), mode="reflect"))
+        targets.append(np.pad(target, ((0, pad), (0, pad)), constant_values=IGNORE))
+    return np.stack(imgs), torch.from_numpy(np.stack(targets).astype(np.int64))
+
+
+def corrections_iou(model: nn.Module, data: CorrectionsDataset) -> dict[str, float]:
+    """IoU of the model on the corrected tiles' labelled pixels (what it was tuned on)."""
+    preds, truths = [], []
+    with torch.no_grad():
+        for i in range(len(data)):
+            rgb, target = data[i]
+            pred = model(normalise(np.ascontiguousarray(rgb)[None])).argmax(1)[0].numpy()
+            keep = target.numpy() != IGNORE
+            preds.append(pred[keep])
+            truths.append(target.numpy()[keep])
+    return iou(np.concatenate(preds), np.concatenate(truths))
+
+
+def validate(model: nn.Module, data: CorrectionsDataset) -> dict[str, dict[str, float]]:
+    """IoU on the corrections and on the held-out in-distribution synthetic image."""
+    return {"corrections": corrections_iou(model, data), "in_distribution": evaluate(model)}
+
+
+def finetune(
+    model_path: Path,
+    corrections: Path,
+    epochs: int = 30,
+    batch: int = 8,
+    patch: int = 192,
+    replay: float = 0.5,
+    lr: float = 5e-4,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> tuple[nn.Module, dict]:
+    """Fine-tune ``model_path`` on ``corrections``; (model, training info for the card).
+
+    One epoch = as many correction crops as the corrected tiles hold patch-sized
+    pieces; each batch is ``1 − replay`` correction crops + ``replay`` synthetic ones.
+    """
+    card = read_card(model_path)
+    data = CorrectionsDataset(corrections)
+    if len(data) == 0:
+        raise UserError(f"{corrections} holds no corrected tiles; review some tiles first")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = load_unet(model_path, len(card["classes"])).train()
+    n_real = max(1, round(batch * (1 - replay)))
+    pieces = sum(
+        max(1, (b[1] - b[0]) * (b[3] - b[2]) // patch**2) for b in (it["box"] for it in data.items)
+    )
+    steps = epochs * max(1, -(-pieces // n_real))
+    before = validate(model.eval(), data)
+    log(f"fine-tuning on {len(data)} tiles: {steps} steps; before {before}")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 1.0, 2.0]), ignore_index=IGNORE)
+    t0 = time.time()
+    for step in range(steps):
+        rgb, target = _crops(data, rng, n_real, patch)
+        if batch > n_real:
+            syn, truth = sample_batch(rng, batch - n_real, patch)
+            rgb = np.concatenate([rgb, syn])
+            target = torch.cat([target, torch.from_numpy(truth).long()])
+        loss = loss_fn(model(normalise(np.ascontiguousarray(rgb))), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == steps - 1:
+            log(f"step {step:4d}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    model.eval()
+    after = validate(model, data)
+    index = data.index
+    info = {
+        "finetuned_from": {"version": card.get("version"), "sha256": card["sha256"]},
+        "corrections": {
+            "tiles": len(data),
+            "store": index["store"],
+            "exported": index["exported"],
+            "reviewers": sorted({it["reviewer"] for it in data.items}),
+            "changed_px": sum(it["changed_px"] for it in data.items),
+        },
+        "steps": steps,
+        "epochs": epochs,
+        "batch": batch,
+        "patch": patch,
+        "replay": replay,
+        "lr": lr,
+        "seed": seed,
+        "train_seconds": round(time.time() - t0, 1),
+        "before": before,
+        "after": after,
+        "held_out_iou": after["in_distribution"],
+    }
+    return model, info
+
+
+def publish(model: nn.Module, info: dict, repository: Path) -> Path:
+    """Write ``model`` as the next version of ``repository/segloop_unet``; returns its
+    model.onnx. The folder appears whole (written aside, then renamed), so a Triton
+    polling the repository never sees half a version."""
+    models = repository / "segloop_unet"
+    versions = sorted(int(p.name) for p in models.glob("[0-9]*") if p.name.isdigit())
+    if not versions:
+        raise UserError(f"{models} has no version folder; is {repository} a segloop repository?")
+    version = versions[-1] + 1
+    tmp = models / f".v{version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    shutil.copy(models / str(versions[-1]) / "model.py", tmp / "model.py")  # the same shim
+    card = model_card(model, info, version=version, parent=info["finetuned_from"]["version"])
+    export_onnx(model, tmp / "model.onnx", card)
+    write_card_markdown(card, tmp / "MODEL_CARD.md")
+    os.replace(tmp, models / str(version))
+    return models / str(version) / "model.onnx"
