@@ -266,8 +266,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import tifffile
     import zarr
 
-    from segloop.model.train import iou
     from segloop.pipeline.segment import SegmentOptions, segment
+    from segloop.scores import iou
 
     out: Path = args.dir
     out.mkdir(parents=True, exist_ok=True)
@@ -427,7 +427,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not 0 <= args.replay < 1:
         raise UserError("--replay must be in [0, 1)")
     model_path = args.model or default_model()
-    repository = args.repository or model_path.parents[1]
+    repository = args.repository or model_path.parents[2]
     model, info = finetune(
         model_path,
         args.corrections,

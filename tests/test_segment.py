@@ -16,7 +16,7 @@ import pytest
 import tifffile
 import zarr
 
-from segloop.model.train import iou
+from segloop.scores import iou
 from tests.conftest import assert_user_error, read_store, run_cli
 
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from segloop.model.card import HELD_OUT_SEED
 from segloop.model.unet import MEAN, STD, UNet
-from segloop.synth import CLASS_NAMES, render
+from segloop.scores import iou
+from segloop.synth import render
 
 
 def normalise(rgb: np.ndarray) -> torch.Tensor:
@@ -37,16 +38,6 @@ def sample_batch(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarra
         imgs.append(rgb)
         truths.append(truth)
     return np.stack(imgs), np.stack(truths)
-
-
-def iou(pred: np.ndarray, truth: np.ndarray, n_classes: int = 3) -> dict[str, float]:
-    """Per-class intersection over union of two (H, W) label maps."""
-    out = {}
-    for k in range(n_classes):
-        inter = np.logical_and(pred == k, truth == k).sum()
-        union = np.logical_or(pred == k, truth == k).sum()
-        out[CLASS_NAMES[k]] = float(inter / union) if union else 1.0
-    return out
 
 
 def evaluate(model: nn.Module, size: int = 1024, seed: int = HELD_OUT_SEED) -> dict[str, float]:

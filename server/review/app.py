@@ -44,6 +44,7 @@ ROUTES = [
     ("GET", "/api/images/{image}/review/{ty}/{tx}", handlers.get_review, "viewer"),
     ("PUT", "/api/images/{image}/review/{ty}/{tx}", handlers.put_review, "annotator"),
     ("GET", "/api/images/{image}/coverage", handlers.coverage, "viewer"),
+    ("GET", "/api/images/{image}/stats", handlers.stats, "viewer"),
     ("POST", "/api/images/{image}/queue/next", handlers.queue_next, "annotator"),
     ("POST", "/api/images/{image}/queue/release", handlers.queue_release, "annotator"),
     ("GET", "/api/images/{image}/live", handlers.live, "viewer"),

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS edits (
     created REAL NOT NULL, op TEXT NOT NULL, label INTEGER, body TEXT NOT NULL,
     chunks TEXT NOT NULL,            -- JSON list of "cy/cx" at level 0
     delta BLOB NOT NULL,             -- compressed changed pixels: index, before, after
+    pixels INTEGER NOT NULL,         -- how many pixels the delta changes
     reverts INTEGER REFERENCES edits(id),   -- undo: the edit it reverts; redo: the undo
     undone INTEGER NOT NULL DEFAULT 0,      -- 1 while reverted by an undo
     status TEXT NOT NULL DEFAULT 'applied', -- annotators: proposed → approved/rejected
@@ -43,7 +44,7 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS review (
     cy INTEGER NOT NULL, cx INTEGER NOT NULL, state TEXT NOT NULL, reason TEXT,
     comment TEXT, user_id INTEGER, updated REAL NOT NULL,
-    seconds REAL,                    -- time from taking the tile's lease to this state
+    seconds REAL,                    -- time from lease (or in_review) to this state
     PRIMARY KEY (cy, cx));
 CREATE TABLE IF NOT EXISTS leases (
     cy INTEGER NOT NULL, cx INTEGER NOT NULL, user_id INTEGER NOT NULL,

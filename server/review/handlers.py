@@ -11,6 +11,7 @@ import msgspec
 import numpy as np
 from aiohttp import WSMsgType, web
 
+from segloop.review import stats as review_stats
 from segloop.review.db import FLAG_REASONS, STATES
 from segloop.review.edits import BadEdit, Edit
 from segloop.review.image import Conflict, NothingToDo, ReviewImage
@@ -169,9 +170,12 @@ async def put_review(request: web.Request) -> web.Response:
         raise json_error(400, "comment longer than 2000 characters")
     now = time.time()
     with img.db.tx() as c:
-        lease = c.execute(
-            "SELECT started FROM leases WHERE cy = ? AND cx = ? AND user_id = ?",
-            (ty, tx, user["id"]),
+        # time spent: since this user leased the tile, or else marked it in review
+        start = c.execute(
+            "SELECT started FROM leases WHERE cy = ? AND cx = ? AND user_id = ? UNION ALL "
+            "SELECT updated FROM review WHERE cy = ? AND cx = ? AND user_id = ? "
+            "AND state = 'in_review'",
+            (ty, tx, user["id"]) * 2,
         ).fetchone()
         c.execute(
             "INSERT OR REPLACE INTO review VALUES (?,?,?,?,?,?,?,?)",
@@ -183,7 +187,7 @@ async def put_review(request: web.Request) -> web.Response:
                 body.comment,
                 user["id"],
                 now,
-                now - lease[0] if lease else None,
+                now - start[0] if start and body.state != "in_review" else None,
             ),
         )
         if body.state != "in_review":
@@ -222,6 +226,15 @@ async def coverage(request: web.Request) -> web.Response:
             "counts": counts,
         }
     )
+
+
+async def stats(request: web.Request) -> web.Response:
+    """Per-user work and annotator–reviewer agreement (see ``segloop.review.stats``)."""
+    img = image_of(request)
+    users, agree = await asyncio.gather(
+        _run(request, review_stats.user_stats, img), _run(request, review_stats.agreement, img)
+    )
+    return web.json_response({"users": users, "agreement": agree})
 
 
 # --- work queue -------------------------------------------------------------------------

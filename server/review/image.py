@@ -194,8 +194,8 @@ class ReviewImage:
         touched = self._touched(delta)  # versions of every level's rewritten chunks
         with self.db.tx() as c:
             cur = c.execute(
-                "INSERT INTO edits (user_id, created, op, label, body, chunks, delta, reverts,"
-                " status) VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO edits (user_id, created, op, label, body, chunks, delta, pixels,"
+                " reverts, status) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
                     user["id"],
                     time.time(),
@@ -204,6 +204,7 @@ class ReviewImage:
                     json.dumps(body),
                     json.dumps(list(delta)),
                     pack(delta),
+                    sum(len(i) for i, _, _ in delta.values()),
                     reverts,
                     status,
                 ),

@@ -1,0 +1,116 @@
+"""Feedback quality (``GET /api/images/{image}/stats``): who did what, and how well
+annotators agree with reviewers.
+
+Agreement is measured on *doubly-seen* tiles: a level-0 tile an annotator edited and a
+reviewer (or admin) then edited or gave a final state. It is the IoU, per class and
+averaged over the classes present, between the tile's labels right after the
+annotator's last edit and its labels now (the reviewer's verdict): 1.0 = the reviewer
+changed nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Any
+
+import numpy as np
+
+from segloop.review.db import FINAL_STATES
+from segloop.review.edits import rewind, unpack
+from segloop.review.image import SEG, ReviewImage
+from segloop.scores import iou
+
+EXPERTS = ("reviewer", "admin")
+
+
+def user_stats(img: ReviewImage) -> list[dict[str, Any]]:
+    """Per user: edits by op, pixels changed, own proposals by outcome, tiles by the
+    review state they set, median seconds from lease to final state."""
+    with img.db.lock:
+        c = img.db.conn
+        users = {r["id"]: dict(r) for r in c.execute("SELECT id, name, role FROM users")}
+        edits = c.execute(
+            "SELECT user_id, op, status, COUNT(*) AS n, SUM(pixels) AS px FROM edits "
+            "GROUP BY user_id, op, status"
+        ).fetchall()
+        states = c.execute(
+            "SELECT user_id, state, COUNT(*) AS n FROM review GROUP BY user_id, state"
+        ).fetchall()
+        seconds = c.execute(
+            f"SELECT user_id, seconds FROM review WHERE state IN {FINAL_STATES} "
+            "AND seconds IS NOT NULL"
+        ).fetchall()
+    out = {
+        uid: {
+            "user": u["name"],
+            "role": u["role"],
+            "edits": {},
+            "pixels": 0,
+            "proposals": {},
+            "tiles": {},
+            "median_seconds_per_tile": None,
+        }
+        for uid, u in users.items()
+    }
+    for r in edits:
+        s = out[r["user_id"]]
+        s["edits"][r["op"]] = s["edits"].get(r["op"], 0) + r["n"]
+        s["pixels"] += r["px"] or 0
+        if s["role"] == "annotator" and r["op"] not in ("undo", "redo"):
+            s["proposals"][r["status"]] = s["proposals"].get(r["status"], 0) + r["n"]
+    for r in states:
+        out[r["user_id"]]["tiles"][r["state"]] = r["n"]
+    by_user: dict[int, list[float]] = {}
+    for r in seconds:
+        by_user.setdefault(r["user_id"], []).append(r["seconds"])
+    for uid, values in by_user.items():
+        out[uid]["median_seconds_per_tile"] = round(statistics.median(values), 1)
+    return [s for s in out.values() if s["edits"] or s["tiles"]]
+
+
+def agreement(img: ReviewImage) -> dict[str, Any]:
+    """Annotator–reviewer IoU on doubly-seen tiles (see the module docstring)."""
+    with img.db.lock:
+        rows = img.db.conn.execute(
+            "SELECT e.id, e.chunks, e.delta, u.name, u.role FROM edits e "
+            "JOIN users u ON u.id = e.user_id ORDER BY e.id DESC"
+        ).fetchall()
+        final = {
+            (r["cy"], r["cx"]): r["name"]
+            for r in img.db.conn.execute(
+                "SELECT r.cy, r.cx, u.name FROM review r JOIN users u ON u.id = r.user_id "
+                f"WHERE r.state IN {FINAL_STATES} AND u.role IN {EXPERTS}"
+            )
+        }
+    per_tile: dict[str, list] = {}
+    for r in rows:  # newest first
+        for key in json.loads(r["chunks"]):
+            per_tile.setdefault(key, []).append(r)
+    tiles = []
+    for key, tile_edits in sorted(per_tile.items()):
+        cy, cx = map(int, key.split("/"))
+        last = next((i for i, e in enumerate(tile_edits) if e["role"] == "annotator"), None)
+        if last is None:
+            continue
+        after = tile_edits[:last]  # everything newer than the annotator's last edit
+        expert = next((e["name"] for e in after if e["role"] in EXPERTS), final.get((cy, cx)))
+        if expert is None:
+            continue
+        now = img.read_chunk(SEG, 0, cy, cx)
+        theirs = rewind(now, key, [unpack(e["delta"]) for e in after])
+        scores = iou(theirs, now, img.classes)
+        seen = np.union1d(np.unique(theirs), np.unique(now))
+        present = [scores[img.classes[k]] for k in seen if k < len(img.classes)]
+        tiles.append(
+            {
+                "tile": [cy, cx],
+                "annotator": tile_edits[last]["name"],
+                "reviewer": expert,
+                "iou": scores,
+                "mean_iou": float(np.mean(present)),
+                "changed_px": int((theirs != now).sum()),
+            }
+        )
+    mean = float(np.mean([t["mean_iou"] for t in tiles])) if tiles else None
+    return {"tiles": len(tiles), "mean_iou": mean, "per_tile": tiles}
