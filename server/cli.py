@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -159,8 +160,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
-    from segloop.pipeline.segment import SegmentOptions, resegment, segment
+def _segment_options(args: argparse.Namespace):
+    from segloop.pipeline.segment import SegmentOptions
 
     opts = SegmentOptions(
         runtime=args.runtime,
@@ -176,9 +177,41 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise UserError("--url is for --runtime triton")
     if args.threads:
         opts.threads = args.threads
+    elif args.dask and args.dask.startswith("local:"):  # share the cores between workers
+        n = args.dask.removeprefix("local:")
+        opts.threads = max(1, opts.threads // int(n)) if n.isdigit() and int(n) else 1
+    elif args.dask:
+        opts.threads = 1  # unknown workers: one runtime thread per worker thread
     if opts.batch < 1 or opts.threads < 1:
         raise UserError("--batch and --threads must be at least 1")
+    return opts
+
+
+@contextlib.contextmanager
+def _cluster(scheduler: str | None):
+    """A Dask client for ``--dask`` (closed after), or None."""
+    if not scheduler:
+        yield None
+        return
+    from segloop.pipeline.cluster import connect
+
+    client = connect(scheduler)
+    try:
+        yield client
+    finally:
+        cluster = client.cluster
+        client.close()
+        if cluster is not None and scheduler.startswith("local:"):
+            cluster.close()
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from segloop.pipeline.segment import resegment, segment
+
+    opts = _segment_options(args)
     if args.only == "unreviewed":
+        if args.dask:
+            raise UserError("--only unreviewed runs on this machine; drop --dask")
         if args.overwrite:
             raise UserError("--only unreviewed keeps the store; it cannot be used with --overwrite")
         with Progress("re-segment", args.json, args.quiet) as prog:
@@ -197,8 +230,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
             if args.stats:
                 print(format_stats(stats), file=sys.stderr)
         return 0
-    with Progress("segment", args.json, args.quiet) as prog:
-        summary = segment(args.input, args.output, opts, progress=prog)
+    with _cluster(args.dask) as client, Progress("segment", args.json, args.quiet) as prog:
+        summary = segment(args.input, args.output, opts, progress=prog, cluster=client)
     if summary["status"] == "already-complete":
         if args.json:
             emit_json({"event": "done", "status": "already-complete", "output": str(args.output)})
@@ -223,6 +256,34 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.stats:
         print(format_stats(stats), file=sys.stderr)
     return 0
+
+
+def cmd_segment_batch(args: argparse.Namespace) -> int:
+    from segloop.pipeline.batch import COLUMNS, SUMMARY, list_inputs, run_batch
+
+    images = list_inputs(args.inputs)
+    opts = _segment_options(args)
+
+    def on_row(row: dict) -> None:
+        if args.json:
+            emit_json({"event": "image", **row})
+        else:
+            _info(args, f"{row['image']}: {row['status']} {row['error']}".rstrip())
+
+    with _cluster(args.dask) as client:
+        rows = run_batch(images, args.output, opts, client, args.concurrency, on_row)
+    failed = [r for r in rows if r["status"] == "error"]
+    if args.json:
+        emit_json({"event": "done", "images": len(rows), "failed": len(failed)})
+    elif not args.quiet:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*COLUMNS, title=f"{args.output / SUMMARY}")
+        for r in rows:
+            table.add_row(*("" if r[c] is None else str(r[c]) for c in COLUMNS))
+        Console(stderr=True).print(table)
+    return 1 if failed else 0
 
 
 def format_stats(stats: dict) -> str:
@@ -335,6 +396,12 @@ def cmd_bench_segment(args: argparse.Namespace) -> int:
     return _bench(args, run_bench, size=args.size[0], runtime=args.runtime)
 
 
+def cmd_bench_dask(args: argparse.Namespace) -> int:
+    from segloop.bench.cluster import run_dask_bench
+
+    return _bench(args, run_dask_bench, size=args.size[0], shard=args.shard)
+
+
 def cmd_bench_memory(args: argparse.Namespace) -> int:
     from segloop.bench.segment import run_memory
 
@@ -426,6 +493,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise UserError("--epochs must be at least 1")
     if not 0 <= args.replay < 1:
         raise UserError("--replay must be in [0, 1)")
+    if not 0 < args.lr < 1:
+        raise UserError("--lr must be in (0, 1)")
     model_path = args.model or default_model()
     repository = args.repository or model_path.parents[2]
     model, info = finetune(
@@ -433,6 +502,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         args.corrections,
         epochs=args.epochs,
         replay=args.replay,
+        lr=args.lr,
         seed=args.seed,
         log=lambda s: _info(args, s),
     )
@@ -505,27 +575,40 @@ def build_parser() -> argparse.ArgumentParser:
     common(s)
     s.set_defaults(func=cmd_synth)
 
+    def segment_args(sp: argparse.ArgumentParser) -> None:
+        """Options shared by segment and segment-batch."""
+        sp.add_argument("--runtime", default="onnx", help="onnx (default), torch or triton")
+        sp.add_argument(
+            "--url", help="triton: gRPC HOST:PORT[,HOST:PORT…] (default localhost:8001)"
+        )
+        sp.add_argument(
+            "--triton-shm",
+            choices=["auto", "system", "none"],
+            default="auto",
+            help="triton: system shared memory (auto = when the server is local)",
+        )
+        sp.add_argument(
+            "--model", type=Path, help="ONNX model (default: newest in model_repository)"
+        )
+        sp.add_argument("--tile", type=int, default=512, help="tile core = output chunk side")
+        sp.add_argument(
+            "--shard",
+            type=int,
+            help="shard side (px, multiple of --tile): the unit of writing and resume",
+        )
+        sp.add_argument("--batch", type=int, default=4, help="tiles per inference call")
+        sp.add_argument("--threads", type=int, help="runtime threads (default: all cores)")
+        sp.add_argument("--overwrite", action="store_true", help="replace existing stores")
+        sp.add_argument(
+            "--dask",
+            metavar="SCHEDULER",
+            help="segment on a Dask cluster: tcp://HOST:8786, or local:N worker processes",
+        )
+
     s = sub.add_parser("segment", help="segment an image into an OME-Zarr store")
     s.add_argument("input", type=Path, help="TIFF/OME-TIFF, OME-Zarr/zarr, PNG or JPEG")
     s.add_argument("-o", "--output", type=Path, required=True, help="output .zarr store")
-    s.add_argument("--runtime", default="onnx", help="onnx (default), torch or triton")
-    s.add_argument("--url", help="triton: gRPC HOST:PORT[,HOST:PORT…] (default localhost:8001)")
-    s.add_argument(
-        "--triton-shm",
-        choices=["auto", "system", "none"],
-        default="auto",
-        help="triton: system shared memory (auto = when the server is local)",
-    )
-    s.add_argument("--model", type=Path, help="ONNX model (default: newest in model_repository)")
-    s.add_argument("--tile", type=int, default=512, help="tile core = output chunk side (px)")
-    s.add_argument(
-        "--shard",
-        type=int,
-        help="shard side (px, multiple of --tile): the unit of writing and resume",
-    )
-    s.add_argument("--batch", type=int, default=4, help="tiles per inference call")
-    s.add_argument("--threads", type=int, help="runtime threads (default: all cores)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    segment_args(s)
     s.add_argument(
         "--only",
         choices=["unreviewed"],
@@ -535,6 +618,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stats", action="store_true", help="print per-stage busy/wait times")
     common(s)
     s.set_defaults(func=cmd_segment)
+
+    s = sub.add_parser(
+        "segment-batch", help="segment many images into a folder, with a summary table"
+    )
+    s.add_argument("inputs", help="a .txt file with one image per line, or a glob ('*.tif')")
+    s.add_argument("-o", "--output", type=Path, required=True, help="folder for the stores")
+    segment_args(s)
+    s.add_argument(
+        "--concurrency", type=int, default=2, help="with --dask: images in flight at once"
+    )
+    common(s)
+    s.set_defaults(func=cmd_segment_batch)
 
     s = sub.add_parser("train", help="train the UNet on synthetic data and export ONNX")
     s.add_argument("output", type=Path, help="version folder, e.g. model_repository/segloop_unet/2")
@@ -577,6 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clients", type=int, default=32)
     bench_common(s)
     s.set_defaults(func=cmd_bench_serve)
+    s = b.add_parser("dask", help="LocalCluster with 1 vs 2 worker processes, one run")
+    s.add_argument("--size", type=parse_size, default=(4096, 4096))
+    s.add_argument("--shard", type=int, default=1024, help="one task per row of shards")
+    bench_common(s)
+    s.set_defaults(func=cmd_bench_dask, threads=1)
+
     s = b.add_parser("memory", help="peak RSS of segloop and MONAI by image size")
     s.add_argument("--sizes", type=sizes, default=[10000, 40000], help="segloop, e.g. 10000,40000")
     s.add_argument("--monai-sizes", type=sizes, default=[4096, 8192], help="MONAI sizes")
@@ -616,8 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--corrections", type=Path, required=True, help="export-corrections folder")
     s.add_argument("--epochs", type=int, default=30)
     s.add_argument(
-        "--replay", type=float, default=0.5, help="share of synthetic in-distribution patches"
+        "--replay", type=float, default=0.75, help="share of synthetic in-distribution patches"
     )
+    s.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (one-cycle)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--repository", type=Path, help="model repository (default: the --model's own)")
     s.add_argument("--triton", metavar="URL", help="then load it on this Triton (gRPC HOST:PORT)")

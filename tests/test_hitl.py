@@ -179,6 +179,7 @@ def test_finetune_then_only_unreviewed_keeps_human_tiles(segmented, reviewed, sl
 
     human = ReviewDB.human_tiles(store)
     assert human == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
     def confidence(path: Path) -> np.ndarray:
         return zarr.open_array(path / "confidence/0", mode="r")[...]
 

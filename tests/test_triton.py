@@ -152,6 +152,40 @@ def test_two_urls_share_the_work(server, repo, slide, embedded, tmp_path):
     )
 
 
+def test_fleet_survives_one_endpoint_dying(server, slide, embedded, tmp_path):
+    """Two servers in --url, one killed mid-job: it is taken out, the other finishes the
+    job, and the store equals the embedded run."""
+    repo_b = tmp_path / "model_repository"
+    shutil.copytree(ROOT / "model_repository", repo_b, ignore=shutil.ignore_patterns("__pycache__"))
+    doomed = Server(repo_b)
+    out = tmp_path / "fleet.zarr"
+    cmd = [sys.executable, "-m", "segloop", "segment", str(slide[0]), "-o", str(out)]
+    args = ["--tile", "256", "--shard", "256", "--runtime", "triton", "--quiet"]
+    client = subprocess.Popen(
+        [*cmd, *args, "--url", f"{server.url},{doomed.url}"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(repo_b),
+    )
+    manifest = out / "segloop.manifest"
+    deadline = time.monotonic() + 120
+    while not (manifest.exists() and manifest.read_text().count("\n") >= 2):
+        assert client.poll() is None, client.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    family = psutil.Process(doomed.proc.pid).children(recursive=True)
+    doomed.proc.send_signal(signal.SIGKILL)
+    for p in family:
+        p.kill()
+    doomed.proc.wait()
+    doomed.log.close()
+    _, err = client.communicate(timeout=180)
+    assert client.returncode == 0, err
+    got = read_store(out)
+    for key in embedded:
+        np.testing.assert_array_equal(got[key], embedded[key], err_msg=key)
+
+
 def test_unreachable_server_is_a_clear_error(slide, tmp_path):
     proc = _segment(
         slide[0], tmp_path / "o.zarr", "--runtime", "triton", "--url", f"localhost:{free_port()}"
@@ -231,6 +265,58 @@ def test_new_version_loaded_explicitly_serves_the_next_job(server, repo, slide, 
     ref = tmp_path / "v2_onnx.zarr"
     assert _segment(slide[0], ref, "--model", v2).returncode == 0
     np.testing.assert_array_equal(labels, read_store(ref)["labels/segmentation/0"])
+
+
+def test_finetune_loads_its_new_version_on_triton(server, repo, slide, slide_rgb, tmp_path):
+    """`segloop finetune --triton URL` writes the next version and Triton serves it."""
+    import tifffile
+    import tritonclient.grpc as grpcclient
+
+    from segloop.review.export import FORMAT, FORMAT_VERSION
+
+    corrections = tmp_path / "corrections"
+    (corrections / "tiles").mkdir(parents=True)
+    truth = tifffile.imread(slide[1])
+    items = []
+    for y, x in ((0, 0), (512, 256)):  # two tiles labelled by the ground truth
+        name = f"tiles/t{y}_{x}.npz"
+        corrected = truth[y : y + 256, x : x + 256]
+        np.savez(
+            corrections / name,
+            image=slide_rgb[y : y + 256, x : x + 256],
+            prediction=corrected,
+            corrected=corrected,
+            changed=np.zeros_like(corrected, bool),
+            ignore=np.zeros_like(corrected, bool),
+        )
+        items.append({"file": name, "box": [y, y + 256, x, x + 256], "reviewer": "t",
+                      "role": "reviewer", "changed_px": 0})  # fmt: skip
+    index = {"format": FORMAT, "version": FORMAT_VERSION, "store": "t", "exported": 0}
+    (corrections / "index.json").write_text(json.dumps({**index, "items": items}))
+    newest = max(int(p.name) for p in (repo / "segloop_unet").glob("[0-9]*"))
+    proc = run_cli(
+        "finetune",
+        "--model",
+        repo / "segloop_unet/1/model.onnx",
+        "--corrections",
+        corrections,
+        "--epochs",
+        "1",
+        "--triton",
+        server.url,
+        env=_env(repo),
+    )
+    assert proc.returncode == 0, proc.stderr
+    client = grpcclient.InferenceServerClient(server.url)
+    assert client.is_model_ready("segloop_unet", str(newest + 1))
+    out = tmp_path / "tuned.zarr"
+    assert _on_triton(slide[0], out, server.url, repo).returncode == 0
+    record = json.loads((out / "segloop.json").read_text())
+    assert record["model"]["version"] == newest + 1
+    assert (
+        record["model"]["sha256"]
+        == read_card(repo / f"segloop_unet/{newest + 1}/model.onnx")["sha256"]
+    )
 
 
 def test_server_killed_mid_job_then_resume(slide, embedded, tmp_path):

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from segloop.errors import UserError
+from segloop.io.location import Location
 from segloop.pipeline.tiling import TileGrid
 
 RECORD = "segloop.json"
@@ -44,24 +43,18 @@ def array_path(layer: str, level: int) -> str:
     return f"{_PREFIX[layer]}{level}"
 
 
-def read_record(path: Path) -> dict[str, Any] | None:
-    f = path / RECORD
-    if not f.exists():
-        return None
+def read_record(where: Path | str | Location) -> dict[str, Any] | None:
+    """The run record of a store (local or remote), or None when absent/unreadable."""
     try:
-        return json.loads(f.read_text())
+        data = Location.of(where).read_bytes(RECORD)
+        return None if data is None else json.loads(data)
     except (OSError, ValueError):
         return None
 
 
-def write_record(path: Path, record: dict[str, Any]) -> None:
-    """Atomic replace (write, fsync, rename)."""
-    tmp = path / (RECORD + ".tmp")
-    with tmp.open("w") as f:
-        json.dump(record, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / RECORD)
+def write_record(where: Path | str | Location, record: dict[str, Any]) -> None:
+    """Atomic replace (local: write, fsync, rename; remote: one PUT)."""
+    Location.of(where).write_bytes(RECORD, json.dumps(record, indent=2).encode())
 
 
 class StoreLock:
@@ -91,33 +84,38 @@ class StoreLock:
             self._fh = None
 
 
-def remove_store(path: Path) -> None:
+def remove_store(where: Path | str | Location) -> None:
     """Delete an existing output for ``--overwrite``; refuses anything that is not a store."""
-    if path.is_dir():
-        if not any((path / m).exists() for m in ("zarr.json", RECORD, ".zgroup")) and any(
-            path.iterdir()
-        ):
-            raise UserError(
-                f"{path} is a non-empty folder that is not a zarr store; "
-                "refusing to delete it even with --overwrite"
-            )
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+    loc = Location.of(where)
+    if loc.local and not loc.path.is_dir():
+        loc.path.unlink()
+        return
+    if not any(loc.exists(m) for m in ("zarr.json", RECORD, ".zgroup")) and not (
+        loc.is_empty_folder()
+    ):
+        raise UserError(
+            f"{loc} is a non-empty folder that is not a zarr store; "
+            "refusing to delete it even with --overwrite"
+        )
+    loc.remove()
 
 
 class OutputStore:
     """Arrays of one segloop store; ``create`` makes them, ``open`` reopens for resume."""
 
-    def __init__(self, path: Path, grid: TileGrid, channels: int, dtype: np.dtype) -> None:
+    def __init__(
+        self, path: Path | str | Location, grid: TileGrid, channels: int, dtype: np.dtype
+    ) -> None:
         self.path = path
         self.grid = grid
         self.channels = channels
         self.dtype = np.dtype(dtype)
-        self.root = zarr.open_group(path, mode="a", zarr_format=3)
+        self.root = zarr.open_group(Location.of(path).zarr_store(), mode="a", zarr_format=3)
 
     @classmethod
-    def create(cls, path: Path, grid: TileGrid, channels: int, dtype: np.dtype) -> OutputStore:
+    def create(
+        cls, path: Path | str | Location, grid: TileGrid, channels: int, dtype: np.dtype
+    ) -> OutputStore:
         store = cls(path, grid, channels, dtype)
         for level in range(grid.levels):
             h, w = grid.level_shape(level)

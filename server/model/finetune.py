@@ -71,7 +71,7 @@ def finetune(
     epochs: int = 30,
     batch: int = 8,
     patch: int = 192,
-    replay: float = 0.5,
+    replay: float = 0.75,
     lr: float = 5e-4,
     seed: int = 0,
     log: Callable[[str], None] = print,

@@ -1,7 +1,9 @@
-"""Resume manifest: an append-only, fsync'd list of finished shards.
+"""Resume manifest: the list of finished shards.
 
 A shard is listed only after all its arrays were written, so a killed job re-does at
-most the shards in flight. A torn last line (kill during the append) is ignored.
+most the shards in flight. Local stores: an append-only, fsync'd text file (a torn last
+line from a kill during the append is ignored). Remote stores (object storage cannot
+append): one empty object per finished shard under ``segloop.manifest.d/``.
 """
 
 from __future__ import annotations
@@ -9,30 +11,47 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from segloop.io.location import Location
+
 MANIFEST = "segloop.manifest"
+MARKERS = "segloop.manifest.d"
 
 Key = tuple[int, int, int]  # (level, sy, sx)
 
 
+def _parse(parts: list[str]) -> Key | None:
+    if len(parts) == 3 and all(p.isdigit() for p in parts):
+        return int(parts[0]), int(parts[1]), int(parts[2])
+    return None
+
+
 class Manifest:
-    def __init__(self, store: Path) -> None:
-        self.path = store / MANIFEST
+    def __init__(self, store: Path | str | Location) -> None:
+        self.loc = Location.of(store)
         self.done: set[Key] = set()
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                parts = line.split()
-                if len(parts) == 3 and all(p.isdigit() for p in parts):
-                    self.done.add((int(parts[0]), int(parts[1]), int(parts[2])))
-        self._fh = self.path.open("a")
+        self._fh = None
+        if self.loc.local:
+            self.path = self.loc.path / MANIFEST
+            if self.path.exists():
+                lines = self.path.read_text().splitlines()
+                self.done = {k for k in (_parse(ln.split()) for ln in lines) if k}
+            self._fh = self.path.open("a")
+        else:
+            names = self.loc.list(MARKERS)
+            self.done = {k for k in (_parse(n.split("_")) for n in names) if k}
 
     def __contains__(self, key: Key) -> bool:
         return key in self.done
 
     def add(self, key: Key) -> None:
-        self._fh.write("{} {} {}\n".format(*key))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        if self._fh is not None:
+            self._fh.write("{} {} {}\n".format(*key))
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        else:
+            self.loc.write_bytes("{}/{}_{}_{}".format(MARKERS, *key), b"")
         self.done.add(key)
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()

@@ -23,6 +23,7 @@ import numpy as np
 
 from segloop import __version__
 from segloop.errors import UserError
+from segloop.io.location import Location
 from segloop.io.ome_zarr import (
     LAYERS,
     OutputStore,
@@ -117,16 +118,16 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _prepare_output(out: Path, params: dict, overwrite: bool) -> tuple[str, dict | None]:
+def _prepare_output(out: Location, params: dict, overwrite: bool) -> tuple[str, dict | None]:
     """Decide what to do with ``out``: 'create', 'resume' or 'complete'."""
     if out.exists() and overwrite:
         remove_store(out)
     if not out.exists():
         try:
-            out.mkdir(parents=True)
+            out.makedirs()
         except OSError as exc:
-            raise UserError(f"cannot create output {out}: {exc.strerror}") from exc
-        if not os.access(out, os.W_OK):
+            raise UserError(f"cannot create output {out}: {exc.strerror or exc}") from exc
+        if out.local and not os.access(out.path, os.W_OK):
             raise UserError(f"output folder {out} is not writable")
         return "create", None
     record = read_record(out)
@@ -204,10 +205,10 @@ class _Reader:
 class _ShardWriter:
     """Assembles tiles into shard buffers and writes each shard once, when complete.
 
-    A full run (``select`` None) writes every layer, lists the shard in the manifest and
-    builds the pyramid as it goes. Re-segmenting ``select`` tiles pastes them over the
-    shard's current labels and confidence (the image stays) and remembers the shard in
-    ``rewritten``; its pyramid is rebuilt at the end.
+    A full run (``select`` None) writes every layer; with a ``manifest`` it lists each
+    shard there and builds the pyramid as it goes. Re-segmenting ``select`` tiles pastes
+    them over the shard's current labels and confidence (the image stays). Written shards
+    are collected in ``rewritten``.
     """
 
     def __init__(
@@ -279,9 +280,8 @@ class _ShardWriter:
                 key[0] * per : (key[0] + 1) * per, key[1] * per : (key[1] + 1) * per
             ]
         self.store.write_tiles("model_version", *key, versions)
-        if self.manifest is None:
-            self.rewritten.add(key)
-        else:
+        self.rewritten.add(key)
+        if self.manifest is not None:
             self.manifest.add((0, *key))
             self.pyramid.shard_done((0, *key))
 
@@ -294,9 +294,11 @@ def _run_stages(
     shards: Iterator[tuple[int, int]],
     writer: _ShardWriter,
     out: Path,
+    finish: Callable[[], None] = lambda: None,
     select: set[TileKey] | None = None,
 ) -> tuple[float, dict[str, Any]]:
-    """read → pre → infer → post → write over ``shards``; (wall seconds, stage stats)."""
+    """read → pre → infer → post → write over ``shards``, then ``finish()`` (pyramid);
+    (wall seconds, stage stats). Disk errors become a UserError."""
     norm = normalisation_for(rt.card, src)
     halo, core, window = grid.halo, grid.tile, grid.window
     batch: list[tuple] = []
@@ -345,10 +347,7 @@ def _run_stages(
         Pipeline(stages, depth=getattr(rt, "in_flight", 4)).run(
             _Reader(src, grid, opts.read_workers, read_stats, select)(shards), read_stats
         )
-        if writer.manifest is not None:
-            writer.pyramid.complete()
-        else:
-            writer.pyramid.rebuild(writer.rewritten, LAYERS[1:])
+        finish()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(
@@ -360,7 +359,7 @@ def _run_stages(
     return wall, {s.name: s.as_dict() for s in [read_stats] + [st.stats for st in stages]}
 
 
-def _open_runtime(input_path: Path, opts: SegmentOptions) -> tuple[ImageSource, Runtime]:
+def _open_runtime(input_path: Path | str, opts: SegmentOptions) -> tuple[ImageSource, Runtime]:
     src = open_image(input_path)
     rt = create_runtime(
         opts.runtime, opts.model or default_model(), opts.threads, **opts.runtime_options
@@ -387,16 +386,19 @@ def _run_stats(wall: float, pixels: int, stages: dict, opts: SegmentOptions) -> 
 
 
 def segment(
-    input_path: Path,
-    out: Path,
+    input_path: Path | str,
+    out: Path | str | Location,
     opts: SegmentOptions,
     progress: ProgressFn | None = None,
+    cluster: Any = None,
 ) -> dict[str, Any]:
     """Segment ``input_path`` into the store ``out``; returns the run summary.
 
     Resumes an unfinished store made with the same parameters; a finished one is left
-    as it is (summary ``status: already-complete``).
+    as it is (summary ``status: already-complete``). With a Dask ``cluster`` (a
+    ``distributed.Client``) the shards are segmented by its workers (``cluster.py``).
     """
+    out = Location.of(out)
     src, rt = _open_runtime(input_path, opts)
     card = rt.card
     grid = TileGrid.create(
@@ -428,15 +430,28 @@ def segment(
         for b in (grid.shard_box(sy, sx) for sy, sx in grid.shards() if (0, sy, sx) in manifest)
     )
     advance = _progress(progress, done_px, total)
-    writer = _ShardWriter(store, advance, card.get("version") or 0, manifest)
+    version = card.get("version") or 0
+    writer = _ShardWriter(store, advance, version, manifest)
     todo = (key for key in grid.shards() if (0, *key) not in manifest)
     try:
-        wall, stages = _run_stages(src, rt, grid, opts, todo, writer, out)
+        if cluster is None:
+            wall, stages = _run_stages(
+                src, rt, grid, opts, todo, writer, out, finish=writer.pyramid.complete
+            )
+        else:
+            from segloop.pipeline.cluster import run_on_cluster
+
+            wall, tasks = run_on_cluster(
+                cluster, input_path, out, opts, store, manifest, version, advance
+            )
+            stages = {}  # timed per task, inside the workers
     finally:
         manifest.close()
         rt.close()
     store.write_ome_metadata(card["classes"], card["colors"])
     stats = {**_run_stats(wall, total - done_px, stages, opts), "resumed": action == "resume"}
+    if cluster is not None:
+        stats["cluster"] = tasks
     record = {
         **(record or {}),
         "status": "complete",
@@ -473,6 +488,8 @@ def resegment(
     """
     from segloop.review.db import ReviewDB
 
+    if Location.of(out).path is None:
+        raise UserError(f"{out}: --only unreviewed works on a local store (the review copy)")
     record = read_record(out)
     if record is None or record.get("status") != "complete":
         raise UserError(
@@ -515,7 +532,17 @@ def resegment(
             }
             record.setdefault("history", []).append(entry)
             write_record(out, record)
-            wall, stages = _run_stages(src, rt, grid, opts, iter(shards), writer, out, select)
+            wall, stages = _run_stages(
+                src,
+                rt,
+                grid,
+                opts,
+                iter(shards),
+                writer,
+                out,
+                finish=lambda: writer.pyramid.rebuild(writer.rewritten, LAYERS[1:]),
+                select=select,
+            )
         finally:
             rt.close()
         ReviewDB.bump_versions(out, select, grid.levels)

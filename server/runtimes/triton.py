@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from pathlib import Path
@@ -25,6 +26,7 @@ from segloop.model.card import read_card
 from segloop.runtimes.base import TileRuntime
 
 ENSEMBLE = "segloop"
+DOWN_S = 5.0  # an endpoint that answered UNAVAILABLE gets no requests for this long
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
@@ -99,6 +101,7 @@ class TritonRuntime(TileRuntime):
         self._free: dict[tuple, list[_ShmSlot]] = {}
         self._slots: list[_ShmSlot] = []
         self._outstanding = dict.fromkeys(self.urls, 0)
+        self._down_until = dict.fromkeys(self.urls, 0.0)  # endpoints taken out, until then
         self.served_version, halo = self._call(self._describe())
         self.card = self._card(model_path, self.served_version)
         if halo != self.card["halo"]:
@@ -161,10 +164,19 @@ class TritonRuntime(TileRuntime):
         """(B, S, S, C) uint8 → Future of (labels, confidence), each (B, S-2h, S-2h) uint8."""
         return asyncio.run_coroutine_threadsafe(self._infer(windows), self.loop)
 
+    def _up(self) -> list[str]:
+        now = time.monotonic()
+        return [u for u in self.urls if self._down_until[u] <= now]
+
     def _pick(self) -> str:
-        return min(self.urls, key=self._outstanding.__getitem__)
+        """Least outstanding requests among the endpoints not taken out (if all are out,
+        the one that comes back first)."""
+        up = self._up() or [min(self.urls, key=self._down_until.__getitem__)]
+        return min(up, key=self._outstanding.__getitem__)
 
     async def _infer(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An endpoint answering UNAVAILABLE is taken out for ``DOWN_S`` and the request
+        goes to another one at once; with none left, retries back off (0.25 → 4 s)."""
         from tritonclient.utils import InferenceServerException
 
         delay = 0.25
@@ -180,10 +192,12 @@ class TritonRuntime(TileRuntime):
                         f"Triton at {url} failed: {exc.message()}; run the same "
                         "command again to resume"
                     ) from exc
+                self._down_until[url] = time.monotonic() + DOWN_S
             finally:
                 self._outstanding[url] -= 1
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 4.0)
+            if not self._up():
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 4.0)
         raise AssertionError("unreachable")
 
     async def _infer_on(self, url: str, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,92 @@
+"""``segment-batch``: many slides into one folder, a summary row per slide.
+
+Finished stores are skipped (``already-complete``), unfinished ones resume, and a slide
+that fails (unreadable, corrupt) is reported in the summary while the others go on.
+With a Dask cluster, ``concurrency`` slides are in flight at once (their bands share the
+workers); without one, slides run one after another with all local cores.
+"""
+
+from __future__ import annotations
+
+import glob
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from segloop.errors import UserError
+from segloop.pipeline.segment import SegmentOptions, segment
+
+SUMMARY = "segloop-batch.tsv"
+COLUMNS = ("image", "mpx", "seconds", "mpx_s", "status", "error")
+
+
+def list_inputs(spec: str) -> list[Path]:
+    """A text file with one path per line (blank lines and ``#`` comments skipped) or a
+    glob pattern."""
+    p = Path(spec)
+    if p.is_file() and p.suffix == ".txt":
+        lines = [ln.strip() for ln in p.read_text().splitlines()]
+        paths = [Path(ln) for ln in lines if ln and not ln.startswith("#")]
+    else:
+        paths = [Path(m) for m in sorted(glob.glob(spec))]
+    if not paths:
+        raise UserError(f"{spec}: no images (give a .txt list or a glob such as 'slides/*.tif')")
+    return paths
+
+
+def store_name(image: Path) -> str:
+    """``slides/a.ome.tif`` → ``a.zarr``."""
+    name = image.name
+    for ext in (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr", ".png", ".jpg"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)] + ".zarr"
+    return image.stem + ".zarr"
+
+
+def _one(image: Path, out_dir: Path, opts: SegmentOptions, cluster) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"image": str(image), "mpx": None, "mpx_s": None, "error": ""}
+    try:
+        summary = segment(image, out_dir / store_name(image), opts, cluster=cluster)
+        h, w = summary["params"]["source"]["shape"]
+        row.update(mpx=round(h * w / 1e6, 1), status=summary["status"])
+    except UserError as exc:
+        row.update(status="error", error=str(exc))
+    except Exception as exc:  # a broken slide must not stop the batch; say what happened
+        row.update(status="error", error=f"{type(exc).__name__}: {exc}")
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    if row["status"] == "complete" and row["seconds"] > 0:
+        row["mpx_s"] = round(row["mpx"] / row["seconds"], 3)
+    return row
+
+
+def run_batch(
+    images: list[Path],
+    out_dir: Path,
+    opts: SegmentOptions,
+    cluster=None,
+    concurrency: int = 2,
+    on_row=None,
+) -> list[dict[str, Any]]:
+    """Segment every image into ``out_dir/<name>.zarr``; rows in input order, also written
+    to ``out_dir/segloop-batch.tsv``."""
+    names = [store_name(i) for i in images]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"several inputs would write {dupes[0]}; rename them or split the batch")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workers = max(1, concurrency) if cluster is not None else 1
+    with ThreadPoolExecutor(workers, thread_name_prefix="segloop-batch") as pool:
+        futures = [pool.submit(_one, i, out_dir, opts, cluster) for i in images]
+        rows = []
+        for f in futures:
+            rows.append(f.result())
+            if on_row:
+                on_row(rows[-1])
+    lines = ["\t".join(COLUMNS)] + [
+        "\t".join("" if r[c] is None else str(r[c]).replace("\t", " ") for c in COLUMNS)
+        for r in rows
+    ]
+    (out_dir / SUMMARY).write_text("\n".join(lines) + "\n")
+    return rows
