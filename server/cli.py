@@ -160,8 +160,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def path_or_url(text: str) -> Path | str:
+    """A local path, or an fsspec URL kept as text (``Path`` would fold ``s3://``)."""
+    from segloop.io.location import is_url
+
+    return text if is_url(text) else Path(text)
+
+
 def _segment_options(args: argparse.Namespace):
+    from segloop.io.location import OPTIONS_ENV, storage_options
     from segloop.pipeline.segment import SegmentOptions
+
+    if args.storage_options:  # read by every Location, in this process and its workers
+        os.environ[OPTIONS_ENV] = args.storage_options
+        storage_options()  # fail early on bad JSON
 
     opts = SegmentOptions(
         runtime=args.runtime,
@@ -279,7 +291,7 @@ def cmd_segment_batch(args: argparse.Namespace) -> int:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(*COLUMNS, title=f"{args.output / SUMMARY}")
+        table = Table(*COLUMNS, title=f"{args.output}/{SUMMARY}")
         for r in rows:
             table.add_row(*("" if r[c] is None else str(r[c]) for c in COLUMNS))
         Console(stderr=True).print(table)
@@ -604,10 +616,20 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="SCHEDULER",
             help="segment on a Dask cluster: tcp://HOST:8786, or local:N worker processes",
         )
+        sp.add_argument(
+            "--storage-options",
+            metavar="JSON",
+            help='fsspec options for s3://… inputs/outputs, e.g. \'{"endpoint_url": "…"}\' '
+            "(credentials: the usual AWS_* environment variables)",
+        )
 
     s = sub.add_parser("segment", help="segment an image into an OME-Zarr store")
-    s.add_argument("input", type=Path, help="TIFF/OME-TIFF, OME-Zarr/zarr, PNG or JPEG")
-    s.add_argument("-o", "--output", type=Path, required=True, help="output .zarr store")
+    s.add_argument(
+        "input", type=path_or_url, help="TIFF/OME-TIFF, OME-Zarr/zarr, PNG or JPEG (or s3://…)"
+    )
+    s.add_argument(
+        "-o", "--output", type=path_or_url, required=True, help="output .zarr store (or s3://…)"
+    )
     segment_args(s)
     s.add_argument(
         "--only",
@@ -623,7 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
         "segment-batch", help="segment many images into a folder, with a summary table"
     )
     s.add_argument("inputs", help="a .txt file with one image per line, or a glob ('*.tif')")
-    s.add_argument("-o", "--output", type=Path, required=True, help="folder for the stores")
+    s.add_argument(
+        "-o", "--output", type=path_or_url, required=True, help="folder for the stores (or s3://…)"
+    )
     segment_args(s)
     s.add_argument(
         "--concurrency", type=int, default=2, help="with --dask: images in flight at once"

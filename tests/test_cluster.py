@@ -61,8 +61,11 @@ def test_worker_killed_mid_job_output_is_identical(big, tmp_path):
     while proc.poll() is None and killed is None:
         assert time.monotonic() < deadline
         if manifest.exists() and manifest.read_text().strip():
-            me = psutil.Process(proc.pid)
-            workers = [p for p in me.children(recursive=True) if p.ppid() != proc.pid]
+            workers = [  # the worker processes (their nannies live in the client)
+                p
+                for p in psutil.Process(proc.pid).children(recursive=True)
+                if "spawn_main" in " ".join(p.cmdline())
+            ]
             if workers:
                 killed = workers[0].pid
                 workers[0].send_signal(signal.SIGKILL)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from segloop.errors import UserError
+from segloop.io.location import Location, is_url
 
 CHANNEL_AXES = ("C", "S")
 
@@ -115,23 +116,35 @@ class ImageSource:
             ) from exc
 
 
-def file_fingerprint(path: Path) -> str:
-    """sha256 over size + first and last MiB: cheap identity of a (huge) input file."""
+def stream_fingerprint(f, size: int) -> str:
+    """sha256 over size + first and last MiB of a seekable binary stream: cheap identity
+    of a (huge) input file, local or remote."""
     h = hashlib.sha256()
-    size = path.stat().st_size
     h.update(str(size).encode())
-    with path.open("rb") as f:
+    f.seek(0)
+    h.update(f.read(1 << 20))
+    if size > 2 << 20:
+        f.seek(size - (1 << 20))
         h.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(-(1 << 20), 2)
-            h.update(f.read(1 << 20))
     return h.hexdigest()
+
+
+def file_fingerprint(path: Path) -> str:
+    with path.open("rb") as f:
+        return stream_fingerprint(f, path.stat().st_size)
 
 
 def open_image(path: str | Path) -> ImageSource:
     """Open TIFF/OME-TIFF, OME-Zarr/zarr or PNG/JPEG for region reads."""
     from segloop.io import pillow, tiff, zarr_source
 
+    if is_url(path):  # object storage: OME-Zarr / zarr or TIFF, through fsspec
+        loc = Location(path)
+        if any(loc.exists(m) for m in ("zarr.json", ".zarray", ".zgroup")):
+            return zarr_source.open_zarr(loc)
+        if not loc.exists():
+            raise UserError(f"input not found: {path}")
+        return tiff.open_tiff(loc)
     p = Path(path)
     if not p.exists():
         raise UserError(f"input not found: {p}")

@@ -9,18 +9,24 @@ import tifffile
 import zarr
 
 from segloop.errors import UserError
-from segloop.io.source import ImageSource, file_fingerprint
+from segloop.io.location import Location
+from segloop.io.source import ImageSource, file_fingerprint, stream_fingerprint
 
 
-def open_tiff(path: Path) -> ImageSource:
+def open_tiff(path: Path | Location) -> ImageSource:
     """Level 0 of the first series. Checks that every tile/strip lies inside the file,
-    so a truncated file or a header claiming a huge image fails before any work."""
+    so a truncated file or a header claiming a huge image fails before any work. A
+    remote file (fsspec) is read through one open handle, by byte ranges."""
+    loc = Location.of(path)
     try:
-        with tifffile.TiffFile(path) as tif:
+        if loc.local:
+            source, size = loc.path, loc.path.stat().st_size
+        else:
+            source, size = loc.fs.open(loc.url, "rb"), loc.fs.size(loc.url)
+        with tifffile.TiffFile(source) as tif:
             series = tif.series[0]
             level = series.levels[0]
             axes = level.axes
-            size = path.stat().st_size
             pages = level.pages
             for page in pages[: min(len(pages), 4096)]:
                 if page is None or not hasattr(page, "dataoffsets"):
@@ -40,10 +46,17 @@ def open_tiff(path: Path) -> ImageSource:
                         f"{path}: truncated or corrupt TIFF (image data runs past the end of "
                         f"the {size}-byte file); re-copy or re-export it"
                     )
-        store = tifffile.imread(path, aszarr=True, series=0, level=0)
+        if not loc.local:
+            source.seek(0)  # tifffile takes a stream's position as the file's start
+        store = tifffile.imread(source, aszarr=True, series=0, level=0)
         array = zarr.open_array(store, mode="r")
+        if loc.local:
+            fingerprint = file_fingerprint(loc.path)
+        else:
+            with loc.fs.open(loc.url, "rb") as f:
+                fingerprint = stream_fingerprint(f, size)
     except UserError:
         raise
     except Exception as exc:
         raise UserError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from exc
-    return ImageSource(array, axes, path, file_fingerprint(path))
+    return ImageSource(array, axes, path, fingerprint)

@@ -8,6 +8,7 @@ from pathlib import Path
 import zarr
 
 from segloop.errors import UserError
+from segloop.io.location import Location
 from segloop.io.source import ImageSource
 
 
@@ -21,10 +22,12 @@ def _guess_axes(shape: tuple[int, ...]) -> str:
     return "TZCYX"[-len(shape) :] if len(shape) <= 5 else "?" * len(shape)
 
 
-def open_zarr(path: Path) -> ImageSource:
-    """Level 0 of OME multiscales, or a plain array (axes from ``dimension_names`` or guessed)."""
+def open_zarr(path: Path | Location) -> ImageSource:
+    """Level 0 of OME multiscales, or a plain array (axes from ``dimension_names`` or
+    guessed); local or on object storage."""
+    loc = Location.of(path)
     try:
-        node = zarr.open(path, mode="r")
+        node = zarr.open(loc.zarr_store(read_only=True), mode="r")
     except Exception as exc:
         raise UserError(f"{path}: cannot open zarr store ({exc})") from exc
     axes = None
@@ -50,7 +53,5 @@ def open_zarr(path: Path) -> ImageSource:
         )
     digest = hashlib.sha256(f"{node.shape}{node.dtype}{axes}".encode())
     for meta in ("zarr.json", ".zarray", ".zattrs"):
-        f = path / meta
-        if f.exists():
-            digest.update(f.read_bytes())
+        digest.update(loc.read_bytes(meta) or b"")
     return ImageSource(node, axes, path, digest.hexdigest())

@@ -15,19 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from segloop.errors import UserError
+from segloop.io.location import Location, is_url
 from segloop.pipeline.segment import SegmentOptions, segment
 
 SUMMARY = "segloop-batch.tsv"
 COLUMNS = ("image", "mpx", "seconds", "mpx_s", "status", "error")
 
 
-def list_inputs(spec: str) -> list[Path]:
-    """A text file with one path per line (blank lines and ``#`` comments skipped) or a
-    glob pattern."""
+def list_inputs(spec: str) -> list[Path | str]:
+    """A text file with one path or URL per line (blank lines and ``#`` comments
+    skipped) or a local glob pattern."""
     p = Path(spec)
     if p.is_file() and p.suffix == ".txt":
         lines = [ln.strip() for ln in p.read_text().splitlines()]
-        paths = [Path(ln) for ln in lines if ln and not ln.startswith("#")]
+        paths = [ln if is_url(ln) else Path(ln) for ln in lines if ln and not ln.startswith("#")]
     else:
         paths = [Path(m) for m in sorted(glob.glob(spec))]
     if not paths:
@@ -35,20 +36,25 @@ def list_inputs(spec: str) -> list[Path]:
     return paths
 
 
-def store_name(image: Path) -> str:
-    """``slides/a.ome.tif`` → ``a.zarr``."""
-    name = image.name
+def store_name(image: Path | str) -> str:
+    """``slides/a.ome.tif`` (or ``s3://b/slides/a.ome.tif``) → ``a.zarr``."""
+    name = str(image).rstrip("/").rsplit("/", 1)[-1]
     for ext in (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr", ".png", ".jpg"):
         if name.lower().endswith(ext):
             return name[: -len(ext)] + ".zarr"
-    return image.stem + ".zarr"
+    return name.rsplit(".", 1)[0] + ".zarr"
 
 
-def _one(image: Path, out_dir: Path, opts: SegmentOptions, cluster) -> dict[str, Any]:
+def _one(image: Path | str, out_dir: Location, opts: SegmentOptions, cluster) -> dict[str, Any]:
     t0 = time.perf_counter()
     row: dict[str, Any] = {"image": str(image), "mpx": None, "mpx_s": None, "error": ""}
     try:
-        summary = segment(image, out_dir / store_name(image), opts, cluster=cluster)
+        out = (
+            out_dir.path / store_name(image)
+            if out_dir.local
+            else Location(f"{out_dir.url}/{store_name(image)}", out_dir.options)
+        )
+        summary = segment(image, out, opts, cluster=cluster)
         h, w = summary["params"]["source"]["shape"]
         row.update(mpx=round(h * w / 1e6, 1), status=summary["status"])
     except UserError as exc:
@@ -62,8 +68,8 @@ def _one(image: Path, out_dir: Path, opts: SegmentOptions, cluster) -> dict[str,
 
 
 def run_batch(
-    images: list[Path],
-    out_dir: Path,
+    images: list[Path | str],
+    out_dir: Path | str,
     opts: SegmentOptions,
     cluster=None,
     concurrency: int = 2,
@@ -75,7 +81,9 @@ def run_batch(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UserError(f"several inputs would write {dupes[0]}; rename them or split the batch")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Location.of(out_dir)
+    if not out_dir.exists():
+        out_dir.makedirs()
     workers = max(1, concurrency) if cluster is not None else 1
     with ThreadPoolExecutor(workers, thread_name_prefix="segloop-batch") as pool:
         futures = [pool.submit(_one, i, out_dir, opts, cluster) for i in images]
@@ -88,5 +96,5 @@ def run_batch(
         "\t".join("" if r[c] is None else str(r[c]).replace("\t", " ") for c in COLUMNS)
         for r in rows
     ]
-    (out_dir / SUMMARY).write_text("\n".join(lines) + "\n")
+    out_dir.write_bytes(SUMMARY, ("\n".join(lines) + "\n").encode())
     return rows
