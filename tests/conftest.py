@@ -67,3 +67,16 @@ def slide(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def slide_rgb(slide) -> np.ndarray:
     return tifffile.imread(slide[0])
+
+
+#: tile of the reviewed test store (small, so the 1500×1300 slide has 6×6 tiles)
+TILE = 256
+
+
+@pytest.fixture(scope="session")
+def base_store(slide, tmp_path_factory) -> Path:
+    """The test slide segmented with tile 256; tests copy it before changing it."""
+    out = tmp_path_factory.mktemp("review") / "slide.zarr"
+    proc = run_cli("segment", slide[0], "-o", out, "--tile", str(TILE), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out

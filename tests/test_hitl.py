@@ -25,22 +25,14 @@ IMAGE = "/api/images/slide"
 
 
 @pytest.fixture(scope="module")
-def segmented(slide, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hitl") / "slide.zarr"
-    proc = run_cli("segment", slide[0], "-o", out, "--tile", str(TILE), "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def reviewed(segmented, tmp_path_factory):
+def reviewed(base_store, tmp_path_factory):
     """A copy of the store reviewed through the HTTP API:
 
     tile (0, 0) corrected by the reviewer (one stroke), (0, 1) accepted unchanged, (1, 0)
     edited by the annotator only (a pending proposal), (1, 1) edited by the annotator and
     then partly repainted and accepted by the reviewer."""
     store = tmp_path_factory.mktemp("reviewed") / "slide.zarr"
-    shutil.copytree(segmented, store)
+    shutil.copytree(base_store, store)
     tokens = {r: add_user(store, r, r) for r in ("annotator", "reviewer")}
     server = Server(store)
     import requests
@@ -73,8 +65,8 @@ def _tile(a: np.ndarray, ty: int, tx: int) -> np.ndarray:
     return a[..., ty * TILE : (ty + 1) * TILE, tx * TILE : (tx + 1) * TILE]
 
 
-def test_segment_stores_tile_uncertainty_and_the_queue_follows_it(segmented, reviewed):
-    root = zarr.open_group(segmented, mode="r")
+def test_segment_stores_tile_uncertainty_and_the_queue_follows_it(base_store, reviewed):
+    root = zarr.open_group(base_store, mode="r")
     conf = root["confidence/0"][...].astype(np.float64)
     u = root["tiles/uncertainty"][...]
     ny, nx = -(-conf.shape[0] // TILE), -(-conf.shape[1] // TILE)
@@ -85,7 +77,7 @@ def test_segment_stores_tile_uncertainty_and_the_queue_follows_it(segmented, rev
     assert reviewed["lease"]["tile"] == list(np.unravel_index(np.argmax(u), u.shape))
 
 
-def test_export_corrections_round_trip(segmented, reviewed, tmp_path):
+def test_export_corrections_round_trip(base_store, reviewed, tmp_path):
     store, out = reviewed["store"], tmp_path / "corrections"
     proc = run_cli("export-corrections", store, out)
     assert proc.returncode == 0, proc.stderr
@@ -98,7 +90,7 @@ def test_export_corrections_round_trip(segmented, reviewed, tmp_path):
     assert items[(1, 0)]["state"] == "edited" and items[(1, 0)]["role"] == "annotator"
     assert items[(1, 1)]["editors"] == ["annotator", "reviewer"]
     assert all(it["model_version"] == 1 for it in items.values())
-    before, now = labels(segmented), labels(store)
+    before, now = labels(base_store), labels(store)
     image = zarr.open_array(store / "0", mode="r")[...]
     for (ty, tx), it in items.items():
         with np.load(out / it["file"]) as z:
@@ -150,7 +142,7 @@ def test_stats_per_user_and_agreement(reviewed):
     assert 0 < tile["mean_iou"] < 1 and tile["changed_px"] > 0
 
 
-def test_finetune_then_only_unreviewed_keeps_human_tiles(segmented, reviewed, slide, tmp_path):
+def test_finetune_then_only_unreviewed_keeps_human_tiles(base_store, reviewed, slide, tmp_path):
     store = reviewed["store"]
     proc = run_cli("segment", slide[0], "-o", store, "--only", "unreviewed")
     assert_user_error(proc, "in use")  # the review server holds the store
@@ -215,13 +207,13 @@ def test_finetune_then_only_unreviewed_keeps_human_tiles(segmented, reviewed, sl
     db.close()
 
 
-def test_only_unreviewed_refuses_another_image_and_unfinished_stores(segmented, tmp_path):
+def test_only_unreviewed_refuses_another_image_and_unfinished_stores(base_store, tmp_path):
     other = tmp_path / "other.png"
     from PIL import Image
 
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(other)
     assert_user_error(
-        run_cli("segment", other, "-o", segmented, "--only", "unreviewed"), "another image"
+        run_cli("segment", other, "-o", base_store, "--only", "unreviewed"), "another image"
     )
     assert_user_error(
         run_cli("segment", other, "-o", tmp_path / "none.zarr", "--only", "unreviewed"),

@@ -24,17 +24,7 @@ from PIL import Image
 from segloop.pipeline.pyramid import downsample_mode
 from segloop.review.edits import unpack
 from segloop.triton.server import free_port
-from tests.conftest import assert_user_error, run_cli
-
-TILE = 256
-
-
-@pytest.fixture(scope="module")
-def base_store(slide, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("review") / "slide.zarr"
-    proc = run_cli("segment", slide[0], "-o", out, "--tile", str(TILE), "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    return out
+from tests.conftest import TILE, assert_user_error, run_cli
 
 
 def add_user(store: Path, name: str, role: str) -> str:

@@ -152,6 +152,28 @@ def test_two_urls_share_the_work(server, repo, slide, embedded, tmp_path):
     )
 
 
+def _wait_for_shards(client: subprocess.Popen, out: Path, n: int) -> None:
+    """Until the job's manifest lists ``n`` shards (the client must still be running)."""
+    manifest = out / "segloop.manifest"
+    deadline = time.monotonic() + 120
+    while not (manifest.exists() and manifest.read_text().count("\n") >= n):
+        assert client.poll() is None, client.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def _crash(server: Server) -> list:
+    """SIGKILL `segloop triton serve` and its tritonserver child at once (a node crash);
+    returns the killed children."""
+    family = psutil.Process(server.proc.pid).children(recursive=True)
+    server.proc.send_signal(signal.SIGKILL)
+    for p in family:
+        p.kill()
+    server.proc.wait()
+    server.log.close()
+    return family
+
+
 def test_fleet_survives_one_endpoint_dying(server, slide, embedded, tmp_path):
     """Two servers in --url, one killed mid-job: it is taken out, the other finishes the
     job, and the store equals the embedded run."""
@@ -167,18 +189,8 @@ def test_fleet_survives_one_endpoint_dying(server, slide, embedded, tmp_path):
         text=True,
         env=_env(repo_b),
     )
-    manifest = out / "segloop.manifest"
-    deadline = time.monotonic() + 120
-    while not (manifest.exists() and manifest.read_text().count("\n") >= 2):
-        assert client.poll() is None, client.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    family = psutil.Process(doomed.proc.pid).children(recursive=True)
-    doomed.proc.send_signal(signal.SIGKILL)
-    for p in family:
-        p.kill()
-    doomed.proc.wait()
-    doomed.log.close()
+    _wait_for_shards(client, out, 2)
+    _crash(doomed)
     _, err = client.communicate(timeout=180)
     assert client.returncode == 0, err
     got = read_store(out)
@@ -346,19 +358,8 @@ def test_server_killed_mid_job_then_resume(slide, embedded, tmp_path):
         text=True,
         env=_env(repo),
     )
-    manifest = out / "segloop.manifest"
-    deadline = time.monotonic() + 120
-    while not (manifest.exists() and manifest.read_text().count("\n") >= 2):
-        assert client.poll() is None, client.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    # the node "crashes": `segloop triton serve` and its tritonserver child die at once
-    family = psutil.Process(server.proc.pid).children(recursive=True)
-    server.proc.send_signal(signal.SIGKILL)
-    for p in family:
-        p.kill()
-    server.proc.wait()
-    server.log.close()
+    _wait_for_shards(client, out, 2)
+    family = _crash(server)
     _, err = client.communicate(timeout=120)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert client.returncode == 2 and len(lines) == 1, err

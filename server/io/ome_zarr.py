@@ -87,6 +87,8 @@ class StoreLock:
 def remove_store(where: Path | str | Location) -> None:
     """Delete an existing output for ``--overwrite``; refuses anything that is not a store."""
     loc = Location.of(where)
+    if not loc.exists():
+        return
     if loc.local and not loc.path.is_dir():
         loc.path.unlink()
         return
