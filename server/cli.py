@@ -698,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench_serve)
     s = b.add_parser("dask", help="LocalCluster with 1 vs 2 worker processes, one run")
     s.add_argument("--size", type=parse_size, default=(4096, 4096))
-    s.add_argument("--shard", type=int, default=1024, help="one task per row of shards")
+    s.add_argument("--shard", type=int, default=512, help="one task per row of shards")
     bench_common(s)
     s.set_defaults(func=cmd_bench_dask, threads=1)
 

@@ -24,7 +24,7 @@ from segloop.synth import write_ome_tiff
 def run_dask_bench(
     size: int = 4096,
     tile: int = 512,
-    shard: int = 1024,
+    shard: int = 512,
     batch: int = 4,
     threads: int = 1,
     save: Path | None = None,
@@ -74,7 +74,7 @@ def run_dask_bench(
     )
     if save:
         save.mkdir(parents=True, exist_ok=True)
-        name = f"dask_{size}_cpu{result['machine']['cores']}"
+        name = f"dask_{size}_shard{shard}_cpu{result['machine']['cores']}"
         (save / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         w1, w2 = result["workers_1"], result["workers_2"]
         (save / f"{name}.md").write_text(
