@@ -5,6 +5,7 @@
 const state = {
   token: null, user: null, image: null, meta: null, viewer: null, seg: null,
   tool: "pan", label: 1, versions: {}, lease: null, drawing: null,
+  acks: [],  // ms from mouse-up to the server's ack, per stroke (benchmarks read it)
 };
 
 // --- login: token from ?token=… (then removed from the address bar) or sessionStorage ---
@@ -100,24 +101,108 @@ function colour(label) {
   return `rgba(${r},${g},${b},0.6)`;
 }
 
-async function sendEdit(edit) {
+// --- outbox: every edit is kept in IndexedDB until the server acknowledges it, so a
+// reload or a lost connection never loses a stroke; it is re-sent with the same
+// client_id (the server answers a re-send with the edit it already made) -----------------
+const outbox = {
+  db: null,
+  open() {
+    return new Promise((resolve, reject) => {
+      const req = indexedDB.open("segloop", 1);
+      req.onupgradeneeded = () => req.result.createObjectStore("outbox", { keyPath: "cid" });
+      req.onsuccess = () => { this.db = req.result; resolve(); };
+      req.onerror = () => reject(req.error);
+    });
+  },
+  run(mode, fn) {
+    return new Promise((resolve, reject) => {
+      const tx = this.db.transaction("outbox", mode);
+      const req = fn(tx.objectStore("outbox"));
+      tx.oncomplete = () => resolve(req.result);
+      tx.onerror = () => reject(tx.error);
+    });
+  },
+  put(entry) { return this.run("readwrite", (s) => s.put(entry)); },
+  remove(cid) { return this.run("readwrite", (s) => s.delete(cid)); },
+  async all() {
+    const rows = await this.run("readonly", (s) => s.getAll());
+    return rows.filter((r) => r.image === state.image && r.user === state.user.name)
+      .sort((a, b) => a.created - b.created);
+  },
+};
+
+function newId() {
+  return crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random()}`.slice(0, 64);
+}
+
+// the level-0 chunks a stroke or polygon can touch, with the versions this client drew on
+function baseFor(edit) {
+  if (edit.op === "fill" || edit.op === "relabel") return undefined;  // extent unknown
+  const r = edit.op === "polygon" ? 0 : edit.radius + 1;
+  const xs = edit.points.map((p) => p[0]), ys = edit.points.map((p) => p[1]);
+  const [h, w] = state.meta.shape, t = state.meta.tile;
+  const base = {};
+  for (let cy = Math.max(0, Math.floor((Math.min(...ys) - r) / t));
+    cy <= Math.min(Math.ceil(h / t) - 1, Math.floor((Math.max(...ys) + r) / t)); cy++) {
+    for (let cx = Math.max(0, Math.floor((Math.min(...xs) - r) / t));
+      cx <= Math.min(Math.ceil(w / t) - 1, Math.floor((Math.max(...xs) + r) / t)); cx++) {
+      base[`${cy}/${cx}`] = state.versions[`0/${cy}/${cx}`] || 0;
+    }
+  }
+  return base;
+}
+
+async function sendEdit(edit, released) {
+  const cid = newId();
+  const entry = { cid, image: state.image, user: state.user.name, created: Date.now(),
+                  edit: { ...edit, client_id: cid } };
+  await outbox.put(entry);
+  await deliver(entry, released);
+}
+
+// POST one outbox entry; a 409 (someone changed the chunks) is rebased: take the
+// current versions and send the same stroke again on top of their edit.
+async function deliver(entry, released) {
   status("saving…");
   try {
-    const out = await api("POST", `/api/images/${state.image}/edits`, edit);
-    refreshOverlay(out.pyramid || {});  // new versions of every level's touched chunks
-    status(out.edit_id ? `saved edit ${out.edit_id}` : "nothing changed");
+    for (let attempt = 0; attempt < 5; attempt++) {
+      const edit = { ...entry.edit, base: baseFor(entry.edit) };
+      try {
+        const out = await api("POST", `/api/images/${state.image}/edits`, edit);
+        await outbox.remove(entry.cid);
+        if (released !== undefined) state.acks.push(performance.now() - released);
+        refreshOverlay(out.pyramid || {});  // new versions of every level's touched chunks
+        status(out.edit_id ? `saved edit ${out.edit_id}` : "nothing changed");
+        loadEdits();
+        return;
+      } catch (e) {
+        if (e.status !== 409) throw e;
+        for (const [k, v] of Object.entries(e.data.versions)) state.versions[`0/${k}`] = v;
+      }
+    }
+    throw new Error("the chunks keep changing; try again");
   } catch (e) {
-    status(`edit failed: ${e.message}`);
+    if (e.status >= 400 && e.status < 500) {  // refused for good: do not re-send
+      await outbox.remove(entry.cid);
+      status(`edit failed: ${e.message}`);
+    } else {
+      status("offline: edit kept, will be re-sent");
+    }
   } finally {
     sketch();  // clears the optimistic drawing once the overlay reloads
   }
+}
+
+async function flushOutbox() {
+  if (!outbox.db || !state.user) return;
+  for (const entry of await outbox.all()) await deliver(entry);
 }
 
 function onPress(event) {
   if (state.tool === "pan" || event.button !== 0) return;
   const p = imagePoint(event);
   if (state.tool === "fill") {
-    sendEdit({ op: "fill", points: [p], label: state.label });
+    sendEdit({ op: "fill", points: [p], label: state.label }, performance.now());
     return;
   }
   if (state.tool === "polygon") {
@@ -158,14 +243,16 @@ function onRelease() {
   state.drawing = null;
   const size = Number(document.getElementById("size").value);
   sendEdit({ op: d.op, points: d.points.slice(0, 10000), label: d.op === "erase" ? 0 : state.label,
-             radius: size });
+             radius: size }, performance.now());
 }
 
 function onDoubleClick() {
   const d = state.drawing;
   if (!d || d.op !== "polygon") return;
   state.drawing = null;
-  if (d.points.length >= 3) sendEdit({ op: "polygon", points: d.points, label: state.label });
+  if (d.points.length >= 3) {
+    sendEdit({ op: "polygon", points: d.points, label: state.label }, performance.now());
+  }
 }
 
 function setTool(tool) {
@@ -194,6 +281,69 @@ async function review(stateName, extra = {}) {
   const [ty, tx] = state.lease;
   await api("PUT", `/api/images/${state.image}/review/${ty}/${tx}`, { state: stateName, ...extra });
   status(`tile ${ty},${tx}: ${stateName}`);
+  loadCoverage();
+}
+
+// --- coverage minimap: review state per tile; click to go there ---------------------------
+const STATE_COLOURS = {
+  unseen: "rgba(0,0,0,0)", in_review: "#d69e2e", accepted: "#38a169",
+  corrected: "#3182ce", flagged: "#e53e3e",
+};
+
+async function loadCoverage() {
+  const cov = await api("GET", `/api/images/${state.image}/coverage`);
+  const canvas = document.getElementById("coverage");
+  const [ny, nx] = [cov.grid.length, cov.grid[0].length];
+  const cell = Math.max(1, Math.floor(160 / Math.max(ny, nx)));
+  canvas.width = nx * cell;
+  canvas.height = ny * cell;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "rgba(255,255,255,0.08)";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  cov.grid.forEach((row, y) => row.forEach((k, x) => {
+    ctx.fillStyle = STATE_COLOURS[cov.states[k]];
+    ctx.fillRect(x * cell, y * cell, cell, cell);
+  }));
+  canvas.dataset.counts = JSON.stringify(cov.counts);
+  canvas.onclick = (e) => {
+    const t = state.meta.tile;
+    const [tx, ty] = [Math.floor(e.offsetX / cell), Math.floor(e.offsetY / cell)];
+    state.viewer.viewport.fitBounds(base().imageToViewportRectangle(tx * t, ty * t, t, t));
+  };
+}
+
+// --- recent edits: who did what; reviewers approve or reject annotators' proposals -------
+let editsTimer = null;
+function loadEdits() {
+  clearTimeout(editsTimer);
+  editsTimer = setTimeout(async () => {
+    const rows = await api("GET", `/api/images/${state.image}/edits?limit=25`);
+    const list = document.getElementById("edit-list");
+    list.replaceChildren();
+    const expert = ["reviewer", "admin"].includes(state.user.role);
+    for (const r of rows) {
+      const li = document.createElement("li");
+      li.dataset.testid = `edit-${r.id}`;
+      const when = new Date(r.created * 1000).toLocaleTimeString();
+      li.textContent = `#${r.id} ${r.user} ${r.op}${r.label == null ? "" : ` → ${state.meta.classes[r.label]}`} ${when}${r.undone ? " (undone)" : ""} `;
+      if (r.status !== "applied") li.append(Object.assign(document.createElement("em"), { textContent: r.status }));
+      if (expert && r.status === "proposed") {
+        for (const decision of ["approve", "reject"]) {
+          const b = document.createElement("button");
+          b.textContent = decision;
+          b.dataset.testid = `${decision}-${r.id}`;
+          b.onclick = async () => {
+            const out = await api("POST", `/api/images/${state.image}/edits/${r.id}/decision`, { decision });
+            refreshOverlay(out.revert?.pyramid || {});
+            status(`edit ${r.id} ${out.status}`);
+            loadEdits();
+          };
+          li.append(" ", b);
+        }
+      }
+      list.append(li);
+    }
+  }, 200);
 }
 
 async function undoRedo(op) {
@@ -208,11 +358,14 @@ async function undoRedo(op) {
 function listen() {
   const proto = location.protocol === "https:" ? "wss" : "ws";
   const ws = new WebSocket(`${proto}://${location.host}/api/images/${state.image}/live?token=${state.token}`);
+  ws.onopen = () => flushOutbox();  // (re)connected: send what a lost connection held back
   ws.onmessage = (m) => {
     const event = JSON.parse(m.data);
-    if (event.type === "chunks") refreshOverlay(event.versions);
+    if (event.type === "chunks") { refreshOverlay(event.versions); loadEdits(); }
+    if (event.type === "review") loadCoverage();
   };
   ws.onclose = () => setTimeout(listen, 2000);
+  state.ws = ws;
 }
 
 // --- start -------------------------------------------------------------------------------
@@ -231,6 +384,8 @@ async function start() {
   const wanted = new URL(location.href).searchParams.get("image");
   state.meta = images.find((i) => i.name === wanted) || images[0];
   state.image = state.meta.name;
+  state.versions = await api("GET", `/api/images/${state.image}/versions`);
+  await outbox.open();
   document.getElementById("image-name").textContent = `${state.image} — ${state.user.name} (${state.user.role})`;
   const select = document.getElementById("class");
   state.meta.classes.forEach((c, i) => select.add(new Option(`${i} ${c}`, i)));
@@ -281,6 +436,9 @@ async function start() {
       setTool({ b: "brush", e: "erase", p: "polygon", f: "fill" }[e.key]);
     }
   });
+  window.addEventListener("online", flushOutbox);
+  loadCoverage();
+  loadEdits();
   listen();
   status("ready");
 }

@@ -35,6 +35,7 @@ ROUTES = [
     ("GET", "/metrics", "metrics", "viewer"),
     ("GET", "/api/images", tiles.list_images, "viewer"),
     ("GET", "/api/images/{image}", tiles.get_image, "viewer"),
+    ("GET", "/api/images/{image}/versions", tiles.get_versions, "viewer"),
     ("GET", "/api/images/{image}/tiles/{layer}/{level}/{ty}/{tx}", tiles.get_tile, "viewer"),
     ("POST", "/api/images/{image}/edits", handlers.post_edit, "annotator"),
     ("GET", "/api/images/{image}/edits", handlers.history, "viewer"),

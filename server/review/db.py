@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS edits (
     reverts INTEGER REFERENCES edits(id),   -- undo: the edit it reverts; redo: the undo
     undone INTEGER NOT NULL DEFAULT 0,      -- 1 while reverted by an undo
     status TEXT NOT NULL DEFAULT 'applied', -- annotators: proposed → approved/rejected
-    applied INTEGER NOT NULL DEFAULT 0);    -- 1 once written to zarr
+    applied INTEGER NOT NULL DEFAULT 0,     -- 1 once written to zarr
+    client_id TEXT UNIQUE);                 -- the client's id of the edit (re-sends)
 CREATE INDEX IF NOT EXISTS edits_user ON edits(user_id, id);
 CREATE INDEX IF NOT EXISTS edits_pending ON edits(applied) WHERE applied = 0;
 CREATE TABLE IF NOT EXISTS versions (

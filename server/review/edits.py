@@ -33,7 +33,9 @@ class Edit(msgspec.Struct, forbid_unknown_fields=True):
     polygon ``points``), fill (flood fill of the 4-connected same-label region at
     ``points[0]``), relabel (the 8-connected component at ``points[0]``). ``label``: new
     class (erase → 0). ``base``: {"cy/cx": version} of the chunks the client drew on; a
-    different current version → 409 (omitted = no check).
+    different current version → 409 (omitted = no check). ``client_id``: the client's
+    own id of this edit (≤ 64 chars); re-sending it (lost ack, reload) returns the edit
+    already made instead of applying it twice.
     """
 
     op: Literal["brush", "erase", "polygon", "fill", "relabel"]
@@ -41,6 +43,7 @@ class Edit(msgspec.Struct, forbid_unknown_fields=True):
     label: int = 0
     radius: int = 8
     base: dict[str, int] | None = None
+    client_id: str | None = None
 
 
 class BadEdit(ValueError):
@@ -60,6 +63,8 @@ def validate(edit: Edit, shape: tuple[int, int], n_classes: int) -> None:
     for x, y in edit.points:
         if not (0 <= x < w and 0 <= y < h):
             raise BadEdit(f"point ({x}, {y}) is outside the {w}×{h} image")
+    if edit.client_id is not None and not 0 < len(edit.client_id) <= 64:
+        raise BadEdit("client_id must be 1 to 64 characters")
     if edit.op == "polygon" and len(edit.points) < 3:
         raise BadEdit("a polygon needs at least 3 points")
     for key in edit.base or {}:

@@ -23,7 +23,17 @@ import zarr
 from segloop.io.ome_zarr import StoreLock, array_path, read_record
 from segloop.pipeline.pyramid import downsample_mode
 from segloop.review.db import ReviewDB
-from segloop.review.edits import Delta, Edit, box, chunk_keys, pack, rasterise, unpack, validate
+from segloop.review.edits import (
+    BadEdit,
+    Delta,
+    Edit,
+    box,
+    chunk_keys,
+    pack,
+    rasterise,
+    unpack,
+    validate,
+)
 
 SEG = "segmentation"
 
@@ -189,13 +199,14 @@ class ReviewImage:
         reverts: int | None = None,
         status: str = "applied",
         undone: tuple[int, int] | None = None,
+        client_id: str | None = None,
     ) -> tuple[int, dict[str, int]]:
         """Commit the edit + new versions (fsync'd), then write zarr, then mark applied."""
         touched = self._touched(delta)  # versions of every level's rewritten chunks
         with self.db.tx() as c:
             cur = c.execute(
                 "INSERT INTO edits (user_id, created, op, label, body, chunks, delta, pixels,"
-                " reverts, status) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " reverts, status, client_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     user["id"],
                     time.time(),
@@ -207,6 +218,7 @@ class ReviewImage:
                     sum(len(i) for i, _, _ in delta.values()),
                     reverts,
                     status,
+                    client_id,
                 ),
             )
             if undone is not None:
@@ -241,6 +253,19 @@ class ReviewImage:
 
     def _apply(self, edit: Edit, user: dict) -> dict[str, Any]:
         validate(edit, self.shape, len(self.classes))
+        if edit.client_id is not None:  # a re-send of an edit already made: its result
+            with self.db.lock:
+                row = self.db.conn.execute(
+                    "SELECT id, user_id, chunks, status FROM edits WHERE client_id = ?",
+                    (edit.client_id,),
+                ).fetchone()
+            if row is not None and row["user_id"] != user["id"]:
+                raise BadEdit("client_id is taken by another user's edit; use a fresh one")
+            if row is not None:
+                keys = [tuple(map(int, k.split("/"))) for k in json.loads(row["chunks"])]
+                versions = {f"{cy}/{cx}": self.version(SEG, 0, cy, cx) for cy, cx in keys}
+                return {"edit_id": row["id"], "versions": versions, "status": row["status"],
+                        "duplicate": True, "changed_px": 0}  # fmt: skip
         if edit.base:
             current = {k: self.version(SEG, 0, *map(int, k.split("/"))) for k in edit.base}
             if current != edit.base:
@@ -272,7 +297,9 @@ class ReviewImage:
         if not delta:
             return {"edit_id": None, "versions": {}, "changed_px": 0}
         body = msgspec_to_dict(edit)
-        edit_id, versions = self._commit(user, edit.op, edit.label, body, delta, status=status)
+        edit_id, versions = self._commit(
+            user, edit.op, edit.label, body, delta, status=status, client_id=edit.client_id
+        )
         return {
             "edit_id": edit_id,
             "versions": _level0(versions),

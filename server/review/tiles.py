@@ -57,6 +57,19 @@ async def get_image(request: web.Request) -> web.Response:
     return web.json_response(describe(image_of(request)))
 
 
+async def get_versions(request: web.Request) -> web.Response:
+    """{"level/cy/cx": version} of every segmentation chunk edited so far (clients put
+    them in tile URLs and send the level-0 ones as an edit's ``base``)."""
+    img = image_of(request)
+    return web.json_response(
+        {
+            f"{lv}/{cy}/{cx}": v
+            for (layer, lv, cy, cx), v in dict(img.versions).items()
+            if layer == SEG
+        }
+    )
+
+
 def _parse(request: web.Request, img: ReviewImage) -> tuple[str, int, int, int]:
     layer = request.match_info["layer"]
     if layer not in LAYERS:
