@@ -6,6 +6,7 @@ const state = {
   token: null, user: null, image: null, meta: null, viewer: null, seg: null,
   tool: "pan", label: 1, versions: {}, lease: null, drawing: null,
   acks: [],  // ms from mouse-up to the server's ack, per stroke (benchmarks read it)
+  firstTileMs: null,  // ms from navigation start to the first tile loaded
 };
 
 // --- login: token from ?token=… (then removed from the address bar) or sessionStorage ---
@@ -71,10 +72,12 @@ function refreshOverlay(versions) {
 // coordinates through the image layer itself (the viewport's are ambiguous with 2 layers)
 function base() { return state.viewer.world.getItemAt(0); }
 
+// (x, y) in level-0 pixels, clamped to the image: a stroke may run past its edge
 function imagePoint(event) {
   const p = base().viewerElementToImageCoordinates(
     new OpenSeadragon.Point(event.offsetX, event.offsetY));
-  return [Math.round(p.x), Math.round(p.y)];
+  const [h, w] = state.meta.shape;
+  return [Math.min(w - 1, Math.max(0, Math.round(p.x))), Math.min(h - 1, Math.max(0, Math.round(p.y)))];
 }
 
 function sketch() {
@@ -405,6 +408,7 @@ async function start() {
     imageLoaderLimit: 8,
     gestureSettingsMouse: { clickToZoom: false },
   });
+  state.viewer.addOnceHandler("tile-loaded", () => { state.firstTileMs = performance.now(); });
   state.viewer.addTiledImage({
     tileSource: tileSource("segmentation"), opacity: 0.5,
     success: (e) => { state.seg = e.item; },

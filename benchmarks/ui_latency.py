@@ -1,0 +1,205 @@
+"""Review UI latency in a real browser (Debian's Chromium via Playwright) against a real
+`segloop serve` on loopback.
+
+- first tile: navigation start → the first tile loaded (``state.firstTileMs``), each load
+  in a fresh browser context (empty cache); target < 300 ms
+- stroke ack: mouse-up → the server's 200 for that stroke (``state.acks``); target
+  p99 < 100 ms
+- pan: bytes of tiles fetched while panning across the whole image at one level,
+  against that level's raw size (what a viewer that loads the level whole would move)
+
+``python benchmarks/ui_latency.py [--size 4096] [--loads 10] [--strokes 40]``
+writes ``benchmarks/results/ui_latency_<size>_cpu<N>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import requests
+from playwright.sync_api import sync_playwright
+
+from segloop.bench.segment import machine
+from segloop.triton.server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+VIEWPORT = {"width": 1280, "height": 800}
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+
+
+def cli(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "segloop", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.stderr)
+    return proc.stdout
+
+
+def summary(values: list[float], count: str, high: int) -> dict:
+    """p50, p<high>, max (ms, 0.1) and how many."""
+    p = np.percentile(values, [50, high])
+    return {"p50": round(float(p[0]), 1), f"p{high}": round(float(p[1]), 1),
+            "max": round(max(values), 1), count: len(values)}  # fmt: skip
+
+
+def wait_loaded(page) -> None:
+    page.wait_for_function(
+        "() => state.seg && state.seg.getFullyLoaded()"
+        " && state.viewer.world.getItemAt(0).getFullyLoaded()",
+        timeout=60_000,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--loads", type=int, default=10)
+    ap.add_argument("--strokes", type=int, default=40)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    tmp = Path(tempfile.mkdtemp(prefix="segloop-ui-bench-"))
+    slide, store = tmp / "slide.ome.tif", tmp / "slide.zarr"
+    cli("synth", str(slide), "--size", str(args.size), "--quiet")
+    cli("segment", str(slide), "-o", str(store), "--quiet")
+    token = cli("users", "add", "bench", "--role", "reviewer", "--store", str(store))
+    token = token.strip().splitlines()[-1]
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "segloop", "serve", str(store), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            requests.get(f"{base}/api/health", timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    meta = requests.get(
+        f"{base}/api/images/slide", headers={"Authorization": f"Bearer {token}"}, timeout=10
+    ).json()
+    result: dict = {"date": date.today().isoformat(), "machine": machine(), "size": args.size,
+                    "tile": meta["tile"], "viewport": VIEWPORT}  # fmt: skip
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=ARGS)
+            first = []
+            for _ in range(args.loads):
+                ctx = browser.new_context(viewport=VIEWPORT)
+                page = ctx.new_page()
+                page.goto(f"{base}/?token={token}")
+                page.wait_for_function("state.firstTileMs !== null", timeout=60_000)
+                first.append(page.evaluate("state.firstTileMs"))
+                ctx.close()
+            result["first_tile_ms"] = summary(first, "loads", 90)
+
+            ctx = browser.new_context(viewport=VIEWPORT)
+            page = ctx.new_page()
+            page.goto(f"{base}/?token={token}")
+            page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+            wait_loaded(page)
+            page.get_by_test_id("tool-brush").click()
+            page.get_by_test_id("size").fill("20")
+            page.get_by_test_id("class").select_option("2")
+            box = page.get_by_test_id("viewer").bounding_box()
+            rng = np.random.default_rng(0)
+            for _ in range(args.strokes):
+                x = box["x"] + box["width"] * rng.uniform(0.1, 0.8)
+                y = box["y"] + box["height"] * rng.uniform(0.1, 0.8)
+                n = page.evaluate("state.acks.length")
+                page.mouse.move(x, y)
+                page.mouse.down()
+                for k in range(1, 9):
+                    page.mouse.move(x + 5 * k, y + 2 * k)
+                page.mouse.up()
+                try:
+                    page.wait_for_function(f"state.acks.length > {n}", timeout=60_000)
+                except Exception:
+                    raise SystemExit(
+                        "no ack: " + page.evaluate("document.getElementById('status').textContent")
+                    ) from None
+            acks = page.evaluate("state.acks")
+            result["stroke_ack_ms"] = summary(acks, "strokes", 99)
+
+            # pan across the image at level 1 (one screen px = 2 image px)
+            level = 1
+            page.get_by_test_id("tool-pan").click()
+            page.evaluate("performance.clearResourceTimings()")
+            page.evaluate(
+                """(level) => {
+                const item = state.viewer.world.getItemAt(0);
+                const vp = state.viewer.viewport;
+                const zoom = item.imageToViewportZoom(1 / 2 ** level);
+                vp.zoomTo(zoom, null, true);
+                const w = vp.getBounds().width;
+                vp.panTo(new OpenSeadragon.Point(w / 2, vp.getCenter().y), true);
+            }""",
+                level,
+            )
+            wait_loaded(page)
+            steps = 0
+            while page.evaluate(
+                "state.viewer.viewport.getBounds().x + state.viewer.viewport.getBounds().width < 1"
+            ):
+                page.evaluate(
+                    "state.viewer.viewport.panBy(new OpenSeadragon.Point("
+                    "state.viewer.viewport.getBounds().width / 2, 0), true)"
+                )
+                wait_loaded(page)
+                steps += 1
+            fetched = page.evaluate(
+                """() => performance.getEntriesByType('resource')
+                .filter((e) => e.name.includes('/tiles/'))
+                .reduce((s, e) => s + e.transferSize, 0)"""
+            )
+            bounds = page.evaluate("state.viewer.viewport.getBounds()")
+            h, w = meta["level_shapes"][level]
+            band = min(h, round(bounds["height"] * meta["shape"][1] / 2**level)) * w
+            result["pan"] = {
+                "level": level,
+                "steps": steps,
+                "fetched_bytes": int(fetched),
+                "band_raw_bytes": int(band * 3),
+                "level_raw_bytes": int(h * w * 3),
+                "fetched_vs_band_raw": round(fetched / (band * 3), 3),
+                "fetched_vs_level_raw": round(fetched / (h * w * 3), 3),
+            }
+            ctx.close()
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"ui_latency_{args.size}_cpu{os.cpu_count()}"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    f, a, pan = result["first_tile_ms"], result["stroke_ack_ms"], result["pan"]
+    (args.out / f"{name}.md").write_text(
+        f"# Review UI latency, {args.size}² store, {result['date']}\n\n"
+        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; Chromium "
+        f"(Debian) headless via Playwright, server and browser on the same machine.\n\n"
+        "| metric | value | target |\n|---|---|---|\n"
+        f"| navigation → first tile (p50 / p90, {f['loads']} cold loads) | {f['p50']} / "
+        f"{f['p90']} ms | < 300 ms |\n"
+        f"| mouse-up → stroke ack (p50 / p99, {a['strokes']} strokes) | {a['p50']} / "
+        f"{a['p99']} ms | p99 < 100 ms |\n"
+        f"| pan across the image at level {pan['level']}: tile bytes fetched | "
+        f"{pan['fetched_bytes']:,} B = {pan['fetched_vs_band_raw']} × the raw band viewed, "
+        f"{pan['fetched_vs_level_raw']} × the raw level | |\n"
+    )
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
