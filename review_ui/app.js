@@ -7,6 +7,7 @@ const state = {
   tool: "pan", label: 1, versions: {}, lease: null, drawing: null,
   acks: [],  // ms from mouse-up to the server's ack, per stroke (benchmarks read it)
   firstTileMs: null,  // ms from navigation start to the first tile loaded
+  posts: [],  // ms of the POST alone, per stroke
 };
 
 // --- login: token from ?token=… (then removed from the address bar) or sessionStorage ---
@@ -55,8 +56,9 @@ function tileSource(layer) {
 // versions; unchanged tiles come from the browser cache), then drop the old one, so the
 // overlay never blinks.
 function refreshOverlay(versions) {
+  const changed = Object.keys(versions).filter((k) => state.versions[k] !== versions[k]);
   Object.assign(state.versions, versions);
-  if (!state.seg || !Object.keys(versions).length) return;
+  if (!state.seg || !changed.length) return;  // e.g. the live echo of our own edit
   const old = state.seg;
   state.viewer.addTiledImage({
     tileSource: tileSource("segmentation"), opacity: old.getOpacity(),
@@ -171,9 +173,13 @@ async function deliver(entry, released) {
     for (let attempt = 0; attempt < 5; attempt++) {
       const edit = { ...entry.edit, base: baseFor(entry.edit) };
       try {
+        const t0 = performance.now();
         const out = await api("POST", `/api/images/${state.image}/edits`, edit);
+        if (released !== undefined) {
+          state.acks.push(performance.now() - released);
+          state.posts.push(performance.now() - t0);
+        }
         await outbox.remove(entry.cid);
-        if (released !== undefined) state.acks.push(performance.now() - released);
         refreshOverlay(out.pyramid || {});  // new versions of every level's touched chunks
         status(out.edit_id ? `saved edit ${out.edit_id}` : "nothing changed");
         loadEdits();

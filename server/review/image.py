@@ -79,6 +79,7 @@ class ReviewImage:
 
     # --- arrays and locks --------------------------------------------------------------
 
+    @functools.cache  # noqa: B019 - opening an array reads its metadata: once per image
     def array(self, layer: str, level: int) -> zarr.Array:
         return self.root[array_path(layer, level)]
 
