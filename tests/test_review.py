@@ -260,6 +260,23 @@ def test_two_editors_one_chunk_rebase(env):
     assert lab[1050, 1050] == 2 and lab[1200, 1200] == 1
 
 
+def test_resent_client_id_is_applied_once(env):
+    """A lost ack makes the client send the same edit again: the server answers with the
+    edit it already made, and another user cannot reuse the id."""
+    body = {"op": "brush", "points": [[300, 700]], "label": 2, "radius": 6, "client_id": "c-1"}
+    first = call(env, "POST", "/api/images/slide/edits", "reviewer", json=body).json()
+    again = call(env, "POST", "/api/images/slide/edits", "reviewer", json=body).json()
+    assert again["edit_id"] == first["edit_id"] and again["duplicate"] is True
+    assert again["versions"] == first["versions"]
+    history = call(env, "GET", "/api/images/slide/edits?limit=1000").json()
+    assert sum(1 for e in history if e["id"] == first["edit_id"]) == 1
+    r = call(env, "POST", "/api/images/slide/edits", "reviewer2", json=body)
+    assert r.status_code == 400 and "client_id" in r.json()["error"]
+    body["client_id"] = "x" * 65
+    r = call(env, "POST", "/api/images/slide/edits", "reviewer", json=body)
+    assert r.status_code == 400
+
+
 def test_annotator_proposals_and_rejection(env):
     store = env["store"]
     before = labels(store)[100, 1250]
