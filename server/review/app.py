@@ -182,7 +182,7 @@ def openapi_spec() -> dict:
             )
         paths.setdefault(path, {})[method.lower()] = op
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "segloop review API", "version": "1"},
         "paths": paths,
         "components": {
