@@ -388,13 +388,13 @@ async function start() {
     };
     return;
   }
-  state.user = await api("GET", "/api/me");
-  const images = await api("GET", "/api/images");
+  const [user, images] = await Promise.all([api("GET", "/api/me"), api("GET", "/api/images")]);
+  state.user = user;
   const wanted = new URL(location.href).searchParams.get("image");
   state.meta = images.find((i) => i.name === wanted) || images[0];
   state.image = state.meta.name;
-  state.versions = await api("GET", `/api/images/${state.image}/versions`);
-  await outbox.open();
+  [state.versions] = await Promise.all([
+    api("GET", `/api/images/${state.image}/versions`), outbox.open()]);
   document.getElementById("image-name").textContent = `${state.image} — ${state.user.name} (${state.user.role})`;
   const select = document.getElementById("class");
   state.meta.classes.forEach((c, i) => select.add(new Option(`${i} ${c}`, i)));
