@@ -17,6 +17,7 @@ from segloop.errors import UserError
 from segloop.io.location import Location, is_url
 
 CHANNEL_AXES = ("C", "S")
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTIFF
 
 
 class ImageSource:
@@ -144,6 +145,9 @@ def open_image(path: str | Path) -> ImageSource:
             return zarr_source.open_zarr(loc)
         if not loc.exists():
             raise UserError(f"input not found: {path}")
+        with loc.fs.open(loc.url, "rb") as f:
+            if f.read(4) not in TIFF_MAGIC:
+                raise UserError(f"{path}: remote inputs must be TIFF/OME-TIFF or (OME-)Zarr")
         return tiff.open_tiff(loc)
     p = Path(path)
     if not p.exists():
@@ -156,7 +160,7 @@ def open_image(path: str | Path) -> ImageSource:
         raise UserError(f"{p} is an empty file")
     with p.open("rb") as f:
         magic = f.read(8)
-    if magic[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if magic[:4] in TIFF_MAGIC:
         return tiff.open_tiff(p)
     if magic.startswith(b"\x89PNG") or magic.startswith(b"\xff\xd8\xff"):
         return pillow.open_pillow(p)

@@ -431,10 +431,10 @@ def segment(
     )
     advance = _progress(progress, done_px, total)
     version = card.get("version") or 0
-    writer = _ShardWriter(store, advance, version, manifest)
-    todo = (key for key in grid.shards() if (0, *key) not in manifest)
     try:
         if cluster is None:
+            writer = _ShardWriter(store, advance, version, manifest)
+            todo = (key for key in grid.shards() if (0, *key) not in manifest)
             wall, stages = _run_stages(
                 src, rt, grid, opts, todo, writer, out, finish=writer.pyramid.complete
             )
