@@ -4,6 +4,7 @@ fresh interpreter), on small inputs."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -67,3 +68,25 @@ def test_cuda_kernels_match_cpu_twins(simulated):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "parity ok" in proc.stdout
+
+
+def test_gpu_kernel_benchmark_script_runs_under_the_simulator(tmp_path):
+    """benchmarks/gpu/kernels.py (for the lent GPU) stays runnable: tiny shapes, simulator;
+    its rates are null there (the simulator's timer reads 0)."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "NUMBA_CACHE_DIR": str(ROOT / ".numba_cache"),
+        "NUMBA_ENABLE_CUDASIM": "1",
+    }
+    script = ROOT / "benchmarks" / "gpu" / "kernels.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--small", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    assert result["device"] == "simulator" and result["window"] == 32 and result["core"] == 16
+    assert {"copy_gb_s", "pre_gb_s", "post_gb_s", "pre_vs_copy", "post_vs_copy"} <= set(result)
