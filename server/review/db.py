@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from segloop.review.edits import unpack
+
 DB_NAME = "review.sqlite"
 ROLES = ("viewer", "annotator", "reviewer", "admin")  # each includes the ones before
 STATES = ("unseen", "in_review", "accepted", "corrected", "flagged")
@@ -125,6 +127,21 @@ class ReviewDB:
                 "SELECT cy, cx, version FROM versions WHERE layer = ? AND level = ?", (layer, level)
             ).fetchall()
         return {(r["cy"], r["cx"]): r["version"] for r in rows}
+
+    def edits_by_tile(self) -> dict[tuple[int, int], list[dict[str, Any]]]:
+        """Every edit with its author, per level-0 tile it touched, newest first; deltas
+        unpacked (export and agreement rewind them)."""
+        out: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT e.id, e.created, e.op, e.status, e.chunks, e.delta, u.name AS user, "
+                "u.role FROM edits e JOIN users u ON u.id = e.user_id ORDER BY e.id DESC"
+            ).fetchall()
+        for r in rows:
+            row = {**dict(r), "delta": unpack(r["delta"])}
+            for key in json.loads(row["chunks"]):
+                out.setdefault(tuple(map(int, key.split("/"))), []).append(row)
+        return out
 
     @staticmethod
     def human_tiles(store: Path) -> set[tuple[int, int]]:

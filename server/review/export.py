@@ -34,7 +34,7 @@ import zarr
 from segloop.errors import UserError
 from segloop.io.ome_zarr import array_path, read_record
 from segloop.review.db import DB_NAME, FINAL_STATES, ReviewDB
-from segloop.review.edits import rewind, unpack
+from segloop.review.edits import rewind
 
 FORMAT = "segloop-corrections"
 FORMAT_VERSION = 1
@@ -65,16 +65,7 @@ def _rows(db: ReviewDB) -> tuple[dict, dict]:
                 f"WHERE r.state IN {FINAL_STATES}"
             )
         }
-        edits: dict[tuple[int, int], list[dict]] = {}
-        for r in db.conn.execute(
-            "SELECT e.id, e.created, e.op, e.status, e.chunks, e.delta, u.name AS user, "
-            "u.role FROM edits e JOIN users u ON u.id = e.user_id ORDER BY e.id DESC"
-        ):
-            row = dict(r)
-            row["delta"] = unpack(row["delta"])
-            for key in json.loads(row["chunks"]):
-                edits.setdefault(tuple(map(int, key.split("/"))), []).append(row)
-    return states, edits
+    return states, db.edits_by_tile()
 
 
 def export_corrections(

@@ -10,14 +10,13 @@ changed nothing.
 
 from __future__ import annotations
 
-import json
 import statistics
 from typing import Any
 
 import numpy as np
 
 from segloop.review.db import FINAL_STATES
-from segloop.review.edits import rewind, unpack
+from segloop.review.edits import rewind
 from segloop.review.image import SEG, ReviewImage
 from segloop.scores import iou
 
@@ -72,10 +71,6 @@ def user_stats(img: ReviewImage) -> list[dict[str, Any]]:
 def agreement(img: ReviewImage) -> dict[str, Any]:
     """Annotator–reviewer IoU on doubly-seen tiles (see the module docstring)."""
     with img.db.lock:
-        rows = img.db.conn.execute(
-            "SELECT e.id, e.chunks, e.delta, u.name, u.role FROM edits e "
-            "JOIN users u ON u.id = e.user_id ORDER BY e.id DESC"
-        ).fetchall()
         final = {
             (r["cy"], r["cx"]): r["name"]
             for r in img.db.conn.execute(
@@ -83,29 +78,25 @@ def agreement(img: ReviewImage) -> dict[str, Any]:
                 f"WHERE r.state IN {FINAL_STATES} AND u.role IN {EXPERTS}"
             )
         }
-    per_tile: dict[str, list] = {}
-    for r in rows:  # newest first
-        for key in json.loads(r["chunks"]):
-            per_tile.setdefault(key, []).append(r)
     tiles = []
-    for key, tile_edits in sorted(per_tile.items()):
-        cy, cx = map(int, key.split("/"))
+    for (cy, cx), tile_edits in sorted(img.db.edits_by_tile().items()):
+        key = f"{cy}/{cx}"
         last = next((i for i, e in enumerate(tile_edits) if e["role"] == "annotator"), None)
         if last is None:
             continue
         after = tile_edits[:last]  # everything newer than the annotator's last edit
-        expert = next((e["name"] for e in after if e["role"] in EXPERTS), final.get((cy, cx)))
+        expert = next((e["user"] for e in after if e["role"] in EXPERTS), final.get((cy, cx)))
         if expert is None:
             continue
         now = img.read_chunk(SEG, 0, cy, cx)
-        theirs = rewind(now, key, [unpack(e["delta"]) for e in after])
+        theirs = rewind(now, key, [e["delta"] for e in after])
         scores = iou(theirs, now, img.classes)
         seen = np.union1d(np.unique(theirs), np.unique(now))
         present = [scores[img.classes[k]] for k in seen if k < len(img.classes)]
         tiles.append(
             {
                 "tile": [cy, cx],
-                "annotator": tile_edits[last]["name"],
+                "annotator": tile_edits[last]["user"],
                 "reviewer": expert,
                 "iou": scores,
                 "mean_iou": float(np.mean(present)),
