@@ -81,7 +81,23 @@ def call(env, method: str, path: str, who: str = "reviewer", **kw) -> requests.R
 
 
 def labels(store: Path, level: int = 0) -> np.ndarray:
+    """The store's labels once every acknowledged edit is in zarr: the server writes the
+    shards behind the answer and marks each edit applied (within ms; 10 s at most here)."""
+    wait_applied(store)
     return zarr.open_array(store / f"labels/segmentation/{level}", mode="r")[...]
+
+
+def wait_applied(store: Path, timeout: float = 10) -> None:
+    if not (store / "review.sqlite").exists():
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        with sqlite3.connect(store / "review.sqlite") as db:
+            pending = db.execute("SELECT count(*) FROM edits WHERE applied = 0").fetchone()[0]
+        if not pending:
+            return
+        assert time.monotonic() < deadline, f"{pending} acknowledged edits not in zarr"
+        time.sleep(0.01)
 
 
 # --- auth and bad input -----------------------------------------------------------------
@@ -215,7 +231,20 @@ def test_edit_undo_redo_and_pyramid(env):
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["changed_px"] > 0 and out["versions"][f"{y // TILE}/{x // TILE}"] == 1
+    # the tile answers the new labels at once, before the shard write behind the ack
+    tile = call(
+        env,
+        "GET",
+        f"/api/images/slide/tiles/segmentation/0/{y // TILE}/{x // TILE}?v=1",
+        headers={"Accept": "application/octet-stream"},
+    )
+    assert tile.headers["ETag"].endswith('-v1-raw"')
     after = labels(store)
+    ty, tx = (y // TILE) * TILE, (x // TILE) * TILE
+    expected = after[ty : ty + TILE, tx : tx + TILE]
+    np.testing.assert_array_equal(
+        np.frombuffer(tile.content, np.uint8).reshape(expected.shape), expected
+    )
     assert after[y, x] == 2 and after[y + 10, x + 40] == 2
     assert np.count_nonzero(after != before) == out["changed_px"]
     np.testing.assert_array_equal(labels(store, 1), downsample_mode(after))

@@ -1,10 +1,12 @@
 """``segloop bench serve``: review-server latency on loopback, bounded load.
 
-A fresh store (synthetic slide segmented with tile 256) is served by a real ``segloop
+A fresh store (synthetic slide segmented with ``tile``) is served by a real ``segloop
 serve`` process. ``clients`` concurrent aiohttp clients fetch every tile of every layer and
-level once (cold: nothing cached, each a zarr read + encode), then all again with
-``If-None-Match`` (304s), then one client sends 200-point strokes of radius 40 (edit round
-trip: validation, SQLite commit with fsync, zarr rewrite of level 0 and the pyramid).
+level once (cold: a fresh server, each a zarr read + encode), then all again with no
+browser cache (server-cached: the server's encoded-tile cache answers), then all again
+with ``If-None-Match`` (304s); then one client sends 200-point strokes of radius 40 (edit
+round trip: validation, rasterising, SQLite commit with fsync; the shards are rewritten
+behind the answer).
 Client and server share the machine's cores, so the numbers include the client's cost.
 """
 
@@ -144,6 +146,8 @@ def run_serve_bench(
             random.Random(1).shuffle(urls)
             log(f"{len(urls)} cold tiles, {clients} clients …")
             cold, etags, cold_s = asyncio.run(_load(base, token, urls, clients, None))
+            log("the same tiles again, no browser cache (server's tile cache) …")
+            cached, _, cached_s = asyncio.run(_load(base, token, urls, clients, None))
             log("the same tiles with If-None-Match …")
             hit, _, hit_s = asyncio.run(_load(base, token, urls, clients, etags))
             log(f"{edits} edits (200 points, radius 40) …")
@@ -157,6 +161,7 @@ def run_serve_bench(
         "tile": tile,
         "clients": clients,
         "cold_tiles": {**_pct(cold), "tiles_s": round(len(cold) / cold_s, 1)},
+        "server_cached_tiles": {**_pct(cached), "tiles_s": round(len(cached) / cached_s, 1)},
         "not_modified": {**_pct(hit), "tiles_s": round(len(hit) / hit_s, 1)},
         "edit_round_trip": _pct(edit_lat),
         "machine": machine(),

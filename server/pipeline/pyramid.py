@@ -35,15 +35,19 @@ def downsample_mean(a: np.ndarray) -> np.ndarray:
 
 
 def downsample_mode(a: np.ndarray) -> np.ndarray:
-    """(h, w) labels → (⌈h/2⌉, ⌈w/2⌉): most frequent of each 2×2 block, ties → top-left."""
+    """(h, w) labels → (⌈h/2⌉, ⌈w/2⌉): most frequent of each 2×2 block, ties → top-left.
+
+    With blocks [[a, b], [c, d]]: a wins when it occurs twice or more (no other value can
+    then occur more often); otherwise a pair among b, c, d wins (b if b == c or b == d,
+    else c if c == d), and four distinct values tie to a."""
     a = _pad_even(a)
-    quad = [a[::2, ::2], a[::2, 1::2], a[1::2, ::2], a[1::2, 1::2]]
-    counts = [sum((q == p).astype(np.uint8) for p in quad) for q in quad]
-    best, top = quad[0].copy(), counts[0]
-    for q, n in zip(quad[1:], counts[1:], strict=True):
-        better = n > top
-        best[better] = q[better]
-        top = np.maximum(top, n)
+    tl, tr, bl, br = a[::2, ::2], a[::2, 1::2], a[1::2, ::2], a[1::2, 1::2]
+    best = tl.copy()
+    alone = (tl != tr) & (tl != bl) & (tl != br)
+    pick_tr = alone & ((tr == bl) | (tr == br))
+    best[pick_tr] = tr[pick_tr]
+    pick_bl = alone & ~pick_tr & (bl == br)
+    best[pick_bl] = bl[pick_bl]
     return best
 
 

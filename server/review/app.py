@@ -205,6 +205,7 @@ def create_app(stores: list[Path]) -> web.Application:
     app["metrics"] = Metrics()
     app["openapi"] = openapi_spec()
     app["loop_pool"] = ThreadPoolExecutor(8, thread_name_prefix="segloop-tiles")
+    app["tile_cache"] = tiles.EncodedTiles()
     local = {
         "health": health,
         "metrics": metrics,

@@ -9,14 +9,13 @@ after a crash idempotent.
 
 from __future__ import annotations
 
-import itertools
 from typing import Literal
 
 import msgspec
 import numpy as np
 from numcodecs import Zstd
 from scipy import ndimage
-from skimage.draw import disk, polygon
+from skimage.draw import polygon
 
 MAX_POINTS = 10_000
 MAX_RADIUS = 256
@@ -98,15 +97,7 @@ def rasterise(edit: Edit, region: np.ndarray, origin: tuple[int, int]) -> np.nda
     oy, ox = origin
     label = 0 if edit.op == "erase" else edit.label
     if edit.op in ("brush", "erase"):
-        pts = np.asarray(edit.points, np.float64)
-        step = max(1.0, edit.radius / 2)
-        centres = [pts[0]]
-        for a, b in itertools.pairwise(pts):
-            n = int(np.ceil(np.linalg.norm(b - a) / step))
-            centres += [a + (b - a) * t for t in np.linspace(0, 1, n + 1)[1:]]
-        for x, y in centres:
-            rr, cc = disk((y - oy, x - ox), edit.radius + 0.5, shape=out.shape)
-            out[rr, cc] = label
+        _stamp_disks(out, stroke_centres(edit) - (ox, oy), edit.radius + 0.5, label)
     elif edit.op == "polygon":
         pts = np.asarray(edit.points)
         rr, cc = polygon(pts[:, 1] - oy, pts[:, 0] - ox, shape=out.shape)
@@ -118,6 +109,35 @@ def rasterise(edit: Edit, region: np.ndarray, origin: tuple[int, int]) -> np.nda
         components, _ = ndimage.label(region == region[seed], structure=structure)
         out[components == components[seed]] = label
     return out
+
+
+def stroke_centres(edit: Edit) -> np.ndarray:
+    """(n, 2) float64 (x, y) disk centres along a brush stroke: its points, and between
+    consecutive points evenly spaced centres at most max(1, radius / 2) apart."""
+    pts = np.asarray(edit.points, np.float64)
+    step = max(1.0, edit.radius / 2)
+    seg = np.diff(pts, axis=0)
+    n = np.ceil(np.hypot(seg[:, 0], seg[:, 1]) / step).astype(np.int64)
+    owner = np.repeat(np.arange(len(seg)), n)  # segment of each interpolated centre
+    k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + 1  # 1..n within it
+    t = (k / np.repeat(n, n))[:, None]
+    return np.concatenate([pts[:1], pts[owner] + seg[owner] * t])
+
+
+def _stamp_disks(out: np.ndarray, centres: np.ndarray, r: float, label: int) -> None:
+    """Set ``label`` in ``out`` (h, w) uint8 wherever a pixel centre lies strictly inside
+    a disk of radius ``r`` around one of ``centres`` (n, 2) float (x, y), in ``out``'s
+    pixel coordinates — the same pixels as ``skimage.draw.disk``, one small window each."""
+    h, w = out.shape
+    k = int(np.ceil(r))
+    for x, y in centres:
+        y0, y1 = max(0, int(y) - k), min(h, int(y) + k + 2)
+        x0, x1 = max(0, int(x) - k), min(w, int(x) + k + 2)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        dy = (np.arange(y0, y1) - y) ** 2
+        dx = (np.arange(x0, x1) - x) ** 2
+        out[y0:y1, x0:x1][dy[:, None] + dx[None, :] < r * r] = label
 
 
 def chunk_keys(b: tuple[int, int, int, int], chunk: int) -> list[tuple[int, int]]:

@@ -1,8 +1,10 @@
 """One reviewed store: its arrays, versions, and the single writer that applies edits.
 
-All edits of an image go through one writer thread, so they have a total order and no
-two writers touch a shard at once (zarr shards must have one writer). Tile reads take a
-shard's lock only while a write replaces that shard file.
+All edits of an image go through one writer thread, so they have a total order. The
+writer computes the new segmentation chunks (level 0 and the pyramid above) in memory
+(``segloop.review.chunks``), commits the delta to SQLite, and answers; one flusher thread
+then rewrites the touched shards (zarr shards must have one writer). Tile reads see the
+new chunks at once and take a shard's lock only while that shard file is read or replaced.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import zarr
 
 from segloop.io.ome_zarr import StoreLock, array_path, read_record
 from segloop.pipeline.pyramid import downsample_mode
+from segloop.review.chunks import ChunkCache, Key
 from segloop.review.db import ReviewDB
 from segloop.review.edits import (
     BadEdit,
@@ -75,6 +79,8 @@ class ReviewImage:
         self._locks_guard = threading.Lock()
         self.writer = ThreadPoolExecutor(1, thread_name_prefix=f"segloop-edit-{name}")
         self.listeners: list = []  # callables(event dict), e.g. websocket broadcasters
+        self.chunks = ChunkCache(self._read_seg, self._write_seg, self._mark_applied)
+        self._seq = 0  # odd while an edit's chunks and versions are being swapped in
         self.replayed = self._replay()
 
     # --- arrays and locks --------------------------------------------------------------
@@ -117,25 +123,54 @@ class ReviewImage:
         return cy * t, min(h, (cy + 1) * t), cx * t, min(w, (cx + 1) * t)
 
     def read_chunk(self, layer: str, level: int, cy: int, cx: int) -> np.ndarray:
+        if layer == SEG:
+            return self.chunks.get((level, cy, cx))
         y0, y1, x0, x1 = self.chunk_box(level, cy, cx)
-        arr = self.array(layer, level)
-        if layer != SEG:  # never edited: no lock needed
-            return arr[..., y0:y1, x0:x1]
-        with self.shard_lock(level, cy, cx):
-            return arr[y0:y1, x0:x1]
+        return self.array(layer, level)[..., y0:y1, x0:x1]  # never edited: no lock
 
-    def _write_region(self, level: int, y0: int, x0: int, data: np.ndarray) -> None:
-        """Write labels (whole chunks) under the locks of every shard they touch."""
-        t = self.tile
-        keys = chunk_keys((y0, y0 + data.shape[0], x0, x0 + data.shape[1]), t)
-        locks = sorted({id(lk): lk for lk in (self.shard_lock(level, *k) for k in keys)}.items())
-        for _, lk in locks:
-            lk.acquire()
-        try:
-            self.array(SEG, level)[y0 : y0 + data.shape[0], x0 : x0 + data.shape[1]] = data
-        finally:
-            for _, lk in locks:
-                lk.release()
+    def read_versioned(self, layer: str, level: int, cy: int, cx: int) -> tuple[int, np.ndarray]:
+        """(version, chunk) of one moment, never a new chunk under an old version."""
+        while True:
+            seq = self._seq
+            if seq % 2 == 0:
+                version = self.version(layer, level, cy, cx)
+                data = self.read_chunk(layer, level, cy, cx)
+                if self._seq == seq:
+                    return version, data
+            time.sleep(0)
+
+    def _read_seg(self, key: Key) -> np.ndarray:
+        level, cy, cx = key
+        y0, y1, x0, x1 = self.chunk_box(level, cy, cx)
+        with self.shard_lock(level, cy, cx):
+            return self.array(SEG, level)[y0:y1, x0:x1]
+
+    def _write_seg(self, level: int, chunks: dict[Key, np.ndarray]) -> None:
+        """Write label chunks of one level, one zarr write per shard (the box around the
+        shard's chunks; the others in the box from the cache) under the shard's lock."""
+        per = self.shard // self.tile
+        by_shard: dict[tuple[int, int], dict[tuple[int, int], np.ndarray]] = defaultdict(dict)
+        for (_, cy, cx), chunk in chunks.items():
+            by_shard[cy // per, cx // per][cy, cx] = chunk
+        for part in by_shard.values():
+            cy0, cy1 = min(k[0] for k in part), max(k[0] for k in part)
+            cx0, cx1 = min(k[1] for k in part), max(k[1] for k in part)
+            y0, _, x0, _ = self.chunk_box(level, cy0, cx0)
+            _, y1, _, x1 = self.chunk_box(level, cy1, cx1)
+            region = np.empty((y1 - y0, x1 - x0), np.uint8)
+            for cy in range(cy0, cy1 + 1):
+                for cx in range(cx0, cx1 + 1):
+                    a, b, c, d = self.chunk_box(level, cy, cx)
+                    chunk = part.get((cy, cx))
+                    if chunk is None:
+                        chunk = self.chunks.get((level, cy, cx))
+                    region[a - y0 : b - y0, c - x0 : d - x0] = chunk
+            with self.shard_lock(level, cy0, cx0):
+                self.array(SEG, level)[y0:y1, x0:x1] = region
+
+    def _mark_applied(self, edit_ids: list[int]) -> None:
+        with self.db.tx() as c:
+            c.executemany("UPDATE edits SET applied = 1 WHERE id = ?", [(i,) for i in edit_ids])
 
     # --- applying deltas ---------------------------------------------------------------
 
@@ -149,24 +184,31 @@ class ReviewImage:
             touched += [(level, cy, cx) for cy, cx in keys]
         return touched
 
-    def _apply_delta(self, delta: Delta) -> None:
-        """Set the delta's "after" pixels at level 0, then rebuild the chunks above them."""
+    def _new_chunks(self, delta: Delta) -> dict[Key, np.ndarray]:
+        """The chunks a delta rewrites: its level-0 chunks with the "after" pixels set, then
+        the chunks above them (2×2 mode of the four below, new or cached), level by level."""
+        new: dict[Key, np.ndarray] = {}
         for key, (idx, _, after) in delta.items():
             cy, cx = map(int, key.split("/"))
             chunk = self.read_chunk(SEG, 0, cy, cx).copy()
             chunk.reshape(-1)[idx] = after
-            y0, _, x0, _ = self.chunk_box(0, cy, cx)
-            self._write_region(0, y0, x0, chunk)
+            new[0, cy, cx] = chunk
         for level, cy, cx in self._touched(delta):
             if level == 0:
                 continue
             y0, y1, x0, x1 = self.chunk_box(level, cy, cx)
-            below = self.array(SEG, level - 1)
-            with self.shard_lock(level - 1, 2 * cy, 2 * cx):
-                src = below[
-                    2 * y0 : min(below.shape[0], 2 * y1), 2 * x0 : min(below.shape[1], 2 * x1)
-                ]
-            self._write_region(level, y0, x0, downsample_mode(src)[: y1 - y0, : x1 - x0])
+            h, w = self.level_shape(level - 1)
+            src = np.empty((min(h, 2 * y1) - 2 * y0, min(w, 2 * x1) - 2 * x0), np.uint8)
+            ny, nx = self.grid(level - 1)
+            for ky in range(2 * cy, min(ny, 2 * cy + 2)):
+                for kx in range(2 * cx, min(nx, 2 * cx + 2)):
+                    a, b, c, d = self.chunk_box(level - 1, ky, kx)
+                    below = new.get((level - 1, ky, kx))
+                    if below is None:
+                        below = self.read_chunk(SEG, level - 1, ky, kx)
+                    src[a - 2 * y0 : b - 2 * y0, c - 2 * x0 : d - 2 * x0] = below
+            new[level, cy, cx] = downsample_mode(src)[: y1 - y0, : x1 - x0]
+        return new
 
     def _bump(self, conn, touched: list[tuple[int, int, int]]) -> dict[str, int]:
         out = {}
@@ -185,9 +227,8 @@ class ReviewImage:
                 "SELECT id, delta FROM edits WHERE applied = 0 ORDER BY id"
             ).fetchall()
         for row in rows:
-            self._apply_delta(unpack(row["delta"]))
-            with self.db.tx() as c:
-                c.execute("UPDATE edits SET applied = 1 WHERE id = ?", (row["id"],))
+            self.chunks.put(row["id"], self._new_chunks(unpack(row["delta"])))
+        self.chunks.drain()
         return len(rows)
 
     def _commit(
@@ -202,8 +243,10 @@ class ReviewImage:
         undone: tuple[int, int] | None = None,
         client_id: str | None = None,
     ) -> tuple[int, dict[str, int]]:
-        """Commit the edit + new versions (fsync'd), then write zarr, then mark applied."""
+        """Commit the edit + new versions (fsync'd); then its chunks are visible at once and
+        written to zarr behind the answer (marked applied when they are)."""
         touched = self._touched(delta)  # versions of every level's rewritten chunks
+        chunks = self._new_chunks(delta)
         with self.db.tx() as c:
             cur = c.execute(
                 "INSERT INTO edits (user_id, created, op, label, body, chunks, delta, pixels,"
@@ -226,12 +269,14 @@ class ReviewImage:
                 c.execute("UPDATE edits SET undone = ? WHERE id = ?", undone)
             versions = self._bump(c, touched)
         edit_id = cur.lastrowid
-        for key, v in versions.items():
-            level, cy, cx = map(int, key.split("/"))
-            self.versions[(SEG, level, cy, cx)] = v
-        self._apply_delta(delta)
-        with self.db.tx() as c:
-            c.execute("UPDATE edits SET applied = 1 WHERE id = ?", (edit_id,))
+        self._seq += 1  # readers wait: chunks and versions change together
+        try:
+            self.chunks.put(edit_id, chunks)
+            for key, v in versions.items():
+                level, cy, cx = map(int, key.split("/"))
+                self.versions[(SEG, level, cy, cx)] = v
+        finally:
+            self._seq += 1
         self._notify(
             {
                 "type": "chunks",
@@ -379,6 +424,7 @@ class ReviewImage:
 
     def close(self) -> None:
         self.writer.shutdown(wait=True)
+        self.chunks.close()
         self.db.close()
         self.lock.__exit__()
 

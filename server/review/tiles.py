@@ -3,13 +3,15 @@
 Tile = one store chunk. ETag = layer/level/chunk/version (+ the store's tag); a request
 whose If-None-Match matches gets 304 before zarr is touched; ``?v=<version>`` URLs that
 match the current version are immutable for a year. Chunks in a shard file that was
-never written are answered from a pre-encoded fill tile, without decoding.
+never written are answered from an encoded fill tile, without decoding. Encoded tiles are
+kept in memory (``EncodedTiles``, keyed by version, so an edit never serves a stale one).
 """
 
 from __future__ import annotations
 
 import io
-from functools import lru_cache
+import threading
+from collections import OrderedDict
 
 import numpy as np
 from aiohttp import web
@@ -113,7 +115,10 @@ def _encode(img: ReviewImage, layer: str, data: np.ndarray, fmt: str) -> bytes:
         if rgb.dtype == np.uint16:
             rgb = (rgb >> 8).astype(np.uint8)
         pil = Image.fromarray(rgb[..., 0] if rgb.shape[-1] == 1 else rgb[..., :3])
-        pil.save(buf, "WEBP" if fmt == "webp" else "JPEG", quality=85)
+        if fmt == "webp":  # method 0: 7 ms for 512² here vs 30 ms (default 4), 1.3× the bytes
+            pil.save(buf, "WEBP", quality=85, method=0)
+        else:
+            pil.save(buf, "JPEG", quality=85)
     elif layer == SEG:
         pil = Image.fromarray(data, mode="P")
         palette = [v for c in img.colors for v in c[:3]]
@@ -125,14 +130,40 @@ def _encode(img: ReviewImage, layer: str, data: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-@lru_cache(maxsize=4096)
-def _cached(
-    img: ReviewImage, layer: str, level: int, ty: int, tx: int, version: int, fmt: str
-) -> bytes:
-    """Encoded tile; the version in the key makes stale entries unreachable."""
-    if not img.chunk_written(layer, level, ty, tx):
-        return _fill(img, layer, img.chunk_box(level, ty, tx), fmt)
-    return _encode(img, layer, img.read_chunk(layer, level, ty, tx), fmt)
+class EncodedTiles:
+    """Encoded tiles in memory, least recently used dropped beyond ``budget`` bytes.
+
+    Keys carry the chunk version, so an edited chunk's old tile is never served again."""
+
+    def __init__(self, budget: int = 256 << 20) -> None:
+        self.budget = budget
+        self._tiles: OrderedDict[tuple, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> bytes | None:
+        with self._lock:
+            body = self._tiles.get(key)
+            if body is not None:
+                self._tiles.move_to_end(key)
+            return body
+
+    def put(self, key: tuple, body: bytes) -> None:
+        with self._lock:
+            old = self._tiles.pop(key, None)
+            self._bytes += len(body) - (len(old) if old is not None else 0)
+            self._tiles[key] = body
+            while self._bytes > self.budget and len(self._tiles) > 1:
+                self._bytes -= len(self._tiles.popitem(last=False)[1])
+
+
+def _render(img: ReviewImage, layer: str, level: int, ty: int, tx: int, fmt: str):
+    """(version, encoded tile) of one moment (``ReviewImage.read_versioned``)."""
+    version = img.version(layer, level, ty, tx)
+    if version == 0 and not img.chunk_written(layer, level, ty, tx):  # (edited chunks
+        return version, _fill(img, layer, img.chunk_box(level, ty, tx), fmt)  # may be unflushed)
+    version, data = img.read_versioned(layer, level, ty, tx)
+    return version, _encode(img, layer, data, fmt)
 
 
 def _fill(img: ReviewImage, layer: str, b: tuple[int, int, int, int], fmt: str) -> bytes:
@@ -141,23 +172,34 @@ def _fill(img: ReviewImage, layer: str, b: tuple[int, int, int, int], fmt: str) 
     return _encode(img, layer, np.zeros(shape, img.array(layer, 0).dtype), fmt)
 
 
+def _etag(img: ReviewImage, layer: str, level: int, ty: int, tx: int, v: int, fmt: str) -> str:
+    return f'"{img.tag}-{layer}-{level}-{ty}-{tx}-v{v}-{fmt}"'
+
+
 async def get_tile(request: web.Request) -> web.Response:
     img = image_of(request)
     layer, level, ty, tx = _parse(request, img)
     version = img.version(layer, level, ty, tx)
     fmt = _format(request, layer)
-    etag = f'"{img.tag}-{layer}-{level}-{ty}-{tx}-v{version}-{fmt}"'
+    etag = _etag(img, layer, level, ty, tx, version, fmt)
     asked = request.query.get("v")
-    headers = {
-        "ETag": etag,
-        "Vary": "Accept",
-        "Cache-Control": IMMUTABLE if asked == str(version) else "no-cache",
-    }
     if request.headers.get("If-None-Match") == etag:
-        return web.Response(status=304, headers=headers)
-    loop = request.app["loop_pool"]
-    body = await request.loop.run_in_executor(
-        loop, _cached, img, layer, level, ty, tx, version, fmt
-    )
+        return web.Response(status=304, headers=_headers(etag, asked == str(version)))
+    cache: EncodedTiles = request.app["tile_cache"]
+    key = (img.name, img.tag, layer, level, ty, tx, version, fmt)
+    body = cache.get(key)
+    if body is None:
+        pool = request.app["loop_pool"]
+        version, body = await request.loop.run_in_executor(
+            pool, _render, img, layer, level, ty, tx, fmt
+        )
+        cache.put((*key[:6], version, fmt), body)
+        etag = _etag(img, layer, level, ty, tx, version, fmt)
     request.app["metrics"].tiles.labels(layer).inc()
-    return web.Response(body=body, content_type=MIME[fmt], headers=headers)
+    return web.Response(
+        body=body, content_type=MIME[fmt], headers=_headers(etag, asked == str(version))
+    )
+
+
+def _headers(etag: str, immutable: bool) -> dict[str, str]:
+    return {"ETag": etag, "Vary": "Accept", "Cache-Control": IMMUTABLE if immutable else "no-cache"}
