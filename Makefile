@@ -33,13 +33,22 @@ test: install
 	$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo 'make test: pytest collected no tests' >&2; exit 1; fi; exit $$rc
 
-bench: install
+# large_image (the tile-serving peer) needs zarr < 3: its own venv, for `bench serve`
+LI_VENV := .venv-large-image
+$(LI_VENV)/.installed:
+	test -x $(LI_VENV)/bin/python || $(PYTHON) -m venv $(LI_VENV)
+	$(LI_VENV)/bin/python -m pip install --quiet 'large-image[tiff]==1.35.6' aiohttp
+	touch $@
+
+bench: install $(LI_VENV)/.installed
 	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-columns=min,median,ops -q
 	$(VENV)/bin/segloop bench segment --size 4096 --save benchmarks/results
+	$(VENV)/bin/segloop bench serve --size 4096 --vs-large-image $(LI_VENV)/bin/python \
+	    --save benchmarks/results
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache .numba_cache review_ui/node_modules test-artifacts
+	rm -rf $(VENV) $(LI_VENV) demo .pytest_cache .numba_cache review_ui/node_modules test-artifacts

@@ -429,13 +429,21 @@ def cmd_bench_triton(args: argparse.Namespace) -> int:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from segloop.bench.serve import run_serve_bench
 
-    return _bench(args, run_serve_bench, size=args.size[0], clients=args.clients)
+    return _bench(
+        args,
+        run_serve_bench,
+        size=args.size[0],
+        clients=args.clients,
+        large_image=args.vs_large_image,
+        rounds=args.rounds,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from segloop.review.app import run
 
-    run(args.stores, args.host, args.port, log=lambda s: print(s, file=sys.stderr, flush=True))
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    run(args.stores, args.host, args.port, log=log, tile_pack=not args.no_tile_pack)
     return 0
 
 
@@ -694,6 +702,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = b.add_parser("serve", help="review-server tile and edit latency (loopback)")
     s.add_argument("--size", type=parse_size, default=(4096, 4096))
     s.add_argument("--clients", type=int, default=32)
+    s.add_argument(
+        "--vs-large-image",
+        metavar="PYTHON",
+        help="python of a venv with large-image[tiff]: serve the image side by side with it",
+    )
+    s.add_argument("--rounds", type=int, default=2, help="A/B rounds against large_image")
     bench_common(s)
     s.set_defaults(func=cmd_bench_serve)
     s = b.add_parser("dask", help="LocalCluster with 1 vs 2 worker processes, one run")
@@ -711,6 +725,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("stores", type=Path, nargs="+")
     s.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--no-tile-pack",
+        action="store_true",
+        help="do not encode the image tiles ahead into STORE/review-tiles.sqlite",
+    )
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("users", help="review-server users: add, list, revoke")

@@ -34,11 +34,21 @@ def add_user(store: Path, name: str, role: str) -> str:
 
 
 class Server:
-    def __init__(self, store: Path, port: int | None = None) -> None:
+    def __init__(self, store: Path, port: int | None = None, no_tile_pack: bool = False) -> None:
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        flags = ["--no-tile-pack"] if no_tile_pack else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "segloop", "serve", str(store), "--port", str(self.port)],
+            [
+                sys.executable,
+                "-m",
+                "segloop",
+                "serve",
+                str(store),
+                "--port",
+                str(self.port),
+                *flags,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -211,6 +221,43 @@ def test_tiles_are_versioned_and_cacheable(env):
     assert jpeg.headers["Content-Type"] == "image/jpeg"
     conf = call(env, "GET", "/api/images/slide/tiles/confidence/1/0/0")
     assert conf.status_code == 200
+
+
+def test_tile_pack_serves_a_restarted_server_and_never_an_edited_chunk(base_store, tmp_path):
+    store = tmp_path / "slide.zarr"
+    shutil.copytree(base_store, store)
+    env = {"tokens": {"reviewer": add_user(store, "reviewer", "reviewer")}}
+    png = {"Accept": "image/png"}
+    env["server"] = Server(store, no_tile_pack=True)  # reference: encoded on demand
+    paths = [
+        f"/api/images/slide/tiles/{layer}/0/1/0"
+        for layer in ("image", "segmentation", "confidence")
+    ]
+    on_demand = [call(env, "GET", p, headers=png).content for p in paths]
+    env["server"].stop()
+    assert not (store / "review-tiles.sqlite").exists()
+    env["server"] = Server(store)
+    deadline = time.monotonic() + 60
+    while (pack := call(env, "GET", "/api/images/slide").json()["tile_pack"])["tiles"] < pack["of"]:
+        assert time.monotonic() < deadline, pack
+        time.sleep(0.1)
+    env["server"].stop()
+    with sqlite3.connect(store / "review-tiles.sqlite") as db:
+        rows = db.execute("SELECT count(*), count(DISTINCT layer || fmt) FROM tiles").fetchone()
+    assert rows == (4 * pack["of"], 4)  # image webp + jpeg, labels png, confidence png
+    env["server"] = Server(store)  # restarted: answers from the pack, the same bytes
+    try:
+        assert call(env, "GET", "/api/images/slide").json()["tile_pack"] == pack
+        assert [call(env, "GET", p, headers=png).content for p in paths] == on_demand
+        stroke = {"op": "brush", "points": [[20, TILE + 20]], "label": 2, "radius": 10}
+        assert call(env, "POST", "/api/images/slide/edits", json=stroke).status_code == 200
+        edited = call(env, "GET", paths[1], headers=png)
+        assert edited.headers["ETag"].endswith('-v1-png"')
+        got = np.asarray(Image.open(io.BytesIO(edited.content)))
+        np.testing.assert_array_equal(got, labels(store)[TILE : 2 * TILE, :TILE])
+        assert got[20, 20] == 2
+    finally:
+        env["server"].stop()
 
 
 # --- edits --------------------------------------------------------------------------------

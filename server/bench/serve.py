@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +43,14 @@ def _pct(values: list[float]) -> dict[str, float]:
     }
 
 
+def _summary(lat: list[float], seconds: float) -> dict[str, float]:
+    return {**_pct(lat), "tiles_s": round(len(lat) / seconds, 1)}
+
+
 async def _load(
-    base: str, token: str, urls: list[str], clients: int, etags: dict[str, str] | None
+    base: str, headers: dict[str, str], urls: list[str], clients: int, etags: dict | None
 ) -> tuple[list[float], dict[str, str], float]:
+    """Every URL once, ``clients`` at a time: (latencies s, ETags, wall s)."""
     import aiohttp
 
     queue: asyncio.Queue[str] = asyncio.Queue()
@@ -51,7 +58,6 @@ async def _load(
         queue.put_nowait(u)
     lat: list[float] = []
     seen: dict[str, str] = {}
-    headers = {"Authorization": f"Bearer {token}", "Accept": "image/webp,*/*"}
 
     async def worker(session: aiohttp.ClientSession) -> None:
         while not queue.empty():
@@ -65,7 +71,7 @@ async def _load(
                 expected = 304 if etags is not None else 200
                 if r.status != expected:
                     raise RuntimeError(f"{u}: HTTP {r.status}, expected {expected}")
-                seen[u] = r.headers["ETag"]
+                seen[u] = r.headers.get("ETag", "")
             lat.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
@@ -96,13 +102,104 @@ async def _edits(base: str, token: str, shape: tuple[int, int], n: int) -> list[
     return lat
 
 
+@contextmanager
+def _server(cmd: list[str], health: str) -> Iterator[str]:
+    """Run a server process on a free port (``{port}`` in ``cmd``); yields its base URL."""
+    import requests
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [c.replace("{port}", str(port)) for c in cmd], stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(base + health, timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd[1]} did not start")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _busy_jiffies() -> int:
+    """CPU time (jiffies) the whole machine spent busy so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # minus idle and iowait
+
+
+def _self_jiffies() -> int:
+    """CPU time (jiffies) of this process and its finished children."""
+    t = os.times()
+    return round((t.user + t.system + t.children_user + t.children_system) * 100)
+
+
+def _vs_large_image(
+    python: str, image: Path, serve_cmd: list[str], token: str, meta: dict, clients: int,
+    rounds: int, log: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
+    """The image layer through segloop (tile pack built; and without one) and through
+    large_image, A/B/C, fresh servers."""
+    script = str(Path(__file__).resolve().parents[2] / "benchmarks" / "large_image_server.py")
+    tile, levels = meta["tile"], meta["levels"]
+    tiles = [
+        (k, ty, tx)
+        for k, (h, w) in enumerate(meta["level_shapes"])
+        for ty in range(-(-h // tile))
+        for tx in range(-(-w // tile))
+    ]
+    random.Random(2).shuffle(tiles)
+    ours = [f"/api/images/bench/tiles/image/{k}/{ty}/{tx}" for k, ty, tx in tiles]
+    theirs = [f"/tiles/{levels - 1 - k}/{tx}/{ty}" for k, ty, tx in tiles]
+    auth = {"Authorization": f"Bearer {token}", "Accept": "image/jpeg"}
+    best: dict[str, dict[str, dict]] = {"segloop": {}, "segloop_no_pack": {}, "large_image": {}}
+    busy0, self0 = _busy_jiffies(), _self_jiffies()
+    for r in range(rounds):
+        for name, cmd, health, urls, headers in (
+            ("segloop", serve_cmd, "/api/health", ours, auth),
+            ("segloop_no_pack", [*serve_cmd, "--no-tile-pack"], "/api/health", ours, auth),
+            ("large_image", [python, script, str(image), "{port}"], "/health", theirs, {}),
+        ):
+            log(f"round {r + 1}/{rounds}: {name}, {len(urls)} image tiles, cold then again …")
+            with _server(cmd, health) as base:
+                for phase in ("cold", "again"):
+                    lat, _, sec = asyncio.run(_load(base, headers, urls, clients, None))
+                    result = _summary(lat, sec)
+                    kept = best[name].get(phase)
+                    if kept is None or result["tiles_s"] > kept["tiles_s"]:
+                        best[name][phase] = result
+    other = (_busy_jiffies() - busy0) - (_self_jiffies() - self0)
+
+    def ratio(name: str, phase: str) -> float:
+        return round(best[name][phase]["tiles_s"] / best["large_image"][phase]["tiles_s"], 2)
+
+    return {
+        **best,
+        "ratio_cold": ratio("segloop", "cold"),
+        "ratio_cold_no_pack": ratio("segloop_no_pack", "cold"),
+        "ratio_again": ratio("segloop", "again"),
+        "rounds": rounds,
+        "format": "JPEG from both (segloop asked with Accept: image/jpeg)",
+        "foreign_cpu_s": round(max(0, other) / 100, 1),  # other processes, during it
+    }  # fmt: skip
+
+
 def run_serve_bench(
     size: int = 4096,
-    tile: int = 256,
+    tile: int = 512,
     batch: int = 4,
     threads: int = 2,
     clients: int = 32,
     edits: int = 50,
+    large_image: str | None = None,
+    rounds: int = 2,
     save: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -112,30 +209,15 @@ def run_serve_bench(
         tmp = Path(tmpdir)
         image, store = tmp / "bench.ome.tif", tmp / "bench.zarr"
         log(f"generating and segmenting a {size}² slide …")
-        write_ome_tiff(image, size, size, seed=11)
+        write_ome_tiff(image, size, size, seed=11, tile=tile)
         segment(image, store, SegmentOptions(tile=tile, batch=batch, threads=threads))
         db = ReviewDB(store)
         token = db.add_user("bench", "reviewer")
         db.close()
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen(
-            [sys.executable, "-m", "segloop", "serve", str(store), "--port", str(port)],
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if requests.get(base + "/api/health", timeout=1).ok:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.1)
-                if time.monotonic() > deadline:
-                    raise RuntimeError("segloop serve did not start")
-            meta = requests.get(
-                base + "/api/images/bench", timeout=10, headers={"Authorization": f"Bearer {token}"}
-            ).json()
+        serve_cmd = [sys.executable, "-m", "segloop", "serve", str(store), "--port", "{port}"]
+        headers = {"Authorization": f"Bearer {token}", "Accept": "image/webp,*/*"}
+        with _server([*serve_cmd, "--no-tile-pack"], "/api/health") as base:
+            meta = requests.get(base + "/api/images/bench", timeout=10, headers=headers).json()
             urls = [
                 f"/api/images/bench/tiles/{layer}/{k}/{ty}/{tx}"
                 for layer in ("image", "segmentation", "confidence")
@@ -144,34 +226,93 @@ def run_serve_bench(
                 for tx in range(-(-w // tile))
             ]
             random.Random(1).shuffle(urls)
-            log(f"{len(urls)} cold tiles, {clients} clients …")
-            cold, etags, cold_s = asyncio.run(_load(base, token, urls, clients, None))
-            log("the same tiles again, no browser cache (server's tile cache) …")
-            cached, _, cached_s = asyncio.run(_load(base, token, urls, clients, None))
-            log("the same tiles with If-None-Match …")
-            hit, _, hit_s = asyncio.run(_load(base, token, urls, clients, etags))
+            log(f"{len(urls)} tiles, first touch (no tile pack), {clients} clients …")
+            first, _, first_s = asyncio.run(_load(base, headers, urls, clients, None))
+        with _server(serve_cmd, "/api/health") as base:
+            t0 = time.perf_counter()
+            while True:  # the server encodes the image tiles in the background
+                pack = requests.get(base + "/api/images/bench", headers=headers).json()
+                if pack["tile_pack"]["tiles"] == pack["tile_pack"]["of"]:
+                    break
+                time.sleep(0.05)
+            pack_s = time.perf_counter() - t0
+        log(f"tile pack built in {pack_s:.1f} s; a fresh server: cold, cached, 304 …")
+        with _server(serve_cmd, "/api/health") as base:
+            cold, etags, cold_s = asyncio.run(_load(base, headers, urls, clients, None))
+            cached, _, cached_s = asyncio.run(_load(base, headers, urls, clients, None))
+            hit, _, hit_s = asyncio.run(_load(base, headers, urls, clients, etags))
             log(f"{edits} edits (200 points, radius 40) …")
             edit_lat = asyncio.run(_edits(base, token, tuple(meta["shape"]), edits))
-        finally:
-            server.terminate()
-            server.wait(30)
+        versus = None
+        if large_image:
+            versus = _vs_large_image(
+                large_image, image, serve_cmd, token, meta, clients, rounds, log
+            )
     result: dict[str, Any] = {
         "benchmark": "serve",
         "size": size,
         "tile": tile,
         "clients": clients,
-        "cold_tiles": {**_pct(cold), "tiles_s": round(len(cold) / cold_s, 1)},
-        "server_cached_tiles": {**_pct(cached), "tiles_s": round(len(cached) / cached_s, 1)},
-        "not_modified": {**_pct(hit), "tiles_s": round(len(hit) / hit_s, 1)},
+        "first_touch_tiles": _summary(first, first_s),
+        "tile_pack_build_s": round(pack_s, 2),
+        "cold_tiles": _summary(cold, cold_s),
+        "server_cached_tiles": _summary(cached, cached_s),
+        "not_modified": _summary(hit, hit_s),
         "edit_round_trip": _pct(edit_lat),
+        "vs_large_image": versus,
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
-        "note": "client and server on the same cores; large-image not compared (own venv "
-        "needed, not set up)",
+        "note": "client and server on the same cores"
+        + ("" if versus else "; large_image not compared (give --vs-large-image PYTHON)"),
     }
     if save:
         save.mkdir(parents=True, exist_ok=True)
-        (save / f"serve_{size}_cpu{result['machine']['cores']}.json").write_text(
-            json.dumps(result, indent=2) + "\n"
-        )
+        stem = save / f"serve_{size}_cpu{result['machine']['cores']}"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(_markdown(result))
     return result
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    rows = [
+        ("tiles, first touch (fresh server, no tile pack)", r["first_touch_tiles"], "p99 < 25"),
+        ("tiles, cold (fresh server, tile pack built)", r["cold_tiles"], "p99 < 25"),
+        ("tiles, again (server's memory cache)", r["server_cached_tiles"], ""),
+        ("304 Not Modified", r["not_modified"], "p99 < 5"),
+        ("edit, 200-point stroke radius 40", r["edit_round_trip"], "p99 < 50"),
+    ]
+    out = [
+        f"# Review server, {r['size']}² store, tile {r['tile']}, {r['clients']} clients, "
+        f"{r['date']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores; client and server on the same cores. "
+        f"Tile pack built in {r['tile_pack_build_s']} s.",
+        "",
+        "| what | p50 ms | p99 ms | tiles/s | target (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, v, target in rows:
+        out.append(
+            f"| {name} | {v['p50_ms']} | {v['p99_ms']} | {v.get('tiles_s', '')} | {target} |"
+        )
+    vs = r.get("vs_large_image")
+    if vs:
+        out += [
+            "",
+            f"Image layer side by side with large_image ({vs['format']}; best of "
+            f"{vs['rounds']} A/B rounds, fresh servers; other processes used "
+            f"{vs['foreign_cpu_s']} s of CPU meanwhile):",
+            "",
+            "| server | cold tiles/s | cold p99 ms | again tiles/s |",
+            "|---|---|---|---|",
+        ]
+        for name in ("segloop", "segloop_no_pack", "large_image"):
+            c, a = vs[name]["cold"], vs[name]["again"]
+            out.append(f"| {name} | {c['tiles_s']} | {c['p99_ms']} | {a['tiles_s']} |")
+        out += [
+            "",
+            f"Ratio vs large_image, cold: **{vs['ratio_cold']}×** with the tile pack, "
+            f"{vs['ratio_cold_no_pack']}× without; again: {vs['ratio_again']}×.",
+        ]
+    return "\n".join(out) + "\n"

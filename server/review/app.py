@@ -7,6 +7,7 @@ reviewer < admin.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -192,12 +193,15 @@ def openapi_spec() -> dict:
     }
 
 
-def create_app(stores: list[Path]) -> web.Application:
-    """One app serving the given stores (image name = store folder name without .zarr)."""
+def create_app(stores: list[Path], tile_pack: bool = True) -> web.Application:
+    """One app serving the given stores (image name = store folder name without .zarr);
+    ``tile_pack``: encode every tile as segmented once, in the background (``tile_pack.py``)."""
     images = {}
     for store in stores:
         name = store.name.removesuffix(".zarr")
-        images[name] = ReviewImage(store, name)
+        images[name] = img = ReviewImage(store, name)
+        if tile_pack:
+            img.pack = tiles.tile_pack(img)
     app = web.Application(middlewares=[guard], client_max_size=handlers.MAX_BODY)
     app["images"] = images
     # users live in the first store's database (one server, one set of users)
@@ -235,6 +239,12 @@ def create_app(stores: list[Path]) -> web.Application:
         for ws in list(app["websockets"]):
             await ws.close(code=1001, message=b"server shutdown")
 
+    async def build_packs(app: web.Application) -> None:
+        for img in app["images"].values():
+            if img.pack is not None:
+                img.pack.start(functools.partial(tiles.render_packed, img))
+
+    app.on_startup.append(build_packs)
     app.on_shutdown.append(close_websockets)
     app.on_cleanup.append(close)
     return app
@@ -259,7 +269,7 @@ def open_stores(paths: list[Path]) -> list[Path]:
     return paths
 
 
-def run(stores: list[Path], host: str, port: int, log=print) -> None:
+def run(stores: list[Path], host: str, port: int, log=print, tile_pack: bool = True) -> None:
     """Serve until Ctrl-C. With no users yet, create an admin and print its login URL."""
     import socket
 
@@ -277,7 +287,7 @@ def run(stores: list[Path], host: str, port: int, log=print) -> None:
     db = ReviewDB(stores[0])
     first = None if db.users() else db.add_user("admin", "admin")
     db.close()
-    app = create_app(stores)
+    app = create_app(stores, tile_pack)
     url = f"http://{host}:{port}/"
     log(f"serving {', '.join(app['images'])} on {url}")
     for img in app["images"].values():

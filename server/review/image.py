@@ -38,6 +38,7 @@ from segloop.review.edits import (
     unpack,
     validate,
 )
+from segloop.review.tile_pack import TilePack
 
 SEG = "segmentation"
 
@@ -79,6 +80,7 @@ class ReviewImage:
         self._locks_guard = threading.Lock()
         self.writer = ThreadPoolExecutor(1, thread_name_prefix=f"segloop-edit-{name}")
         self.listeners: list = []  # callables(event dict), e.g. websocket broadcasters
+        self.pack: TilePack | None = None  # image tiles encoded once (set by the app)
         self.chunks = ChunkCache(self._read_seg, self._write_seg, self._mark_applied)
         self._seq = 0  # odd while an edit's chunks and versions are being swapped in
         self.replayed = self._replay()
@@ -423,6 +425,8 @@ class ReviewImage:
         }
 
     def close(self) -> None:
+        if self.pack is not None:
+            self.pack.close()
         self.writer.shutdown(wait=True)
         self.chunks.close()
         self.db.close()

@@ -4,7 +4,8 @@ Tile = one store chunk. ETag = layer/level/chunk/version (+ the store's tag); a 
 whose If-None-Match matches gets 304 before zarr is touched; ``?v=<version>`` URLs that
 match the current version are immutable for a year. Chunks in a shard file that was
 never written are answered from an encoded fill tile, without decoding. Encoded tiles are
-kept in memory (``EncodedTiles``, keyed by version, so an edit never serves a stale one).
+kept in memory (``EncodedTiles``, keyed by version, so an edit never serves a stale one);
+image tiles also in the store's tile pack (``segloop.review.tile_pack``), built at start.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from aiohttp import web
 from PIL import Image
 
 from segloop.review.image import SEG, ReviewImage
+from segloop.review.tile_pack import TilePack
 
 LAYERS = ("image", SEG, "confidence")
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -48,6 +50,7 @@ def describe(img: ReviewImage) -> dict:
         "model": {k: img.model.get(k) for k in ("name", "version", "sha256")},
         "channels": int(img.array("image", 0).shape[0]),
         "versions": {"edited_chunks": edited},
+        "tile_pack": img.pack.progress if img.pack is not None else None,
     }
 
 
@@ -166,6 +169,39 @@ def _render(img: ReviewImage, layer: str, level: int, ty: int, tx: int, fmt: str
     return version, _encode(img, layer, data, fmt)
 
 
+#: what the tile pack holds: (layer, format) of every tile as segmented
+PACKED = (("image", "webp"), ("image", "jpeg"), (SEG, "png"), ("confidence", "png"))
+
+
+def tile_pack(img: ReviewImage) -> TilePack:
+    """The store's tile pack: every tile of every level in the ``PACKED`` formats."""
+    tiles = [
+        (level, ty, tx)
+        for level in range(img.levels)
+        for ty in range(img.grid(level)[0])
+        for tx in range(img.grid(level)[1])
+    ]
+    return TilePack(img.path, img.tag, tiles, len(PACKED))
+
+
+def render_packed(img: ReviewImage, level: int, ty: int, tx: int) -> dict[tuple[str, str], bytes]:
+    """One tile position in every ``PACKED`` format (one read per layer). The pack is read
+    only for chunks at version 0, so what it holds for an edited chunk is never served."""
+    out = {}
+    for layer in ("image", SEG, "confidence"):
+        data = None
+        if img.chunk_written(layer, level, ty, tx) or img.version(layer, level, ty, tx):
+            data = img.read_versioned(layer, level, ty, tx)[1]
+        for lr, f in PACKED:
+            if lr == layer:
+                out[layer, f] = (
+                    _fill(img, layer, img.chunk_box(level, ty, tx), f)
+                    if data is None
+                    else _encode(img, layer, data, f)
+                )
+    return out
+
+
 def _fill(img: ReviewImage, layer: str, b: tuple[int, int, int, int], fmt: str) -> bytes:
     h, w = b[1] - b[0], b[3] - b[2]
     shape = (img.array("image", 0).shape[0], h, w) if layer == "image" else (h, w)
@@ -188,6 +224,10 @@ async def get_tile(request: web.Request) -> web.Response:
     cache: EncodedTiles = request.app["tile_cache"]
     key = (img.name, img.tag, layer, level, ty, tx, version, fmt)
     body = cache.get(key)
+    if body is None and version == 0 and img.pack is not None:
+        body = img.pack.get(layer, level, ty, tx, fmt)
+        if body is not None:
+            cache.put(key, body)
     if body is None:
         pool = request.app["loop_pool"]
         version, body = await request.loop.run_in_executor(

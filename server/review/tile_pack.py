@@ -1,0 +1,114 @@
+"""Tiles encoded once and kept beside the store (``review-tiles.sqlite``).
+
+The image and confidence layers never change under review, and segmentation chunks change
+only where someone edits, so every tile as the store was segmented (version 0) is encoded
+once — image in WebP and JPEG, labels and confidence in PNG — by a background thread that
+``segloop serve`` starts, coarsest level first (what a viewer asks for first), at the
+lowest CPU priority. They are kept in an SQLite file next to ``review.sqlite``, one row per
+tile and format (the layout of MBTiles), so a restarted server answers them without
+decoding anything; edited chunks are encoded on demand. A pack made under other store
+parameters (``ReviewImage.tag``: a re-segmented store) is emptied and built again.
+Deleting the file is always safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+PACK_NAME = "review-tiles.sqlite"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tiles (
+    level INTEGER NOT NULL, ty INTEGER NOT NULL, tx INTEGER NOT NULL,
+    layer TEXT NOT NULL, fmt TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (level, ty, tx, layer, fmt)
+) WITHOUT ROWID;
+"""
+
+TileKey = tuple[int, int, int]  # level, ty, tx
+#: a tile position in every packed (layer, format): (level, ty, tx) → {(layer, fmt): bytes}
+Render = Callable[[int, int, int], dict[tuple[str, str], bytes]]
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # a cache: losing the last rows is harmless
+    return conn
+
+
+class TilePack:
+    """``get`` from any thread; ``start`` builds the missing tiles in the background."""
+
+    def __init__(self, store: Path, tag: str, tiles: list[TileKey], formats: int):
+        """``formats``: how many (layer, format) rows one tile position has when done."""
+        self.path = store / PACK_NAME
+        self.tiles = sorted(tiles, key=lambda t: (-t[0], t[1], t[2]))  # coarsest level first
+        self._conn = _connect(self.path)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._conn.executescript(SCHEMA)
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'tag'").fetchone()
+            if row is None or row[0] != tag:
+                self._conn.execute("DELETE FROM tiles")
+                self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('tag', ?)", (tag,))
+            have = self._conn.execute(
+                "SELECT level, ty, tx FROM tiles GROUP BY level, ty, tx HAVING count(*) = ?",
+                (formats,),
+            ).fetchall()
+        self._done = {tuple(r) for r in have}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def progress(self) -> dict[str, int]:
+        return {"tiles": len(self._done), "of": len(self.tiles)}
+
+    def get(self, layer: str, level: int, ty: int, tx: int, fmt: str) -> bytes | None:
+        if (level, ty, tx) not in self._done:
+            return None
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT data FROM tiles WHERE level = ? AND ty = ? AND tx = ? AND layer = ?"
+                " AND fmt = ?",
+                (level, ty, tx, layer, fmt),
+            ).fetchone()
+        return None if row is None else row[0]
+
+    def start(self, render: Render) -> None:
+        if len(self._done) < len(self.tiles):
+            self._thread = threading.Thread(
+                target=self._build, args=(render,), name="segloop-tile-pack", daemon=True
+            )
+            self._thread.start()
+
+    def _build(self, render: Render, batch: int = 16) -> None:
+        with contextlib.suppress(OSError):  # Linux: a thread is a task with its own nice
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        conn = _connect(self.path)
+        try:
+            todo = [t for t in self.tiles if t not in self._done]
+            for i in range(0, len(todo), batch):
+                rows, keys = [], todo[i : i + batch]
+                for key in keys:
+                    if self._stop.is_set():
+                        return
+                    rows += [(*key, *lf, data) for lf, data in render(*key).items()]
+                conn.execute("BEGIN")
+                conn.executemany("INSERT OR REPLACE INTO tiles VALUES (?,?,?,?,?,?)", rows)
+                conn.execute("COMMIT")
+                self._done.update(keys)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            self._conn.close()
