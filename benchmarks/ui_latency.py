@@ -131,6 +131,7 @@ def main() -> None:
                     ) from None
             acks = page.evaluate("state.acks")
             result["stroke_ack_ms"] = summary(acks, "strokes", 99)
+            result["stroke_ack_ms"]["each"] = [round(a, 1) for a in acks]
             result["stroke_post_only_ms"] = summary(page.evaluate("state.posts"), "strokes", 99)
 
             # pan across the image at level 1 (one screen px = 2 image px)
