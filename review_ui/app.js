@@ -161,13 +161,15 @@ async function sendEdit(edit, released) {
   const cid = newId();
   const entry = { cid, image: state.image, user: state.user.name, created: Date.now(),
                   edit: { ...edit, client_id: cid } };
-  await outbox.put(entry);
-  await deliver(entry, released);
+  // stored and sent at once: a crash before the put ends loses only a stroke the server
+  // may already hold; the entry leaves the outbox only after both
+  const stored = outbox.put(entry);
+  await deliver(entry, released, stored);
 }
 
 // POST one outbox entry; a 409 (someone changed the chunks) is rebased: take the
 // current versions and send the same stroke again on top of their edit.
-async function deliver(entry, released) {
+async function deliver(entry, released, stored = Promise.resolve()) {
   status("saving…");
   try {
     for (let attempt = 0; attempt < 5; attempt++) {
@@ -179,8 +181,9 @@ async function deliver(entry, released) {
           state.acks.push(performance.now() - released);
           state.posts.push(performance.now() - t0);
         }
-        await outbox.remove(entry.cid);
         refreshOverlay(out.pyramid || {});  // new versions of every level's touched chunks
+        await stored;
+        await outbox.remove(entry.cid);
         status(out.edit_id ? `saved edit ${out.edit_id}` : "nothing changed");
         loadEdits();
         return;
@@ -191,6 +194,7 @@ async function deliver(entry, released) {
     }
     throw new Error("the chunks keep changing; try again");
   } catch (e) {
+    await stored;
     if (e.status >= 400 && e.status < 500) {  // refused for good: do not re-send
       await outbox.remove(entry.cid);
       status(`edit failed: ${e.message}`);
@@ -388,13 +392,18 @@ async function start() {
     };
     return;
   }
-  const [user, images] = await Promise.all([api("GET", "/api/me"), api("GET", "/api/images")]);
-  state.user = user;
+  // the requests go out while the viewer's script still loads (this script comes first);
+  // a store nobody edited has no chunk versions to ask for
+  const user = api("GET", "/api/me"), opened = outbox.open();
+  const images = await api("GET", "/api/images");
   const wanted = new URL(location.href).searchParams.get("image");
   state.meta = images.find((i) => i.name === wanted) || images[0];
   state.image = state.meta.name;
-  [state.versions] = await Promise.all([
-    api("GET", `/api/images/${state.image}/versions`), outbox.open()]);
+  const versions = state.meta.versions.edited_chunks
+    ? api("GET", `/api/images/${state.image}/versions`) : {};
+  const parsed = new Promise((resolve) => (document.readyState === "loading"
+    ? document.addEventListener("DOMContentLoaded", resolve) : resolve()));
+  [state.user, state.versions] = await Promise.all([user, versions, opened, parsed]);
   document.getElementById("image-name").textContent = `${state.image} — ${state.user.name} (${state.user.role})`;
   const select = document.getElementById("class");
   state.meta.classes.forEach((c, i) => select.add(new Option(`${i} ${c}`, i)));
@@ -412,6 +421,7 @@ async function start() {
     immediateRender: false,
     blendTime: 0,
     imageLoaderLimit: 8,
+    drawer: "canvas",
     gestureSettingsMouse: { clickToZoom: false },
   });
   state.viewer.addOnceHandler("tile-loaded", () => { state.firstTileMs = performance.now(); });
