@@ -318,6 +318,14 @@ def test_other_ops(env):
     fill = {"op": "relabel", "points": [seed], "label": 1}
     assert call(env, "POST", "/api/images/slide/edits", json=fill).status_code == 200
     assert labels(store)[seed[1], seed[0]] == 1
+    # every pyramid level is still the 2×2 mode of the one below (the server recomputes
+    # only the boxes over changed pixels)
+    levels = len(list((store / "labels/segmentation").glob("[0-9]*")))
+    assert levels >= 3
+    for level in range(1, levels):
+        np.testing.assert_array_equal(
+            labels(store, level), downsample_mode(labels(store, level - 1))
+        )
 
 
 def test_two_editors_one_chunk_rebase(env):

@@ -188,29 +188,49 @@ class ReviewImage:
 
     def _new_chunks(self, delta: Delta) -> dict[Key, np.ndarray]:
         """The chunks a delta rewrites: its level-0 chunks with the "after" pixels set, then
-        the chunks above them (2×2 mode of the four below, new or cached), level by level."""
+        the chunks above them, level by level, where only the box over the changed pixels
+        below is recomputed (2×2 mode of the new or cached chunks under it)."""
         new: dict[Key, np.ndarray] = {}
+        boxes: dict[tuple[int, int], list[int]] = {}  # chunk → changed box (y0, y1, x0, x1)
         for key, (idx, _, after) in delta.items():
             cy, cx = map(int, key.split("/"))
             chunk = self.read_chunk(SEG, 0, cy, cx).copy()
             chunk.reshape(-1)[idx] = after
             new[0, cy, cx] = chunk
-        for level, cy, cx in self._touched(delta):
-            if level == 0:
-                continue
-            y0, y1, x0, x1 = self.chunk_box(level, cy, cx)
-            h, w = self.level_shape(level - 1)
-            src = np.empty((min(h, 2 * y1) - 2 * y0, min(w, 2 * x1) - 2 * x0), np.uint8)
-            ny, nx = self.grid(level - 1)
-            for ky in range(2 * cy, min(ny, 2 * cy + 2)):
-                for kx in range(2 * cx, min(nx, 2 * cx + 2)):
-                    a, b, c, d = self.chunk_box(level - 1, ky, kx)
-                    below = new.get((level - 1, ky, kx))
-                    if below is None:
-                        below = self.read_chunk(SEG, level - 1, ky, kx)
-                    src[a - 2 * y0 : b - 2 * y0, c - 2 * x0 : d - 2 * x0] = below
-            new[level, cy, cx] = downsample_mode(src)[: y1 - y0, : x1 - x0]
+            ys, xs = np.divmod(idx, chunk.shape[1])
+            y0, _, x0, _ = self.chunk_box(0, cy, cx)
+            boxes[cy, cx] = [y0 + ys.min(), y0 + ys.max() + 1, x0 + xs.min(), x0 + xs.max() + 1]
+        for level in range(1, self.levels):
+            up: dict[tuple[int, int], list[int]] = {}
+            for (cy, cx), (y0, y1, x0, x1) in boxes.items():  # the box one level up
+                b = [y0 // 2, -(-y1 // 2), x0 // 2, -(-x1 // 2)]
+                u = up.setdefault((cy // 2, cx // 2), b)
+                u[:] = [min(u[0], b[0]), max(u[1], b[1]), min(u[2], b[2]), max(u[3], b[3])]
+            for (cy, cx), (y0, y1, x0, x1) in up.items():
+                chunk = self.read_chunk(SEG, level, cy, cx).copy()
+                cy0, _, cx0, _ = self.chunk_box(level, cy, cx)
+                h, w = self.level_shape(level - 1)
+                src = self._assemble(level - 1, 2 * y0, min(h, 2 * y1), 2 * x0, min(w, 2 * x1), new)
+                chunk[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0] = downsample_mode(src)[
+                    : y1 - y0, : x1 - x0
+                ]
+                new[level, cy, cx] = chunk
+            boxes = up
         return new
+
+    def _assemble(
+        self, level: int, y0: int, y1: int, x0: int, x1: int, new: dict[Key, np.ndarray]
+    ) -> np.ndarray:
+        """Labels of one level's box, from the chunks in ``new`` or else the cache."""
+        out = np.empty((y1 - y0, x1 - x0), np.uint8)
+        for cy, cx in chunk_keys((y0, y1, x0, x1), self.tile):
+            a, b, c, d = self.chunk_box(level, cy, cx)
+            chunk = new.get((level, cy, cx))
+            if chunk is None:
+                chunk = self.read_chunk(SEG, level, cy, cx)
+            ya, yb, xa, xb = max(a, y0), min(b, y1), max(c, x0), min(d, x1)
+            out[ya - y0 : yb - y0, xa - x0 : xb - x0] = chunk[ya - a : yb - a, xa - c : xb - c]
+        return out
 
     def _bump(self, conn, touched: list[tuple[int, int, int]]) -> dict[str, int]:
         out = {}
