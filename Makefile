@@ -41,6 +41,9 @@ $(LI_VENV)/.installed:
 	touch $@
 
 bench: install $(LI_VENV)/.installed
+	@# wrk (Debian) measures the review server's own latency; without it that part is skipped
+	command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q wrk >/dev/null; } \
+	    || echo "make bench: could not install wrk; bench serve skips its wrk runs" >&2
 	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-columns=min,median,ops -q
 	$(VENV)/bin/segloop bench segment --size 4096 --save benchmarks/results
 	$(VENV)/bin/segloop bench serve --size 4096 --vs-large-image $(LI_VENV)/bin/python \

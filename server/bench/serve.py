@@ -6,7 +6,10 @@ level once (cold: a fresh server, each a zarr read + encode), then all again wit
 browser cache (server-cached: the server's encoded-tile cache answers), then all again
 with ``If-None-Match`` (304s); then one client sends 200-point strokes of radius 40 (edit
 round trip: validation, rasterising, SQLite commit with fsync; the shards are rewritten
-behind the answer).
+behind the answer). Where ``wrk`` is on PATH, the cached and 304 passes are also driven by
+it (a C client on one thread, cycling through the same URLs for 5 s): the aiohttp client
+costs the shared cores about as much as the server does, so wrk shows the server's own
+latency.
 Client and server share the machine's cores, so the numbers include the client's cost.
 """
 
@@ -16,6 +19,8 @@ import asyncio
 import json
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,6 +105,59 @@ async def _edits(base: str, token: str, shape: tuple[int, int], n: int) -> list[
                     raise RuntimeError(f"edit: HTTP {r.status}")
             lat.append(time.perf_counter() - t0)
     return lat
+
+
+_WRK_SCRIPT = """
+-- every request of the list file (one "path<TAB>header: value<TAB>…" line each), in turn
+local reqs, i = {}, 0
+init = function(args)
+  for line in io.lines(args[1]) do
+    local fields, h = {}, {}
+    for f in line:gmatch("[^\t]+") do fields[#fields + 1] = f end
+    for k = 2, #fields do
+      local name, value = fields[k]:match("^([^:]+): (.*)$")
+      h[name] = value
+    end
+    reqs[#reqs + 1] = wrk.format("GET", fields[1], h)
+  end
+end
+request = function() i = i % #reqs + 1; return reqs[i] end
+"""
+
+
+def _wrk(
+    base: str, headers: dict, urls: list[str], etags: dict | None, clients: int, tmp: Path,
+    seconds: int = 5,
+) -> dict[str, float]:  # fmt: skip
+    """wrk cycling through ``urls`` (``If-None-Match`` from ``etags``) for ``seconds`` with
+    ``clients`` connections on one thread: p50/p99 ms and requests/s as wrk reports them."""
+    lines = []
+    for u in urls:
+        h = {**headers, **({"If-None-Match": etags[u]} if etags else {})}
+        lines.append("\t".join([u, *(f"{k}: {v}" for k, v in h.items())]))
+    (tmp / "wrk-urls.tsv").write_text("\n".join(lines) + "\n")
+    (tmp / "wrk.lua").write_text(_WRK_SCRIPT)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency", "-s", str(tmp / "wrk.lua"),
+         base, "--", str(tmp / "wrk-urls.tsv")],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    if "Non-2xx or 3xx responses" in out and etags is None:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+
+    def ms(pct: str) -> float:
+        value = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)$", out, re.M)
+        if value is None:
+            raise RuntimeError(f"no {pct}% line in wrk's output:\n{out}")
+        return round(float(value[1]) * {"us": 1e-3, "ms": 1, "s": 1e3}[value[2]], 2)
+
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    return {
+        "p50_ms": ms("50"),
+        "p99_ms": ms("99"),
+        "requests_s": float(rate[1]),
+        "seconds": seconds,
+    }
 
 
 @contextmanager
@@ -241,6 +299,13 @@ def run_serve_bench(
             cold, etags, cold_s = asyncio.run(_load(base, headers, urls, clients, None))
             cached, _, cached_s = asyncio.run(_load(base, headers, urls, clients, None))
             hit, _, hit_s = asyncio.run(_load(base, headers, urls, clients, etags))
+            by_wrk = None
+            if shutil.which("wrk"):
+                log("the same tiles from wrk (a C client: the server's own latency) …")
+                by_wrk = {
+                    "server_cached_tiles": _wrk(base, headers, urls, None, clients, tmp),
+                    "not_modified": _wrk(base, headers, urls, etags, clients, tmp),
+                }
             log(f"{edits} edits (200 points, radius 40) …")
             edit_lat = asyncio.run(_edits(base, token, tuple(meta["shape"]), edits))
         versus = None
@@ -259,6 +324,7 @@ def run_serve_bench(
         "server_cached_tiles": _summary(cached, cached_s),
         "not_modified": _summary(hit, hit_s),
         "edit_round_trip": _pct(edit_lat),
+        "wrk": by_wrk,
         "vs_large_image": versus,
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
