@@ -297,7 +297,9 @@ async function review(stateName, extra = {}) {
   loadCoverage();
 }
 
-// --- coverage minimap: review state per tile; click to go there ---------------------------
+// --- overview: the whole image (its coarsest tile), review state per tile and the part in
+// view; click to go there. It stands in for OpenSeadragon's navigator, a second viewer
+// whose start-up cost the first tile ~70 ms here ------------------------------------------
 const STATE_COLOURS = {
   unseen: "rgba(0,0,0,0)", in_review: "#d69e2e", accepted: "#38a169",
   corrected: "#3182ce", flagged: "#e53e3e",
@@ -308,21 +310,53 @@ async function loadCoverage() {
   const canvas = document.getElementById("coverage");
   const [ny, nx] = [cov.grid.length, cov.grid[0].length];
   const cell = Math.max(1, Math.floor(160 / Math.max(ny, nx)));
+  state.coverage = { ...cov, cell };
   canvas.width = nx * cell;
   canvas.height = ny * cell;
-  const ctx = canvas.getContext("2d");
-  ctx.fillStyle = "rgba(255,255,255,0.08)";
-  ctx.fillRect(0, 0, canvas.width, canvas.height);
-  cov.grid.forEach((row, y) => row.forEach((k, x) => {
-    ctx.fillStyle = STATE_COLOURS[cov.states[k]];
-    ctx.fillRect(x * cell, y * cell, cell, cell);
-  }));
   canvas.dataset.counts = JSON.stringify(cov.counts);
   canvas.onclick = (e) => {
     const t = state.meta.tile;
     const [tx, ty] = [Math.floor(e.offsetX / cell), Math.floor(e.offsetY / cell)];
     state.viewer.viewport.fitBounds(base().imageToViewportRectangle(tx * t, ty * t, t, t));
   };
+  drawOverview();
+}
+
+// the coarsest image tile, fetched once the view shows its first tile (off the critical path)
+async function loadOverviewImage() {
+  const top = state.meta.levels - 1;
+  const r = await fetch(`/api/images/${state.image}/tiles/image/${top}/0/0?v=0`,
+    { headers: { Authorization: `Bearer ${state.token}` } });
+  if (r.ok) state.overview = await createImageBitmap(await r.blob());
+  drawOverview();
+}
+
+let overviewFrame = 0;
+function drawOverview() {
+  cancelAnimationFrame(overviewFrame);
+  overviewFrame = requestAnimationFrame(() => {
+    const cov = state.coverage, canvas = document.getElementById("coverage");
+    if (!cov) return;
+    const ctx = canvas.getContext("2d"), cell = cov.cell;
+    const [h, w] = state.meta.shape, t = state.meta.tile;
+    const scale = cell / t;  // overview px per level-0 px
+    ctx.fillStyle = "rgba(255,255,255,0.08)";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    if (state.overview) ctx.drawImage(state.overview, 0, 0, w * scale, h * scale);
+    ctx.globalAlpha = 0.6;
+    cov.grid.forEach((row, y) => row.forEach((k, x) => {
+      ctx.fillStyle = STATE_COLOURS[cov.states[k]];
+      ctx.fillRect(x * cell, y * cell, cell, cell);
+    }));
+    ctx.globalAlpha = 1;
+    const item = state.viewer && base();
+    if (item) {  // the part in view
+      const r = item.viewportToImageRectangle(state.viewer.viewport.getBounds(true));
+      ctx.strokeStyle = "#f6e05e";
+      ctx.lineWidth = 1.5;
+      ctx.strokeRect(r.x * scale, r.y * scale, r.width * scale, r.height * scale);
+    }
+  });
 }
 
 // --- recent edits: who did what; reviewers approve or reject annotators' proposals -------
@@ -417,14 +451,18 @@ async function start() {
     tileSources: tileSource("image"),
     loadTilesWithAjax: true,
     ajaxHeaders: { Authorization: `Bearer ${state.token}` },
-    showNavigator: true,
+    showNavigator: false,  // the overview in the side panel does its work
     immediateRender: false,
     blendTime: 0,
     imageLoaderLimit: 8,
     drawer: "canvas",
     gestureSettingsMouse: { clickToZoom: false },
   });
-  state.viewer.addOnceHandler("tile-loaded", () => { state.firstTileMs = performance.now(); });
+  const firstTile = new Promise((resolve) => state.viewer.addOnceHandler("tile-loaded", () => {
+    state.firstTileMs = performance.now();
+    resolve();
+  }));
+  state.viewer.addHandler("viewport-change", drawOverview);
   state.viewer.addTiledImage({
     tileSource: tileSource("segmentation"), opacity: 0.5,
     success: (e) => { state.seg = e.item; },
@@ -457,10 +495,14 @@ async function start() {
     }
   });
   window.addEventListener("online", flushOutbox);
+  status("ready");
+  // the side panel and live updates wait for the first tile (1 s at most): their requests
+  // would otherwise queue with the tiles' for the browser's six connections
+  await Promise.race([firstTile, new Promise((resolve) => setTimeout(resolve, 1000))]);
   loadCoverage();
   loadEdits();
   listen();
-  status("ready");
+  loadOverviewImage();
 }
 
 start().catch((e) => status(`error: ${e.message}`));
