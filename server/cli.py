@@ -187,6 +187,13 @@ def _segment_options(args: argparse.Namespace):
         opts.runtime_options = {"url": args.url or "localhost:8001", "shm": args.triton_shm}
     elif args.url:
         raise UserError("--url is for --runtime triton")
+    if args.device == "cuda":
+        if args.runtime != "torch":
+            raise UserError(
+                "--device cuda runs --runtime torch (tensorrt is always on the GPU; onnx and "
+                "triton choose their device elsewhere)"
+            )
+        opts.runtime_options = {"device": "cuda"}
     if args.threads:
         opts.threads = args.threads
     elif args.dask and args.dask.startswith("local:"):  # share the cores between workers
@@ -405,7 +412,14 @@ def _bench(args: argparse.Namespace, run, **options) -> int:
 def cmd_bench_segment(args: argparse.Namespace) -> int:
     from segloop.bench.segment import run_bench
 
-    return _bench(args, run_bench, size=args.size[0], runtime=args.runtime)
+    return _bench(
+        args,
+        run_bench,
+        size=args.size[0],
+        runtime=args.runtime,
+        device=args.device,
+        rss=not args.no_rss,
+    )
 
 
 def cmd_bench_dask(args: argparse.Namespace) -> int:
@@ -599,6 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
         """Options shared by segment and segment-batch."""
         sp.add_argument("--runtime", default="onnx", help="onnx (default), torch or triton")
         sp.add_argument(
+            "--device",
+            choices=["cpu", "cuda"],
+            default="cpu",
+            help="torch: cuda = float16 on the GPU (not run on this project's machines yet)",
+        )
+        sp.add_argument(
             "--url", help="triton: gRPC HOST:PORT[,HOST:PORT…] (default localhost:8001)"
         )
         sp.add_argument(
@@ -692,6 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = b.add_parser("segment", help="end-to-end vs model-only vs MONAI, one run")
     s.add_argument("--size", type=parse_size, default=(4096, 4096))
     s.add_argument("--runtime", default="onnx")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="torch: cuda")
+    s.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
     bench_common(s)
     s.set_defaults(func=cmd_bench_segment)
     s = b.add_parser("triton", help="Triton ensemble vs embedded runtime, one run")

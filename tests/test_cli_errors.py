@@ -146,6 +146,23 @@ def test_bad_tile(tmp_path, slide):
     )
 
 
+def test_device_cuda_needs_torch_and_a_gpu(tmp_path, slide):
+    out = tmp_path / "o.zarr"
+    assert_user_error(
+        run_cli("segment", slide[0], "-o", out, "--device", "cuda"), "--runtime torch"
+    )
+    if not torch_sees_cuda():
+        proc = run_cli("segment", slide[0], "-o", out, "--runtime", "torch", "--device", "cuda")
+        assert_user_error(proc, "no CUDA GPU")
+        assert not out.exists()  # refused before anything was written
+
+
+def torch_sees_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def test_synth_refuses_existing(tmp_path):
     f = tmp_path / "s.ome.tif"
     f.write_text("keep")

@@ -24,9 +24,12 @@ from segloop.pipeline.tiling import TileGrid
 
 
 def monai_segment(
-    predictor: Callable, src: ImageSource, grid: TileGrid, batch: int, out: Path
-) -> float:
-    """Segment ``src`` with MONAI into ``out``; returns seconds (image already in memory)."""
+    predictor: Callable, src: ImageSource, grid: TileGrid, batch: int, out: Path,
+    sw_device: str = "cpu",
+) -> float:  # fmt: skip
+    """Segment ``src`` with MONAI into ``out``; returns seconds (image already in memory).
+    ``sw_device="cuda"``: MONAI moves each batch of windows to the GPU; the stitched output
+    stays in host memory (``device="cpu"``), as MONAI's users run whole slides."""
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -43,6 +46,8 @@ def monai_segment(
             predictor=predictor,
             overlap=0.25,
             mode="gaussian",
+            sw_device=sw_device,
+            device="cpu",
         )
         labels, conf = labels_confidence(logits.numpy(), 0, src.height)
         store = OutputStore.create(out, grid, src.channels, src.dtype)
@@ -50,6 +55,17 @@ def monai_segment(
         store.write("segmentation", 0, box, labels[0])
         store.write("confidence", 0, box, conf[0])
     return time.perf_counter() - t0
+
+
+def half_predictor(module) -> Callable:
+    """MONAI predictor for a float16 channels_last module on the GPU (float32 windows in,
+    float32 logits out), as ``TorchRuntime(device="cuda")`` holds it."""
+    import torch
+
+    def predict(t):
+        return module(t.half().contiguous(memory_format=torch.channels_last)).float()
+
+    return predict
 
 
 def ort_predictor(rt) -> Callable:

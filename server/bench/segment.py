@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from segloop.bench.monai import monai_segment, ort_predictor
+from segloop.bench.monai import half_predictor, monai_segment, ort_predictor
 from segloop.io.ome_zarr import remove_store
 from segloop.io.source import open_image
 from segloop.pipeline.segment import SegmentOptions, default_model, normalisation_for, segment
@@ -107,12 +107,16 @@ def run_bench(
     batch: int = 4,
     threads: int = 2,
     runtime: str = "onnx",
+    device: str = "cpu",
+    rss: bool = True,
     rounds: int = 2,
     save: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Throughput side by side (rounds alternate, best kept) and each pipeline's peak RSS
-    measured in its own process on the same image."""
+    """Throughput side by side (rounds alternate, best kept) and, with ``rss``, each
+    pipeline's peak RSS measured in its own process on the same image (CPU runtimes).
+    ``device="cuda"`` (``--runtime torch``): segloop, model-only and both MONAI runs use the
+    same float16 module on the GPU (MONAI with ``sw_device="cuda"``)."""
     import torch
 
     from segloop.runtimes.torch import load_unet
@@ -125,14 +129,16 @@ def run_bench(
         write_ome_tiff(image, size, size, seed=11)
         src = open_image(image)
         model = default_model()
-        rt = create_runtime(runtime, model, threads)
+        on_gpu = {"device": device} if device != "cpu" else {}
+        rt = create_runtime(runtime, model, threads, **on_gpu)
         grid = TileGrid.create(size, size, tile, rt.card["halo"], rt.card["input"]["multiple_of"])
         opts = SegmentOptions(
-            runtime=runtime, model=model, tile=tile, batch=batch, threads=threads, overwrite=True
-        )
+            runtime=runtime, model=model, tile=tile, batch=batch, threads=threads,
+            overwrite=True, runtime_options=on_gpu,
+        )  # fmt: skip
         model_only = _model_only(rt, src, grid, batch)
         predictor = ort_predictor(rt)
-        module = load_unet(model, len(rt.card["classes"]))
+        module = half_predictor(rt.model) if on_gpu else load_unet(model, len(rt.card["classes"]))
         px = size * size
         times: dict[str, list[float]] = {"e2e": [], "model": [], "monai": []}
         busy0, own0 = cpu_busy_s(), sum(psutil.Process().cpu_times()[:2])
@@ -147,12 +153,14 @@ def run_bench(
             log(f"round {r + 1}/{rounds}: MONAI sliding window (same ORT session) …")
             times["monai"].append(monai_segment(predictor, src, grid, batch, tmp / "monai.zarr"))
         log("MONAI sliding window with the torch module …")
-        monai_torch_s = monai_segment(module, src, grid, batch, tmp / "monai_t.zarr")
+        monai_torch_s = monai_segment(module, src, grid, batch, tmp / "monai_t.zarr", device)
         busy1, own1 = cpu_busy_s(), sum(psutil.Process().cpu_times()[:2])
         rt.close()
-        log("peak RSS of each pipeline in its own process …")
-        rss = segloop_peak_rss_mb(image, tmp / "rss.zarr", tile, batch, threads)
-        rss_monai = monai_peak_rss_mb(image, tmp / "rss_monai.zarr", tile, batch, threads)
+        rss_mb = rss_monai = None
+        if rss:
+            log("peak RSS of each pipeline in its own process …")
+            rss_mb = segloop_peak_rss_mb(image, tmp / "rss.zarr", tile, batch, threads)
+            rss_monai = monai_peak_rss_mb(image, tmp / "rss_monai.zarr", tile, batch, threads)
     best = {k: min(v) for k, v in times.items()}
     e2e, mo, mon = (px / 1e6 / best[k] for k in ("e2e", "model", "monai"))
     result: dict[str, Any] = {
@@ -164,6 +172,7 @@ def run_bench(
         "batch": batch,
         "threads": threads,
         "runtime": runtime,
+        "device": device,
         "rounds": rounds,
         "end_to_end_mpx_s": round(e2e, 3),
         "model_only_mpx_s": round(mo, 3),
@@ -172,12 +181,13 @@ def run_bench(
         "vs_monai": round(e2e / mon, 3),
         "monai_torch_mpx_s": round(px / 1e6 / monai_torch_s, 3),
         "vs_monai_torch": round(e2e / (px / 1e6 / monai_torch_s), 3),
-        "peak_rss_mb": rss,
+        "peak_rss_mb": rss_mb,
         "monai_peak_rss_mb": rss_monai,
         "stages_last_run": summary["stats"]["stages"],
         "foreign_cpu_s": round((busy1 - busy0) - (own1 - own0), 1),
         "all_times_s": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
         "machine": machine(),
+        "gpu": torch.cuda.get_device_name(0) if on_gpu else None,
         "date": time.strftime("%Y-%m-%d"),
     }
     if save:
@@ -244,13 +254,14 @@ def run_memory(
 
 def _save(result: dict[str, Any], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"segment_{result['size']}_{result['runtime']}_cpu{result['machine']['cores']}"
+    runtime = result["runtime"] + ("" if result["device"] == "cpu" else f"-{result['device']}")
+    name = f"segment_{result['size']}_{runtime}_cpu{result['machine']['cores']}"
     (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [
         ("end-to-end (segloop)", result["end_to_end_mpx_s"], "1.00"),
         ("model-only ceiling", result["model_only_mpx_s"], f"{1 / result['efficiency']:.2f}"),
         (
-            "MONAI sliding window, same ORT session",
+            "MONAI sliding window, same runtime session",
             result["monai_mpx_s"],
             f"{1 / result['vs_monai']:.2f}",
         ),
@@ -269,7 +280,12 @@ def _save(result: dict[str, Any], folder: Path) -> None:
         f"CPU used by other processes during the run: {result['foreign_cpu_s']} s.\n\n"
         f"| pipeline | Mpx/s | relative to segloop |\n|---|---|---|\n{table}\n\n"
         f"efficiency (end-to-end / model-only) = **{result['efficiency']}**, "
-        f"vs_monai = **{result['vs_monai']}**, vs_monai_torch = {result['vs_monai_torch']}; "
-        f"peak RSS segloop {result['peak_rss_mb']} MB vs MONAI "
-        f"{result['monai_peak_rss_mb']} MB (each in its own process, same image).\n"
+        f"vs_monai = **{result['vs_monai']}**, vs_monai_torch = {result['vs_monai_torch']}"
+        + (
+            f"; peak RSS segloop {result['peak_rss_mb']} MB vs MONAI "
+            f"{result['monai_peak_rss_mb']} MB (each in its own process, same image).\n"
+            if result["peak_rss_mb"] is not None
+            else ".\n"
+        )
+        + (f"\nGPU: {result['gpu']} ({result['device']}).\n" if result["gpu"] else "")
     )
