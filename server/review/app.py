@@ -217,6 +217,7 @@ def create_app(stores: list[Path], tile_pack: bool = True) -> web.Application:
     app["openapi"] = openapi_spec()
     app["loop_pool"] = ThreadPoolExecutor(8, thread_name_prefix="segloop-tiles")
     app["tile_cache"] = tiles.EncodedTiles()
+    app["rendering"] = [0]  # tile requests being encoded on demand right now
     app["page"] = ui_page()
     local = {
         "health": health,
@@ -249,7 +250,9 @@ def create_app(stores: list[Path], tile_pack: bool = True) -> web.Application:
     async def build_packs(app: web.Application) -> None:
         for img in app["images"].values():
             if img.pack is not None:
-                img.pack.start(functools.partial(tiles.render_packed, img))
+                img.pack.start(
+                    functools.partial(tiles.render_packed, img), lambda: app["rendering"][0] > 0
+                )
 
     app.on_startup.append(build_packs)
     app.on_shutdown.append(close_websockets)

@@ -80,7 +80,7 @@ class ReviewImage:
         self._locks_guard = threading.Lock()
         self.writer = ThreadPoolExecutor(1, thread_name_prefix=f"segloop-edit-{name}")
         self.listeners: list = []  # callables(event dict), e.g. websocket broadcasters
-        self.pack: TilePack | None = None  # image tiles encoded once (set by the app)
+        self.pack: TilePack | None = None  # tiles as segmented, encoded once (set by the app)
         self.chunks = ChunkCache(self._read_seg, self._write_seg, self._mark_applied)
         self._seq = 0  # odd while an edit's chunks and versions are being swapped in
         self.replayed = self._replay()

@@ -3,18 +3,18 @@
 The image and confidence layers never change under review, and segmentation chunks change
 only where someone edits, so every tile as the store was segmented (version 0) is encoded
 once — image in WebP and JPEG, labels and confidence in PNG — by a background thread that
-``segloop serve`` starts, coarsest level first (what a viewer asks for first), at the
-lowest CPU priority. They are kept in an SQLite file next to ``review.sqlite``, one row per
-tile and format (the layout of MBTiles), so a restarted server answers them without
-decoding anything; edited chunks are encoded on demand. A pack made under other store
+``segloop serve`` starts, coarsest level first (what a viewer asks for first), pausing
+while requests wait for tiles encoded on demand (a lower OS priority instead would let it
+be descheduled while holding the GIL, stalling the server behind it). They are kept in an
+SQLite file next to ``review.sqlite``, one row per tile and format (the layout of
+MBTiles), so a restarted server answers them without decoding anything; edited chunks are
+encoded on demand. A pack made under other store
 parameters (``ReviewImage.tag``: a re-segmented store) is emptied and built again.
 Deleting the file is always safe.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -80,22 +80,23 @@ class TilePack:
             ).fetchone()
         return None if row is None else row[0]
 
-    def start(self, render: Render) -> None:
+    def start(self, render: Render, busy: Callable[[], bool] = lambda: False) -> None:
+        """Build the missing tiles in a thread; it waits while ``busy()`` is true."""
         if len(self._done) < len(self.tiles):
             self._thread = threading.Thread(
-                target=self._build, args=(render,), name="segloop-tile-pack", daemon=True
+                target=self._build, args=(render, busy), name="segloop-tile-pack", daemon=True
             )
             self._thread.start()
 
-    def _build(self, render: Render, batch: int = 16) -> None:
-        with contextlib.suppress(OSError):  # Linux: a thread is a task with its own nice
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    def _build(self, render: Render, busy: Callable[[], bool], batch: int = 16) -> None:
         conn = _connect(self.path)
         try:
             todo = [t for t in self.tiles if t not in self._done]
             for i in range(0, len(todo), batch):
                 rows, keys = [], todo[i : i + batch]
                 for key in keys:
+                    while busy() and not self._stop.is_set():
+                        self._stop.wait(0.01)
                     if self._stop.is_set():
                         return
                     rows += [(*key, *lf, data) for lf, data in render(*key).items()]

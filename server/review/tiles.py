@@ -4,8 +4,9 @@ Tile = one store chunk. ETag = layer/level/chunk/version (+ the store's tag); a 
 whose If-None-Match matches gets 304 before zarr is touched; ``?v=<version>`` URLs that
 match the current version are immutable for a year. Chunks in a shard file that was
 never written are answered from an encoded fill tile, without decoding. Encoded tiles are
-kept in memory (``EncodedTiles``, keyed by version, so an edit never serves a stale one);
-image tiles also in the store's tile pack (``segloop.review.tile_pack``), built at start.
+kept in memory (``EncodedTiles``, keyed by version, so an edit never serves a stale one),
+and every tile as segmented (version 0) in the store's tile pack
+(``segloop.review.tile_pack``), built in the background at start.
 """
 
 from __future__ import annotations
@@ -161,10 +162,12 @@ class EncodedTiles:
 
 
 def _render(img: ReviewImage, layer: str, level: int, ty: int, tx: int, fmt: str):
-    """(version, encoded tile) of one moment (``ReviewImage.read_versioned``)."""
+    """(version, encoded tile) of one moment (``ReviewImage.read_versioned``). A chunk
+    whose shard file was never written is the fill value — unless it was edited, since its
+    edit may still be waiting for the flusher."""
     version = img.version(layer, level, ty, tx)
-    if version == 0 and not img.chunk_written(layer, level, ty, tx):  # (edited chunks
-        return version, _fill(img, layer, img.chunk_box(level, ty, tx), fmt)  # may be unflushed)
+    if version == 0 and not img.chunk_written(layer, level, ty, tx):
+        return version, _fill(img, layer, img.chunk_box(level, ty, tx), fmt)
     version, data = img.read_versioned(layer, level, ty, tx)
     return version, _encode(img, layer, data, fmt)
 
@@ -229,10 +232,14 @@ async def get_tile(request: web.Request) -> web.Response:
         if body is not None:
             cache.put(key, body)
     if body is None:
-        pool = request.app["loop_pool"]
-        version, body = await request.loop.run_in_executor(
-            pool, _render, img, layer, level, ty, tx, fmt
-        )
+        pool, rendering = request.app["loop_pool"], request.app["rendering"]
+        rendering[0] += 1  # the tile pack's builder waits meanwhile
+        try:
+            version, body = await request.loop.run_in_executor(
+                pool, _render, img, layer, level, ty, tx, fmt
+            )
+        finally:
+            rendering[0] -= 1
         cache.put((*key[:6], version, fmt), body)
         etag = _etag(img, layer, level, ty, tx, version, fmt)
     request.app["metrics"].tiles.labels(layer).inc()
