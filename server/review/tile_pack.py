@@ -15,9 +15,11 @@ Deleting the file is always safe.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PACK_NAME = "review-tiles.sqlite"
@@ -89,22 +91,31 @@ class TilePack:
             self._thread.start()
 
     def _build(self, render: Render, busy: Callable[[], bool], batch: int = 16) -> None:
+        """Render ``batch`` positions at a time on every core (the encoders release the
+        GIL), waiting before each while ``busy()``; one transaction per batch."""
+
+        def one(key: TileKey) -> list[tuple]:
+            while busy() and not self._stop.is_set():
+                self._stop.wait(0.01)
+            if self._stop.is_set():
+                return []
+            return [(*key, *lf, data) for lf, data in render(*key).items()]
+
         conn = _connect(self.path)
+        workers = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="segloop-pack")
         try:
             todo = [t for t in self.tiles if t not in self._done]
             for i in range(0, len(todo), batch):
-                rows, keys = [], todo[i : i + batch]
-                for key in keys:
-                    while busy() and not self._stop.is_set():
-                        self._stop.wait(0.01)
-                    if self._stop.is_set():
-                        return
-                    rows += [(*key, *lf, data) for lf, data in render(*key).items()]
+                keys = todo[i : i + batch]
+                rows = [r for rs in workers.map(one, keys) for r in rs]
+                if self._stop.is_set():
+                    return
                 conn.execute("BEGIN")
                 conn.executemany("INSERT OR REPLACE INTO tiles VALUES (?,?,?,?,?,?)", rows)
                 conn.execute("COMMIT")
                 self._done.update(keys)
         finally:
+            workers.shutdown(wait=True)
             conn.close()
 
     def close(self) -> None:
