@@ -3,9 +3,12 @@
 An edit is durable once its delta is committed to SQLite (``review.db``); writing the
 zarr shards is then only materialisation. The writer thread computes the new chunks (level
 0 and the pyramid above) here, in memory, so the next edit and every tile read see them at
-once, and a flusher thread rewrites the touched shards in commit order and marks the edits
-applied. A crash before that loses nothing: the server replays committed edits that are
-not marked applied when it starts.
+once, and a flusher thread rewrites the touched shards and marks the edits applied. It
+flushes in the gaps between edits (``idle`` s after the last one, at most ``delay`` s
+after the first unflushed one), so a stroke drawn right after another does not share the
+cores with the previous one's shard writes, and a burst costs one rewrite per shard. A
+crash before that loses nothing: the server replays committed edits that are not marked
+applied when it starts.
 
 Chunks are (h, w) uint8 read-only arrays, keyed (level, cy, cx). Clean chunks are kept
 up to ``budget`` bytes (least recently used go first); dirty ones stay until flushed.
@@ -13,14 +16,16 @@ up to ``budget`` bytes (least recently used go first); dirty ones stay until flu
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 Key = tuple[int, int, int]  # level, cy, cx
+log = logging.getLogger("segloop.review")
 
 
 class ChunkCache:
@@ -33,20 +38,26 @@ class ChunkCache:
         write: Callable[[int, dict[Key, np.ndarray]], None],
         applied: Callable[[list[int]], None],
         budget: int = 256 << 20,
+        idle: float = 0.05,
+        delay: float = 1.0,
     ) -> None:
         self._read, self._write, self._applied = read, write, applied
-        self.budget = budget
+        self.budget, self.idle, self.delay = budget, idle, delay
         self._chunks: OrderedDict[Key, np.ndarray] = OrderedDict()
         self._dirty: set[Key] = set()
         self._pending: list[tuple[int, list[Key]]] = []  # (edit id, keys) to flush
         self._puts: dict[Key, int] = {}  # puts per key: a read racing a put is not kept
-        self._lock = threading.Lock()
         self._bytes = 0
-        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="segloop-flush")
-        self._last: Future | None = None
+        self._cv = threading.Condition()
+        self._last_put = self._first_put = 0.0
+        self._put_count = self._flushed_count = 0  # edits put / edits flushed so far
+        self._urgent = self._closing = False
+        self._error: BaseException | None = None  # of the last flush, until drain raises it
+        self._flusher = threading.Thread(target=self._run, name="segloop-flush", daemon=True)
+        self._flusher.start()
 
     def get(self, key: Key) -> np.ndarray:
-        with self._lock:
+        with self._cv:
             chunk = self._chunks.get(key)
             if chunk is not None:
                 self._chunks.move_to_end(key)
@@ -54,7 +65,7 @@ class ChunkCache:
             puts = self._puts.get(key, 0)
         chunk = self._read(key)
         chunk.setflags(write=False)
-        with self._lock:
+        with self._cv:
             if key in self._chunks:  # put meanwhile: that one is newer
                 return self._chunks[key]
             if self._puts.get(key, 0) == puts:  # else put, flushed and evicted meanwhile
@@ -63,14 +74,20 @@ class ChunkCache:
 
     def put(self, edit_id: int, chunks: dict[Key, np.ndarray]) -> None:
         """New contents of ``chunks`` (from edit ``edit_id``): visible now, flushed later."""
-        with self._lock:
+        with self._cv:
             for key, chunk in chunks.items():
                 chunk.setflags(write=False)
                 self._insert(key, chunk)
                 self._dirty.add(key)
                 self._puts[key] = self._puts.get(key, 0) + 1
+            now = time.monotonic()
+            if not self._pending:
+                self._first_put = now
+            self._last_put = now
             self._pending.append((edit_id, list(chunks)))
-            self._last = self._flusher.submit(self._flush)
+            self._put_count += 1
+            self._error = None  # a failed flush is tried again with this edit
+            self._cv.notify_all()
 
     def _insert(self, key: Key, chunk: np.ndarray) -> None:
         old = self._chunks.pop(key, None)
@@ -82,37 +99,64 @@ class ChunkCache:
                 break
             self._bytes -= self._chunks.pop(victim).nbytes
 
-    def _flush(self) -> None:
-        """Write every dirty chunk (coalescing the edits queued so far), level by level."""
-        with self._lock:
-            jobs, self._pending = self._pending, []
-            keys = {k for _, ks in jobs for k in ks}
-            snapshot = {k: self._chunks[k] for k in keys if k in self._dirty}
-        if not jobs:
-            return
-        try:
-            for level in sorted({k[0] for k in snapshot}):
-                self._write(level, {k: c for k, c in snapshot.items() if k[0] == level})
-        except BaseException:
-            with self._lock:  # retried by the next flush; a restart replays them anyway
-                self._pending[:0] = jobs
-            raise
-        with self._lock:  # clean unless an edit replaced the chunk while it was written
-            self._dirty -= {k for k, c in snapshot.items() if self._chunks.get(k) is c}
-        self._applied([edit_id for edit_id, _ in jobs])
+    def _due(self) -> float:
+        """Seconds until the pending edits should be flushed (≤ 0: now). Caller locks."""
+        if self._urgent or self._closing:
+            return 0.0
+        now = time.monotonic()
+        return min(self._last_put + self.idle, self._first_put + self.delay) - now
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._pending and self._error is None and self._due() <= 0):
+                    if self._closing and (not self._pending or self._error is not None):
+                        return
+                    wait = self._due() if self._pending and self._error is None else None
+                    self._cv.wait(wait)
+                jobs, self._pending = self._pending, []
+                keys = {k for _, ks in jobs for k in ks}
+                snapshot = {k: self._chunks[k] for k in keys if k in self._dirty}
+            try:
+                for level in sorted({k[0] for k in snapshot}):
+                    self._write(level, {k: c for k, c in snapshot.items() if k[0] == level})
+                self._applied([edit_id for edit_id, _ in jobs])
+            except BaseException as exc:  # kept for the next put or drain; a restart replays
+                log.exception("writing %d edits to zarr failed; they stay pending", len(jobs))
+                with self._cv:
+                    self._pending[:0] = jobs
+                    self._error = exc
+                    self._cv.notify_all()
+                continue
+            with self._cv:  # clean unless an edit replaced the chunk while it was written
+                self._dirty -= {k for k, c in snapshot.items() if self._chunks.get(k) is c}
+                self._flushed_count += len(jobs)
+                if self._flushed_count >= self._put_count:
+                    self._urgent = False
+                self._cv.notify_all()
 
     def drain(self) -> None:
-        """Block until everything put so far is in zarr (raises what a flush raised)."""
-        with self._lock:
-            last = self._last
-        if last is not None:
-            last.result()
+        """Flush now and block until everything put so far is in zarr. Raises what the last
+        flush raised (its edits stay pending: the next put or drain tries again)."""
+        with self._cv:
+            target = self._put_count
+            if self._error is not None and self._pending:  # a failed flush: try once more
+                self._error = None
+            self._urgent = True
+            self._cv.notify_all()
+            while self._flushed_count < target and self._error is None:
+                self._cv.wait()
+            if self._error is not None:
+                error, self._error = self._error, None
+                self._urgent = False
+                raise error
 
     def close(self) -> None:
         """Flush what is left (retrying a failed flush once more), then stop."""
-        with self._lock:
-            self._last = self._flusher.submit(self._flush)
         try:
             self.drain()
         finally:
-            self._flusher.shutdown(wait=True)
+            with self._cv:
+                self._closing = True
+                self._cv.notify_all()
+            self._flusher.join()
