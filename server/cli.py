@@ -170,6 +170,7 @@ def path_or_url(text: str) -> Path | str:
 def _segment_options(args: argparse.Namespace):
     from segloop.io.location import OPTIONS_ENV, storage_options
     from segloop.pipeline.segment import SegmentOptions
+    from segloop.runtimes import device_options
 
     if args.storage_options:  # read by every Location, in this process and its workers
         os.environ[OPTIONS_ENV] = args.storage_options
@@ -187,13 +188,8 @@ def _segment_options(args: argparse.Namespace):
         opts.runtime_options = {"url": args.url or "localhost:8001", "shm": args.triton_shm}
     elif args.url:
         raise UserError("--url is for --runtime triton")
-    if args.device == "cuda":
-        if args.runtime != "torch":
-            raise UserError(
-                "--device cuda runs --runtime torch (tensorrt is always on the GPU; onnx and "
-                "triton choose their device elsewhere)"
-            )
-        opts.runtime_options = {"device": "cuda"}
+    if args.device != "cpu":
+        opts.runtime_options = device_options(args.runtime, args.device)
     if args.threads:
         opts.threads = args.threads
     elif args.dask and args.dask.startswith("local:"):  # share the cores between workers

@@ -151,6 +151,8 @@ def test_device_cuda_needs_torch_and_a_gpu(tmp_path, slide):
     assert_user_error(
         run_cli("segment", slide[0], "-o", out, "--device", "cuda"), "--runtime torch"
     )
+    proc = run_cli("bench", "segment", "--size", "512", "--device", "cuda")
+    assert_user_error(proc, "--runtime torch")
     if not torch_sees_cuda():
         proc = run_cli("segment", slide[0], "-o", out, "--runtime", "torch", "--device", "cuda")
         assert_user_error(proc, "no CUDA GPU")

@@ -32,7 +32,7 @@ from segloop.io.ome_zarr import remove_store
 from segloop.io.source import open_image
 from segloop.pipeline.segment import SegmentOptions, default_model, normalisation_for, segment
 from segloop.pipeline.tiling import TileGrid
-from segloop.runtimes import create_runtime
+from segloop.runtimes import create_runtime, device_options
 from segloop.synth import write_ome_tiff
 
 
@@ -121,6 +121,7 @@ def run_bench(
 
     from segloop.runtimes.torch import load_unet
 
+    on_gpu = device_options(runtime, device)  # refuses a bad pair before any work
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="segloop-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -129,7 +130,6 @@ def run_bench(
         write_ome_tiff(image, size, size, seed=11)
         src = open_image(image)
         model = default_model()
-        on_gpu = {"device": device} if device != "cpu" else {}
         rt = create_runtime(runtime, model, threads, **on_gpu)
         grid = TileGrid.create(size, size, tile, rt.card["halo"], rt.card["input"]["multiple_of"])
         opts = SegmentOptions(
@@ -150,7 +150,7 @@ def run_bench(
             times["e2e"].append(time.perf_counter() - t0)
             log(f"round {r + 1}/{rounds}: model-only …")
             times["model"].append(model_only())
-            log(f"round {r + 1}/{rounds}: MONAI sliding window (same ORT session) …")
+            log(f"round {r + 1}/{rounds}: MONAI sliding window (same runtime session) …")
             times["monai"].append(monai_segment(predictor, src, grid, batch, tmp / "monai.zarr"))
         log("MONAI sliding window with the torch module …")
         monai_torch_s = monai_segment(module, src, grid, batch, tmp / "monai_t.zarr", device)

@@ -116,10 +116,9 @@ class ReviewDB:
                 ).fetchone()
                 if row is None:
                     return None
-                if len(self._users) < 10_000:
-                    self._users[digest] = user = dict(row)
-                else:
-                    return dict(row)
+                user = dict(row)
+                if len(self._users) < 10_000:  # bounded: tokens come from the network
+                    self._users[digest] = user
         return dict(user)
 
     def users(self) -> list[dict[str, Any]]:

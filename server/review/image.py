@@ -151,23 +151,14 @@ class ReviewImage:
         """Write label chunks of one level, one zarr write per shard (the box around the
         shard's chunks; the others in the box from the cache) under the shard's lock."""
         per = self.shard // self.tile
-        by_shard: dict[tuple[int, int], dict[tuple[int, int], np.ndarray]] = defaultdict(dict)
-        for (_, cy, cx), chunk in chunks.items():
-            by_shard[cy // per, cx // per][cy, cx] = chunk
-        for part in by_shard.values():
-            cy0, cy1 = min(k[0] for k in part), max(k[0] for k in part)
-            cx0, cx1 = min(k[1] for k in part), max(k[1] for k in part)
-            y0, _, x0, _ = self.chunk_box(level, cy0, cx0)
-            _, y1, _, x1 = self.chunk_box(level, cy1, cx1)
-            region = np.empty((y1 - y0, x1 - x0), np.uint8)
-            for cy in range(cy0, cy1 + 1):
-                for cx in range(cx0, cx1 + 1):
-                    a, b, c, d = self.chunk_box(level, cy, cx)
-                    chunk = part.get((cy, cx))
-                    if chunk is None:
-                        chunk = self.chunks.get((level, cy, cx))
-                    region[a - y0 : b - y0, c - x0 : d - x0] = chunk
-            with self.shard_lock(level, cy0, cx0):
+        by_shard: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+        for _, cy, cx in chunks:
+            by_shard[cy // per, cx // per].append((cy, cx))
+        for keys in by_shard.values():
+            y0, _, x0, _ = self.chunk_box(level, min(k[0] for k in keys), min(k[1] for k in keys))
+            _, y1, _, x1 = self.chunk_box(level, max(k[0] for k in keys), max(k[1] for k in keys))
+            region = self._assemble(level, y0, y1, x0, x1, chunks)
+            with self.shard_lock(level, *keys[0]):
                 self.array(SEG, level)[y0:y1, x0:x1] = region
 
     def _mark_applied(self, edit_ids: list[int]) -> None:
@@ -175,16 +166,6 @@ class ReviewImage:
             c.executemany("UPDATE edits SET applied = 1 WHERE id = ?", [(i,) for i in edit_ids])
 
     # --- applying deltas ---------------------------------------------------------------
-
-    def _touched(self, delta: Delta) -> list[tuple[int, int, int]]:
-        """(level, cy, cx) of every chunk a delta changes: its level-0 chunks, then the
-        chunks above them at each pyramid level, level by level."""
-        keys = [tuple(map(int, k.split("/"))) for k in delta]
-        touched = [(0, cy, cx) for cy, cx in keys]
-        for level in range(1, self.levels):
-            keys = sorted({(cy // 2, cx // 2) for cy, cx in keys})
-            touched += [(level, cy, cx) for cy, cx in keys]
-        return touched
 
     def _new_chunks(self, delta: Delta) -> dict[Key, np.ndarray]:
         """The chunks a delta rewrites: its level-0 chunks with the "after" pixels set, then
@@ -267,8 +248,7 @@ class ReviewImage:
     ) -> tuple[int, dict[str, int]]:
         """Commit the edit + new versions (fsync'd); then its chunks are visible at once and
         written to zarr behind the answer (marked applied when they are)."""
-        touched = self._touched(delta)  # versions of every level's rewritten chunks
-        chunks = self._new_chunks(delta)
+        chunks = self._new_chunks(delta)  # its keys: every level's chunks to version
         with self.db.tx() as c:
             cur = c.execute(
                 "INSERT INTO edits (user_id, created, op, label, body, chunks, delta, pixels,"
@@ -289,7 +269,7 @@ class ReviewImage:
             )
             if undone is not None:
                 c.execute("UPDATE edits SET undone = ? WHERE id = ?", undone)
-            versions = self._bump(c, touched)
+            versions = self._bump(c, list(chunks))
         edit_id = cur.lastrowid
         self._seq += 1  # readers wait: chunks and versions change together
         try:

@@ -161,15 +161,28 @@ class EncodedTiles:
                 self._bytes -= len(self._tiles.popitem(last=False)[1])
 
 
-def _render(img: ReviewImage, layer: str, level: int, ty: int, tx: int, fmt: str):
-    """(version, encoded tile) of one moment (``ReviewImage.read_versioned``). A chunk
-    whose shard file was never written is the fill value — unless it was edited, since its
-    edit may still be waiting for the flusher."""
+def _chunk(img: ReviewImage, layer: str, level: int, ty: int, tx: int):
+    """(version, chunk) of one moment (``ReviewImage.read_versioned``), chunk None for a
+    shard file never written (all fill value) — unless it was edited, since its edit may
+    still be waiting for the flusher."""
     version = img.version(layer, level, ty, tx)
     if version == 0 and not img.chunk_written(layer, level, ty, tx):
-        return version, _fill(img, layer, img.chunk_box(level, ty, tx), fmt)
-    version, data = img.read_versioned(layer, level, ty, tx)
-    return version, _encode(img, layer, data, fmt)
+        return version, None
+    return img.read_versioned(layer, level, ty, tx)
+
+
+def _encode_chunk(
+    img: ReviewImage, layer: str, level: int, ty: int, tx: int, data: np.ndarray | None, fmt: str
+) -> bytes:
+    if data is None:
+        return _fill(img, layer, img.chunk_box(level, ty, tx), fmt)
+    return _encode(img, layer, data, fmt)
+
+
+def _render(img: ReviewImage, layer: str, level: int, ty: int, tx: int, fmt: str):
+    """(version, encoded tile) of one moment."""
+    version, data = _chunk(img, layer, level, ty, tx)
+    return version, _encode_chunk(img, layer, level, ty, tx, data, fmt)
 
 
 #: what the tile pack holds: (layer, format) of every tile as segmented
@@ -192,16 +205,10 @@ def render_packed(img: ReviewImage, level: int, ty: int, tx: int) -> dict[tuple[
     only for chunks at version 0, so what it holds for an edited chunk is never served."""
     out = {}
     for layer in ("image", SEG, "confidence"):
-        data = None
-        if img.chunk_written(layer, level, ty, tx) or img.version(layer, level, ty, tx):
-            data = img.read_versioned(layer, level, ty, tx)[1]
+        data = _chunk(img, layer, level, ty, tx)[1]
         for lr, f in PACKED:
             if lr == layer:
-                out[layer, f] = (
-                    _fill(img, layer, img.chunk_box(level, ty, tx), f)
-                    if data is None
-                    else _encode(img, layer, data, f)
-                )
+                out[layer, f] = _encode_chunk(img, layer, level, ty, tx, data, f)
     return out
 
 

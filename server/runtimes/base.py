@@ -60,6 +60,19 @@ class TileRuntime(ABC):
         """Release connections and shared memory."""
 
 
+def device_options(runtime: str, device: str) -> dict[str, str]:
+    """Runtime options for ``--device``: none on the CPU; ``cuda`` is for ``torch`` only
+    (TensorRT is always on the GPU; ONNX Runtime and Triton pick their device elsewhere)."""
+    if device == "cpu":
+        return {}
+    if runtime != "torch":
+        raise UserError(
+            f"--device {device} runs --runtime torch (tensorrt is always on the GPU; onnx and "
+            "triton choose their device elsewhere)"
+        )
+    return {"device": device}
+
+
 def create_runtime(name: str, model_path: Path, threads: int, **options) -> Runtime | TileRuntime:
     """The runtime called ``name``; ``options`` go to runtimes that take them (triton: url)."""
     if name not in RUNTIMES:
