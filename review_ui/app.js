@@ -302,7 +302,7 @@ async function review(stateName, extra = {}) {
 // whose start-up cost the first tile ~70 ms here ------------------------------------------
 const STATE_COLOURS = {
   unseen: "rgba(0,0,0,0)", in_review: "#d69e2e", accepted: "#38a169",
-  corrected: "#3182ce", flagged: "#e53e3e",
+  corrected: "#3182ce", flagged: "#e53e3e", correction_proposed: "#90cdf4",
 };
 
 async function loadCoverage() {

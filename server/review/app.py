@@ -1,14 +1,23 @@
 """``segloop serve``: the review server (aiohttp). Routes are registered here, in one place.
 
-Every route but ``/api/health`` needs ``Authorization: Bearer <token>`` (or ``?token=``
-for WebSockets and the browser's first load); roles are cumulative: viewer < annotator <
-reviewer < admin.
+Every route but ``/api/health`` and the page itself needs ``Authorization: Bearer
+<token>`` (``?token=`` only for the WebSocket, which browsers cannot give headers; the
+page takes it from its first URL into ``sessionStorage``); roles are cumulative: viewer <
+annotator < reviewer < admin. ``/metrics`` also takes the token in
+``SEGLOOP_METRICS_TOKEN`` (for a Prometheus scrape). Errors are JSON everywhere; every
+response carries the security headers of ``SECURITY_HEADERS``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import errno
 import functools
-import json
+import hashlib
+import hmac
+import os
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,12 +26,14 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from segloop.review import handlers, tiles
-from segloop.review.db import ROLES, ReviewDB
+from segloop.review import handlers, raster, tiles
+from segloop.review.db import BUSY_S, ROLES, Busy, Full, ReviewDB, require_intact, translate
 from segloop.review.edits import Edit
+from segloop.review.handlers import json_error
 from segloop.review.image import ReviewImage
 
 UI_DIR = Path(__file__).resolve().parents[2] / "review_ui"
+REVOKE_POLL_S = 1.0  # how often open WebSockets are checked against revoked users
 OSD_DIR = UI_DIR / "node_modules" / "openseadragon" / "build" / "openseadragon"
 
 #: (method, path, handler, minimum role or None for public)
@@ -31,7 +42,7 @@ ROUTES = [
     ("GET", "/api/health", "health", None),
     ("GET", "/api/me", "me", "viewer"),
     ("GET", "/api/openapi.json", "openapi", "viewer"),
-    ("GET", "/metrics", "metrics", "viewer"),
+    ("GET", "/metrics", "metrics", None),  # a user's token or SEGLOOP_METRICS_TOKEN
     ("GET", "/api/images", tiles.list_images, "viewer"),
     ("GET", "/api/images/{image}", tiles.get_image, "viewer"),
     ("GET", "/api/images/{image}/versions", tiles.get_versions, "viewer"),
@@ -70,57 +81,88 @@ class Metrics:
         )
 
 
-def _token(request: web.Request) -> str | None:
+#: the one route that takes ``?token=`` (browsers cannot set a WebSocket's headers)
+QUERY_TOKEN_ROUTES = {"/api/images/{image}/live"}
+#: on every response (the page's Content-Security-Policy is set in ``index``)
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
+
+
+def _token(request: web.Request, canonical: str | None) -> str | None:
     auth = request.headers.get("Authorization", "")
     if auth.startswith("Bearer "):
         return auth[7:].strip()
-    return request.query.get("token")
+    return request.query.get("token") if canonical in QUERY_TOKEN_ROUTES else None
 
 
 @web.middleware
 async def guard(request: web.Request, handler):
-    """Authentication, roles, JSON errors (never a 5xx page with a traceback), metrics."""
+    """Authentication, roles, JSON errors (never a 5xx page with a traceback; a locked
+    database → 503 + Retry-After, a full disk → 507), metrics."""
     route = request.match_info.route
     canonical = route.resource.canonical if route.resource else None
     need = request.app["roles"].get((route.method, canonical))
     t0 = time.perf_counter()
     try:
         if need is not None:
-            token = _token(request)
+            token = _token(request, canonical)
             user = request.app["db"].user_by_token(token) if token else None
             if user is None:
-                raise web.HTTPUnauthorized(
-                    text='{"error": "missing or invalid token"}',
-                    content_type="application/json",
-                    headers={"WWW-Authenticate": "Bearer"},
+                raise json_error(
+                    401, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"}
                 )
             if ROLES.index(user["role"]) < ROLES.index(need):
-                raise web.HTTPForbidden(
-                    text=json.dumps(
-                        {"error": f"needs role {need} or above; you are {user['role']}"}
-                    ),
-                    content_type="application/json",
-                )
+                raise json_error(403, f"needs role {need} or above; you are {user['role']}")
             request["user"] = user
         return await handler(request)
-    except web.HTTPException:
-        raise
-    except Exception as exc:  # an unexpected bug: a JSON 500 and the log, no traceback out
-        request.app.logger.exception("error in %s", request.path)
-        raise web.HTTPInternalServerError(
-            text=json.dumps({"error": type(exc).__name__}), content_type="application/json"
-        ) from None
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json" or exc.status < 400:
+            raise
+        raise json_error(exc.status, exc.reason, headers=_kept(exc)) from None  # 404/405…
+    except Exception as exc:
+        raise _as_http(request, exc) from None
     finally:
         request.app["metrics"].latency.labels(canonical or "unmatched").observe(
             time.perf_counter() - t0
         )
 
 
-def ui_page() -> str:
-    """``review_ui/index.html`` with ``style.css`` and ``app.js`` inlined: the page's script
-    then runs at once and its API requests overlap the viewer script's download (measured
-    here: the first tile ~50 ms sooner than with the two files fetched)."""
+def _kept(exc: web.HTTPException) -> dict[str, str]:
+    return {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
+
+
+def _as_http(request: web.Request, exc: Exception) -> web.HTTPException:
+    """An exception from a handler → its JSON HTTP error."""
+    if isinstance(exc, sqlite3.Error):
+        exc = translate(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        exc = Full("disk full: no space left where the store is; free space and retry")
+    if isinstance(exc, Busy):
+        retry = str(int(BUSY_S))
+        return json_error(503, str(exc), headers={"Retry-After": retry}, retry_after=BUSY_S)
+    if isinstance(exc, Full):
+        return json_error(507, str(exc))
+    # an unexpected bug: a JSON 500 and the log, no traceback out
+    request.app.logger.error("error in %s", request.path, exc_info=exc)
+    return json_error(500, type(exc).__name__)
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for k, v in SECURITY_HEADERS.items():
+        response.headers.setdefault(k, v)
+
+
+def ui_page() -> tuple[str, str]:
+    """(html, Content-Security-Policy): ``review_ui/index.html`` with ``style.css`` and
+    ``app.js`` inlined: the page's script then runs at once and its API requests overlap
+    the viewer script's download (measured here: the first tile ~50 ms sooner than with the
+    two files fetched). The policy allows exactly these two inline blocks (by hash)."""
     html = (UI_DIR / "index.html").read_text()
+    hashes = {}
     for tag, name, wrap in (
         ('<link rel="stylesheet" href="/ui/style.css">', "style.css", "style"),
         ('<script src="/ui/app.js"></script>', "app.js", "script"),
@@ -128,14 +170,26 @@ def ui_page() -> str:
         if html.count(tag) != 1:
             raise RuntimeError(f"review_ui/index.html must hold {tag} once")
         text = (UI_DIR / name).read_text().replace("</", "<\\/")  # no early </script>
-        html = html.replace(tag, f"<{wrap}>\n{text}</{wrap}>")
-    return html
+        block = f"\n{text}"
+        digest = base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()
+        hashes[wrap] = f"'sha256-{digest}'"
+        html = html.replace(tag, f"<{wrap}>{block}</{wrap}>")
+    csp = (
+        f"default-src 'self'; script-src 'self' {hashes['script']}; "
+        f"style-src 'self' 'unsafe-inline'; img-src 'self' blob: data:; "
+        "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; "
+        "frame-ancestors 'none'"
+    )
+    return html, csp
 
 
 async def index(request: web.Request) -> web.Response:
     """The browser UI (holds no data; everything it shows comes through the API)."""
+    html, csp = request.app["page"]
     return web.Response(
-        text=request.app["page"], content_type="text/html", headers={"Cache-Control": "no-cache"}
+        text=html,
+        content_type="text/html",
+        headers={"Cache-Control": "no-cache", "Content-Security-Policy": csp},
     )
 
 
@@ -149,6 +203,13 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text: for any user's token, or the token in ``SEGLOOP_METRICS_TOKEN``."""
+    token = _token(request, None) or ""
+    scrape = os.environ.get("SEGLOOP_METRICS_TOKEN", "")
+    if not (scrape and hmac.compare_digest(token, scrape)) and (
+        not token or request.app["db"].user_by_token(token) is None
+    ):
+        raise json_error(401, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"})
     body = generate_latest(request.app["metrics"].registry)
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
@@ -209,7 +270,9 @@ def create_app(stores: list[Path], tile_pack: bool = True) -> web.Application:
         images[name] = img = ReviewImage(store, name)
         if tile_pack:
             img.pack = tiles.tile_pack(img)
+    raster.warm_up()  # compiling holds the GIL: before serving, not during the first edit
     app = web.Application(middlewares=[guard], client_max_size=handlers.MAX_BODY)
+    app.on_response_prepare.append(security_headers)
     app["images"] = images
     # users live in the first store's database (one server, one set of users)
     app["db"] = next(iter(images.values())).db  # the first store's connection
@@ -241,11 +304,32 @@ def create_app(stores: list[Path], tile_pack: bool = True) -> web.Application:
         app.router.add_static("/vendor/openseadragon", OSD_DIR)
     else:
         app.logger.warning("review UI: %s missing; run `make install` (npm)", OSD_DIR)
-    app["websockets"] = set()
+    app["websockets"] = {}  # open WebSocket → its user's id
 
     async def close_websockets(app: web.Application) -> None:
+        app["revocations"].cancel()
         for ws in list(app["websockets"]):
             await ws.close(code=1001, message=b"server shutdown")
+
+    async def watch_revocations(app: web.Application) -> None:
+        """Close the WebSockets of revoked users (``segloop users revoke``, any process)."""
+        db: ReviewDB = app["db"]
+        while True:
+            await asyncio.sleep(REVOKE_POLL_S)
+            if not app["websockets"]:
+                continue
+            try:
+                active = db.active_user_ids()
+            except sqlite3.Error:
+                continue  # the next round
+            for ws, uid in list(app["websockets"].items()):
+                if uid not in active:
+                    await ws.close(code=4401, message=b"access revoked")
+
+    async def start_watch(app: web.Application) -> None:
+        app["revocations"] = asyncio.create_task(watch_revocations(app))
+
+    app.on_startup.append(start_watch)
 
     async def build_packs(app: web.Application) -> None:
         for img in app["images"].values():
@@ -273,10 +357,30 @@ def open_stores(paths: list[Path]) -> list[Path]:
             )
         if record.get("status") != "complete":
             raise UserError(f"{p} is not finished; run `segloop segment` again to complete it")
+        require_intact(p)  # PRAGMA quick_check of review.sqlite
+        _check_zarr(p)
     names = [p.name.removesuffix(".zarr") for p in paths]
     if len(set(names)) != len(names):
         raise UserError("two stores have the same name; rename one folder")
     return paths
+
+
+def _check_zarr(store: Path) -> None:
+    """``UserError`` unless the store's zarr metadata opens (every array of the image, the
+    labels and the confidence)."""
+    import zarr
+
+    from segloop.errors import UserError
+    from segloop.io.ome_zarr import array_path, read_record
+
+    levels = int(read_record(store)["grid"]["levels"])
+    try:
+        root = zarr.open_group(store, mode="r")
+        for layer in ("image", "segmentation", "confidence"):
+            for level in range(levels):
+                zarr.open_array(root.store, path=array_path(layer, level), mode="r")
+    except Exception as exc:  # any damage: one clear line
+        raise UserError(f"{store}: the zarr metadata is damaged ({exc})") from None
 
 
 def run(stores: list[Path], host: str, port: int, log=print, tile_pack: bool = True) -> None:

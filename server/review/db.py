@@ -4,24 +4,36 @@ state, queue leases).
 WAL journal with ``synchronous=FULL``: a committed edit survives a crash of the process
 or the machine, so it is committed *before* the edit is acknowledged; the zarr write
 happens after, and ``pending_edits`` replays what a crash left unwritten.
+
+Three connections, each behind its own lock, so a slow one never stalls the others:
+``conn`` for reads, one for token lookups (every request), one for write transactions
+(``tx``). In WAL mode reads never wait for a writer; a write waits at most ``BUSY_S`` for
+another process's lock and then raises ``Busy`` (the server answers 503 + Retry-After).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from segloop.review.edits import unpack
+import msgspec
+import numpy as np
+
+from segloop.review.edits import unpack_lazy, unpack_part
 
 DB_NAME = "review.sqlite"
 ROLES = ("viewer", "annotator", "reviewer", "admin")  # each includes the ones before
-STATES = ("unseen", "in_review", "accepted", "corrected", "flagged")
+#: review states; an annotator's "corrected" is stored as "correction_proposed" until a
+#: reviewer decides (only "accepted" and "corrected" are trusted as a human's verdict)
+STATES = ("unseen", "in_review", "accepted", "corrected", "flagged", "correction_proposed")
 FLAG_REASONS = ("unsure", "out_of_distribution", "bad_image_quality")
 
 SCHEMA = """
@@ -40,6 +52,10 @@ CREATE TABLE IF NOT EXISTS edits (
     applied INTEGER NOT NULL DEFAULT 0,     -- 1 once written to zarr
     client_id TEXT UNIQUE);                 -- the client's id of the edit (re-sends)
 CREATE INDEX IF NOT EXISTS edits_user ON edits(user_id, id);
+-- covering indexes: undo, stats, export and agreement never read the delta blobs (the
+-- columns after them would otherwise walk each blob's overflow pages)
+CREATE INDEX IF NOT EXISTS edits_by_user ON edits(user_id, id, op, status, undone, pixels);
+CREATE INDEX IF NOT EXISTS edits_meta ON edits(id, user_id, created, op, status, chunks);
 CREATE INDEX IF NOT EXISTS edits_pending ON edits(applied) WHERE applied = 0;
 CREATE TABLE IF NOT EXISTS versions (
     layer TEXT NOT NULL, level INTEGER NOT NULL, cy INTEGER NOT NULL, cx INTEGER NOT NULL,
@@ -52,7 +68,80 @@ CREATE TABLE IF NOT EXISTS review (
 CREATE TABLE IF NOT EXISTS leases (
     cy INTEGER NOT NULL, cx INTEGER NOT NULL, user_id INTEGER NOT NULL,
     started REAL NOT NULL, expires REAL NOT NULL, PRIMARY KEY (cy, cx));
+CREATE TABLE IF NOT EXISTS usage (   -- bytes of stored deltas per user (the edit quota)
+    user_id INTEGER PRIMARY KEY, bytes INTEGER NOT NULL);
 """
+#: seconds a write waits for another process's lock on the database before ``Busy``
+BUSY_S = 2.0
+#: bytes of stored edits (compressed deltas) each user may keep in a store
+#: (``SEGLOOP_EDIT_QUOTA_MB``, default 1024)
+EDIT_QUOTA_BYTES = int(float(os.environ.get("SEGLOOP_EDIT_QUOTA_MB", "1024")) * 2**20)
+#: an edit is refused (507) when the store's disk has less free space than this
+#: (``SEGLOOP_MIN_FREE_MB``, default 64)
+MIN_FREE_BYTES = int(float(os.environ.get("SEGLOOP_MIN_FREE_MB", "64")) * 2**20)
+
+
+class Busy(Exception):
+    """Another process holds the database's write lock (→ 503, retry later)."""
+
+
+class Full(Exception):
+    """No room for the edit: the disk is full or the user's edit quota is spent (→ 507)."""
+
+
+def sqlite_code(exc: BaseException) -> int | None:
+    """The primary SQLite result code of an ``sqlite3.Error`` (5 busy, 13 full, …)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def translate(exc: BaseException) -> BaseException:
+    """sqlite3 errors that mean "busy" or "full" → ``Busy`` / ``Full``; others unchanged."""
+    code = sqlite_code(exc)
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return Busy("the review database is locked by another process; retry shortly")
+    if code == sqlite3.SQLITE_FULL:
+        return Full("disk full: the review database cannot grow; free space and retry")
+    return exc
+
+
+class Damaged(Exception):
+    """``review.sqlite`` fails its integrity check (or is not a database at all)."""
+
+
+def quick_check(path: Path) -> None:
+    """Raise ``Damaged`` unless ``path`` (a review database) passes ``PRAGMA
+    quick_check``; read-only, no database is created."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_S)
+        try:
+            rows = conn.execute("PRAGMA quick_check(1)").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        if sqlite_code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return  # another process writes it: not damaged
+        raise Damaged(str(exc)) from None
+    if rows != [("ok",)]:
+        raise Damaged(rows[0][0])
+
+
+def require_intact(store: Path) -> None:
+    """``UserError`` (one line) if ``STORE/review.sqlite`` exists and is damaged."""
+    from segloop.errors import UserError
+
+    path = store / DB_NAME
+    if not path.exists():
+        return
+    try:
+        quick_check(path)
+    except Damaged as exc:
+        raise UserError(
+            f"{path} is damaged ({exc}); restore it from a backup, or move it away to start "
+            "the review afresh"
+        ) from None
+
+
 #: review states that mean a human vouched for the whole tile
 FINAL_STATES = ("accepted", "corrected")
 
@@ -63,28 +152,56 @@ def hash_token(token: str) -> str:
 
 
 class ReviewDB:
-    """One connection, used from one thread at a time (a lock serialises callers)."""
+    """Three connections (reads, token lookups, writes), each used by one thread at a
+    time behind its lock (``lock`` guards ``conn``, the one for reads)."""
 
     def __init__(self, store: Path) -> None:
         self.path = store / DB_NAME
-        self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
-        self.lock = threading.RLock()
+        self.store = store
+        self.wconn = self._connect()
+        self.wlock = threading.RLock()
+        with self.wlock:
+            self.wconn.execute("PRAGMA journal_mode=WAL")
+            fresh = not self.wconn.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'usage'"
+            ).fetchone()
+            self.wconn.executescript(SCHEMA)
+            if fresh:  # a database of an older version: count the usage once
+                self.wconn.execute(
+                    "INSERT OR IGNORE INTO usage SELECT user_id, SUM(length(delta)) FROM edits "
+                    "GROUP BY user_id"
+                )
+        self.conn, self.lock = self._connect(), threading.RLock()
+        self._aconn, self._alock = self._connect(), threading.Lock()
         self._users: dict[str, dict[str, Any]] = {}  # token hash → user (see user_by_token)
         self._data_version: int | None = None
-        with self.lock:
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
-            self.conn.execute("PRAGMA foreign_keys=ON")
-            self.conn.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_S
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
 
     def close(self) -> None:
-        with self.lock:
-            self.conn.close()
+        for lock, conn in ((self.lock, self.conn), (self._alock, self._aconn)):
+            with lock:
+                conn.close()
+        with self.wlock:
+            self.wconn.close()
 
     def tx(self):
-        """``with db.tx():`` — one IMMEDIATE transaction, committed (fsync'd) on exit."""
+        """``with db.tx() as c:`` — one IMMEDIATE transaction on the write connection,
+        committed (fsync'd) on exit, rolled back on an error; the lock is released on
+        every path. Raises ``Busy`` when another process holds the database longer than
+        ``BUSY_S``, ``Full`` when the disk is."""
         return _Tx(self)
+
+    def active_user_ids(self) -> set[int]:
+        with self._alock:
+            return {r[0] for r in self._aconn.execute("SELECT id FROM users WHERE revoked IS NULL")}
 
     # --- users -------------------------------------------------------------------------
 
@@ -103,14 +220,14 @@ class ReviewDB:
         connection (``segloop users revoke`` in another process) changes the database:
         SQLite's ``data_version`` tells, for a fraction of the query's cost."""
         digest = hash_token(token)
-        with self.lock:
-            version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        with self._alock:
+            version = self._aconn.execute("PRAGMA data_version").fetchone()[0]
             if version != self._data_version:
                 self._users.clear()
                 self._data_version = version
             user = self._users.get(digest)
             if user is None:
-                row = self.conn.execute(
+                row = self._aconn.execute(
                     "SELECT id, name, role FROM users WHERE token_sha256 = ? AND revoked IS NULL",
                     (digest,),
                 ).fetchone()
@@ -134,7 +251,8 @@ class ReviewDB:
                 "UPDATE users SET revoked = ? WHERE name = ? AND revoked IS NULL",
                 (time.time(), name),
             )
-            self._users.clear()  # this connection's own writes leave data_version alone
+        with self._alock:
+            self._users.clear()
         return cur.rowcount > 0
 
     # --- versions ----------------------------------------------------------------------
@@ -147,18 +265,20 @@ class ReviewDB:
         return {(r["cy"], r["cx"]): r["version"] for r in rows}
 
     def edits_by_tile(self) -> dict[tuple[int, int], list[dict[str, Any]]]:
-        """Every edit with its author, per level-0 tile it touched, newest first; deltas
-        unpacked (export and agreement rewind them)."""
+        """Every edit with its author, per level-0 tile it touched, newest first; no deltas
+        (read them one at a time with ``DeltaReader``). Streams the covering index."""
         out: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        rows: dict[int, dict[str, Any]] = {}
         with self.lock:
-            rows = self.conn.execute(
-                "SELECT e.id, e.created, e.op, e.status, e.chunks, e.delta, u.name AS user, "
-                "u.role FROM edits e JOIN users u ON u.id = e.user_id ORDER BY e.id DESC"
-            ).fetchall()
-        for r in rows:
-            row = {**dict(r), "delta": unpack(r["delta"])}
-            for key in json.loads(row["chunks"]):
-                out.setdefault(tuple(map(int, key.split("/"))), []).append(row)
+            cur = self.conn.execute(
+                "SELECT e.id, e.created, e.op, e.status, e.chunks, u.name AS user, u.role "
+                "FROM edits e INDEXED BY edits_meta JOIN users u ON u.id = e.user_id "
+                "ORDER BY e.id DESC"
+            )
+            for r in cur:
+                row = rows.setdefault(r["id"], dict(r))
+                for key in json.loads(row.pop("chunks")):
+                    out.setdefault(tuple(map(int, key.split("/"))), []).append(row)
         return out
 
     @staticmethod
@@ -206,17 +326,64 @@ class ReviewDB:
             return {(r[0], r[1], r[2], r[3]): r[4] for r in rows.fetchall()}
 
 
+class DeltaReader:
+    """One chunk's part of an edit's delta: ``get(edit_id, "cy/cx")`` → (idx, before,
+    after) or None. Decompresses one blob at a time and keeps the last few (up to
+    ``budget`` bytes) for the neighbouring tiles of a large edit."""
+
+    def __init__(self, db: ReviewDB, budget: int = 64 << 20) -> None:
+        self.db, self.budget = db, budget
+        self._blobs: OrderedDict[int, tuple[int, dict[str, msgspec.Raw]]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, edit_id: int, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        hit = self._blobs.get(edit_id)
+        if hit is None:
+            with self.db.lock:
+                (blob,) = self.db.conn.execute(
+                    "SELECT delta FROM edits WHERE id = ?", (edit_id,)
+                ).fetchone()
+            hit = unpack_lazy(blob)
+            self._blobs[edit_id] = hit
+            self._bytes += hit[0]
+            while self._bytes > self.budget and len(self._blobs) > 1:
+                self._bytes -= self._blobs.popitem(last=False)[1][0]
+        else:
+            self._blobs.move_to_end(edit_id)
+        part = hit[1].get(key)
+        return None if part is None else unpack_part(part)
+
+
 class _Tx:
+    """See ``ReviewDB.tx``."""
+
     def __init__(self, db: ReviewDB) -> None:
         self.db = db
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.lock.acquire()
-        self.db.conn.execute("BEGIN IMMEDIATE")
-        return self.db.conn
-
-    def __exit__(self, exc_type, *exc) -> None:
+        if not self.db.wlock.acquire(timeout=2 * BUSY_S):
+            raise Busy("the review database is busy; retry shortly")
         try:
-            self.db.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+            self.db.wconn.execute("BEGIN IMMEDIATE")
+        except BaseException as exc:
+            self.db.wlock.release()
+            raise translate(exc) from exc
+        return self.db.wconn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        conn = self.db.wconn
+        try:
+            if exc_type is None:
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error as error:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise translate(error) from error
+            else:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error) and translate(exc) is not exc:
+                    raise translate(exc) from exc
         finally:
-            self.db.lock.release()
+            self.db.wlock.release()

@@ -33,7 +33,7 @@ import zarr
 
 from segloop.errors import UserError
 from segloop.io.ome_zarr import array_path, read_record
-from segloop.review.db import DB_NAME, FINAL_STATES, ReviewDB
+from segloop.review.db import DB_NAME, FINAL_STATES, DeltaReader, ReviewDB, require_intact
 from segloop.review.edits import rewind
 
 FORMAT = "segloop-corrections"
@@ -81,12 +81,26 @@ def export_corrections(
         raise UserError(f"{store} is not a finished segloop store")
     if not (store / DB_NAME).exists():
         raise UserError(f"{store} has no review database yet: nothing was reviewed")
+    require_intact(store)
     _prepare(out, overwrite)
     db = ReviewDB(store)
     try:
-        states, edits = _rows(db)
+        return _export(db, store, record, out, approved_only, since)
     finally:
         db.close()
+
+
+def _export(
+    db: ReviewDB,
+    store: Path,
+    record: dict[str, Any],
+    out: Path,
+    approved_only: bool,
+    since: float | None,
+) -> dict[str, Any]:
+    """The export, reading one delta at a time (``DeltaReader``)."""
+    states, edits = _rows(db)
+    deltas = DeltaReader(db)
     root = zarr.open_group(store, mode="r")
     seg, img = root[array_path("segmentation", 0)], root[array_path("image", 0)]
     versions = root["tiles/model_version"][...]
@@ -106,7 +120,8 @@ def export_corrections(
             continue
         y0, y1, x0, x1 = ty * tile, min(h, (ty + 1) * tile), tx * tile, min(w, (tx + 1) * tile)
         corrected = seg[y0:y1, x0:x1]
-        prediction = rewind(corrected, f"{ty}/{tx}", [e["delta"] for e in tile_edits])
+        key = f"{ty}/{tx}"
+        prediction = rewind(corrected, (deltas.get(e["id"], key) for e in tile_edits))
         changed = prediction != corrected
         if state is None and not changed.any():
             continue  # edits that cancel out, nothing vouched for

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 import numpy as np
@@ -13,35 +13,52 @@ from aiohttp import WSMsgType, web
 
 from segloop.review import stats as review_stats
 from segloop.review.db import FLAG_REASONS, STATES
-from segloop.review.edits import BadEdit, Edit
-from segloop.review.image import Conflict, NothingToDo, ReviewImage
+from segloop.review.edits import BadEdit, Edit, TooLarge
+from segloop.review.image import Conflict, NoSuchEdit, NothingToDo, ReviewImage
 from segloop.review.tiles import image_of
 
 MAX_BODY = 1 << 20  # bytes
 LEASE_MINUTES = 10
+EXPERTS = ("reviewer", "admin")
+#: states that are a reviewer's verdict when a reviewer set them: annotators leave them be
+VERDICTS = ("accepted", "corrected", "flagged")
 
 
-def json_error(status: int, message: str, **extra) -> web.HTTPException:
+def json_error(status: int, message: str, headers=None, **extra) -> web.HTTPException:
+    """An HTTP error whose body is ``{"error": message, **extra}`` (serialised, never
+    formatted)."""
     cls = {
         400: web.HTTPBadRequest,
+        401: web.HTTPUnauthorized,
         403: web.HTTPForbidden,
         404: web.HTTPNotFound,
+        405: web.HTTPMethodNotAllowed,
         409: web.HTTPConflict,
         413: web.HTTPRequestEntityTooLarge,
+        415: web.HTTPUnsupportedMediaType,
+        500: web.HTTPInternalServerError,
+        503: web.HTTPServiceUnavailable,
+        507: web.HTTPInsufficientStorage,
     }[status]
     body = json.dumps({"error": message, **extra})
+    kw = {"text": body, "content_type": "application/json", "headers": headers}
     if cls is web.HTTPRequestEntityTooLarge:
-        return cls(max_size=MAX_BODY, actual_size=0, text=body, content_type="application/json")
-    return cls(text=body, content_type="application/json")
+        return cls(max_size=MAX_BODY, actual_size=0, **kw)
+    if cls is web.HTTPMethodNotAllowed:
+        return cls(method="?", allowed_methods=(), **kw)
+    return cls(**kw)
 
 
 async def decode(request: web.Request, kind: type):
-    """Read and validate a JSON body as ``kind`` (msgspec), bounded in size."""
+    """Read and validate a JSON body as ``kind`` (msgspec), bounded in size; the body must
+    be sent as ``Content-Type: application/json`` (an empty body needs none)."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise json_error(413, f"body larger than {MAX_BODY} bytes")
     raw = await request.content.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise json_error(413, f"body larger than {MAX_BODY} bytes")
+    if raw and request.content_type != "application/json":
+        raise json_error(415, "send the body as Content-Type: application/json")
     try:
         return msgspec.json.decode(raw or b"{}", type=kind)
     except msgspec.ValidationError as exc:
@@ -54,6 +71,11 @@ def _run(request: web.Request, fn, *args):
     return request.loop.run_in_executor(None, fn, *args)
 
 
+def _writer(img: ReviewImage, fn, *args) -> asyncio.Future:
+    """``fn(*args)`` on the image's writer thread, awaited without holding a pool thread."""
+    return asyncio.wrap_future(img.submit(fn, *args))
+
+
 # --- edits ------------------------------------------------------------------------------
 
 
@@ -62,7 +84,9 @@ async def post_edit(request: web.Request) -> web.Response:
     edit = await decode(request, Edit)
     user = request["user"]
     try:
-        result = await _run(request, img.apply, edit, user)
+        result = await asyncio.wrap_future(img.apply(edit, user))
+    except TooLarge as exc:
+        raise json_error(413, str(exc)) from None
     except BadEdit as exc:
         raise json_error(400, str(exc)) from None
     except Conflict as exc:
@@ -84,7 +108,7 @@ async def redo(request: web.Request) -> web.Response:
 async def _undo_redo(request: web.Request, op: str) -> web.Response:
     img = image_of(request)
     try:
-        result = await _run(request, getattr(img, op), request["user"])
+        result = await asyncio.wrap_future(getattr(img, op)(request["user"]))
     except NothingToDo as exc:
         raise json_error(409, str(exc)) from None
     request.app["metrics"].edits.labels(op).inc()
@@ -95,7 +119,7 @@ async def history(request: web.Request) -> web.Response:
     img = image_of(request)
     try:
         limit = max(0, min(1000, int(request.query.get("limit", "100"))))
-        before = min(2**62, int(request.query.get("before", str(2**62))))
+        before = max(0, min(2**62, int(request.query.get("before", str(2**62)))))
     except ValueError:
         raise json_error(400, "limit and before must be integers") from None
     with img.db.lock:
@@ -124,19 +148,13 @@ async def decide(request: web.Request) -> web.Response:
             raise ValueError
     except ValueError:
         raise json_error(404, "no such edit") from None
-    with img.db.lock:
-        row = img.db.conn.execute("SELECT status FROM edits WHERE id = ?", (edit_id,)).fetchone()
-    if row is None:
-        raise json_error(404, "no such edit")
-    if row["status"] != "proposed":
-        raise json_error(409, f"edit {edit_id} is {row['status']}, not proposed")
-    result = {"edit_id": edit_id}
-    if body.decision == "reject":
-        result["revert"] = await _run(request, img.revert, edit_id, request["user"])
-    status = "approved" if body.decision == "approve" else "rejected"
-    with img.db.tx() as c:
-        c.execute("UPDATE edits SET status = ? WHERE id = ?", (status, edit_id))
-    return web.json_response({**result, "status": status})
+    try:
+        result = await asyncio.wrap_future(img.decide(edit_id, body.decision, request["user"]))
+    except NoSuchEdit:
+        raise json_error(404, "no such edit") from None
+    except NothingToDo as exc:
+        raise json_error(409, str(exc)) from None
+    return web.json_response(result)
 
 
 # --- review state -----------------------------------------------------------------------
@@ -160,39 +178,61 @@ def _tile(request: web.Request, img: ReviewImage) -> tuple[int, int]:
 
 
 async def put_review(request: web.Request) -> web.Response:
+    """Set a tile's review state. Annotators may mark tiles in review, flag them, and
+    propose "corrected" (stored as ``correction_proposed``); only reviewers (and admins)
+    accept, mark corrected, or change a verdict a reviewer gave."""
     img = image_of(request)
     ty, tx = _tile(request, img)
     body = await decode(request, TileReview)
     user = request["user"]
-    if body.state == "accepted" and user["role"] not in ("reviewer", "admin"):
+    expert = user["role"] in EXPERTS
+    state = body.state
+    if not expert and state == "accepted":
         raise json_error(403, "only reviewers accept tiles")
+    if not expert and state == "corrected":
+        state = "correction_proposed"
     if body.comment is not None and len(body.comment) > 2000:
         raise json_error(400, "comment longer than 2000 characters")
-    now = time.time()
-    with img.db.tx() as c:
-        # time spent: since this user leased the tile, or else marked it in review
-        start = c.execute(
-            "SELECT started FROM leases WHERE cy = ? AND cx = ? AND user_id = ? UNION ALL "
-            "SELECT updated FROM review WHERE cy = ? AND cx = ? AND user_id = ? "
-            "AND state = 'in_review'",
-            (ty, tx, user["id"]) * 2,
-        ).fetchone()
-        c.execute(
-            "INSERT OR REPLACE INTO review VALUES (?,?,?,?,?,?,?,?)",
-            (
-                ty,
-                tx,
-                body.state,
-                body.reason,
-                body.comment,
-                user["id"],
-                now,
-                now - start[0] if start and body.state != "in_review" else None,
-            ),
-        )
-        if body.state != "in_review":
-            c.execute("DELETE FROM leases WHERE cy = ? AND cx = ?", (ty, tx))
-    event = {"type": "review", "tile": [ty, tx], "state": body.state, "user": user["name"]}
+
+    def write() -> None:
+        now = time.time()
+        with img.db.tx() as c:
+            current = c.execute(
+                "SELECT r.state, u.name, u.role FROM review r LEFT JOIN users u "
+                "ON u.id = r.user_id WHERE cy = ? AND cx = ?",
+                (ty, tx),
+            ).fetchone()
+            if not expert and current and current[2] in EXPERTS and current[0] in VERDICTS:
+                raise json_error(
+                    403,
+                    f"tile {ty}/{tx} is {current[0]} by reviewer {current[1]}; "
+                    "only reviewers change a reviewer's verdict",
+                )
+            # time spent: since this user leased the tile, or else marked it in review
+            start = c.execute(
+                "SELECT started FROM leases WHERE cy = ? AND cx = ? AND user_id = ? UNION ALL "
+                "SELECT updated FROM review WHERE cy = ? AND cx = ? AND user_id = ? "
+                "AND state = 'in_review'",
+                (ty, tx, user["id"]) * 2,
+            ).fetchone()
+            c.execute(
+                "INSERT OR REPLACE INTO review VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    ty,
+                    tx,
+                    state,
+                    body.reason,
+                    body.comment,
+                    user["id"],
+                    now,
+                    now - start[0] if start and state != "in_review" else None,
+                ),
+            )
+            if state != "in_review":
+                c.execute("DELETE FROM leases WHERE cy = ? AND cx = ?", (ty, tx))
+
+    await _writer(img, write)
+    event = {"type": "review", "tile": [ty, tx], "state": state, "user": user["name"]}
     img._notify(event)
     return web.json_response(event)
 
@@ -251,49 +291,60 @@ async def queue_next(request: web.Request) -> web.Response:
         raise json_error(400, "minutes must be in (0, 240]")
     u = await _run(request, img.uncertainty)
     order = np.argsort(-u, axis=None, kind="stable")
-    now = time.time()
-    with img.db.tx() as c:
-        c.execute("DELETE FROM leases WHERE expires <= ?", (now,))
-        c.execute("DELETE FROM leases WHERE user_id = ?", (user["id"],))  # one lease each
-        taken = {(r[0], r[1]) for r in c.execute("SELECT cy, cx FROM leases")}
-        done = {
-            (r[0], r[1]) for r in c.execute("SELECT cy, cx FROM review WHERE state != 'unseen'")
-        }
-        for flat in order:
-            ty, tx = divmod(int(flat), u.shape[1])
-            if (ty, tx) not in taken and (ty, tx) not in done:
-                c.execute(
-                    "INSERT INTO leases VALUES (?,?,?,?,?)",
-                    (ty, tx, user["id"], now, now + 60 * minutes),
-                )
-                break
-        else:
-            return web.json_response({"tile": None, "remaining": 0})
-        remaining = u.size - len(done) - len(taken) - 1
-    request.app["metrics"].queue.labels(img.name).set(remaining)
-    return web.json_response(
-        {
+
+    def lease() -> dict | None:
+        now = time.time()
+        with img.db.tx() as c:
+            c.execute("DELETE FROM leases WHERE expires <= ?", (now,))
+            c.execute("DELETE FROM leases WHERE user_id = ?", (user["id"],))  # one lease each
+            taken = {(r[0], r[1]) for r in c.execute("SELECT cy, cx FROM leases")}
+            done = {
+                (r[0], r[1]) for r in c.execute("SELECT cy, cx FROM review WHERE state != 'unseen'")
+            }
+            for flat in order:
+                ty, tx = divmod(int(flat), u.shape[1])
+                if (ty, tx) not in taken and (ty, tx) not in done:
+                    c.execute(
+                        "INSERT INTO leases VALUES (?,?,?,?,?)",
+                        (ty, tx, user["id"], now, now + 60 * minutes),
+                    )
+                    break
+            else:
+                return None
+        return {
             "tile": [ty, tx],
             "uncertainty": round(float(u[ty, tx]), 2),
             "expires": now + 60 * minutes,
-            "remaining": remaining,
+            "remaining": u.size - len(done) - len(taken) - 1,
         }
-    )
+
+    out = await _writer(img, lease)
+    if out is None:
+        return web.json_response({"tile": None, "remaining": 0})
+    request.app["metrics"].queue.labels(img.name).set(out["remaining"])
+    return web.json_response(out)
+
+
+TileIndex = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
 
 
 class Release(msgspec.Struct, forbid_unknown_fields=True):
-    tile: tuple[int, int]
+    tile: tuple[TileIndex, TileIndex]
 
 
 async def queue_release(request: web.Request) -> web.Response:
     img = image_of(request)
     body = await decode(request, Release)
-    with img.db.tx() as c:
-        cur = c.execute(
-            "DELETE FROM leases WHERE cy = ? AND cx = ? AND user_id = ?",
-            (*body.tile, request["user"]["id"]),
-        )
-    return web.json_response({"released": cur.rowcount > 0})
+
+    def release() -> int:
+        with img.db.tx() as c:
+            cur = c.execute(
+                "DELETE FROM leases WHERE cy = ? AND cx = ? AND user_id = ?",
+                (*body.tile, request["user"]["id"]),
+            )
+        return cur.rowcount
+
+    return web.json_response({"released": await _writer(img, release) > 0})
 
 
 # --- live updates -----------------------------------------------------------------------
@@ -321,13 +372,13 @@ async def live(request: web.Request) -> web.WebSocketResponse:
             await ws.send_json(await q.get())
 
     task = asyncio.create_task(pump())
-    request.app["websockets"].add(ws)
+    request.app["websockets"][ws] = request["user"]["id"]  # closed if the user is revoked
     try:
         async for msg in ws:
             if msg.type == WSMsgType.ERROR:
                 break
     finally:
-        request.app["websockets"].discard(ws)
+        request.app["websockets"].pop(ws, None)
         task.cancel()
         img.listeners.remove(listener)
     return ws

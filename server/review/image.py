@@ -12,10 +12,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import shutil
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,13 @@ import zarr
 
 from segloop.io.ome_zarr import StoreLock, array_path, read_record
 from segloop.pipeline.pyramid import downsample_mode
+from segloop.review import db as review_db
 from segloop.review.chunks import ChunkCache, Key
-from segloop.review.db import ReviewDB
+from segloop.review.db import Full, ReviewDB
 from segloop.review.edits import (
     BadEdit,
     Delta,
     Edit,
-    box,
     chunk_keys,
     pack,
     rasterise,
@@ -52,7 +53,11 @@ class Conflict(Exception):
 
 
 class NothingToDo(Exception):
-    """Undo/redo with an empty stack (→ 409)."""
+    """Undo/redo with an empty stack, or a decision on an edit already decided (→ 409)."""
+
+
+class NoSuchEdit(Exception):
+    """A decision on an edit id that does not exist (→ 404)."""
 
 
 class ReviewImage:
@@ -140,6 +145,9 @@ class ReviewImage:
                 if self._seq == seq:
                     return version, data
             time.sleep(0)
+
+    def _level0(self, cy: int, cx: int) -> np.ndarray:
+        return self.read_chunk(SEG, 0, cy, cx)
 
     def _read_seg(self, key: Key) -> np.ndarray:
         level, cy, cx = key
@@ -245,11 +253,36 @@ class ReviewImage:
         status: str = "applied",
         undone: tuple[int, int] | None = None,
         client_id: str | None = None,
+        decided: tuple[str, int] | None = None,
     ) -> tuple[int, dict[str, int]]:
         """Commit the edit + new versions (fsync'd); then its chunks are visible at once and
-        written to zarr behind the answer (marked applied when they are)."""
+        written to zarr behind the answer (marked applied when they are). ``undone``:
+        (flag, edit id) to set; ``decided``: (status, edit id) of the proposal this one
+        rejects. Raises ``Full`` when the disk or (for drawing edits) the user's edit
+        quota has no room for it."""
+        blob = pack(delta)
+        free = shutil.disk_usage(self.path).free
+        if free < review_db.MIN_FREE_BYTES + 2 * len(blob):
+            raise Full(
+                f"disk full: {free >> 20} MB free where the store is, "
+                f"{review_db.MIN_FREE_BYTES >> 20} MB kept in reserve; free space and retry"
+            )
         chunks = self._new_chunks(delta)  # its keys: every level's chunks to version
         with self.db.tx() as c:
+            if reverts is None:  # undo, redo and rejections stay possible past the quota
+                row = c.execute("SELECT bytes FROM usage WHERE user_id = ?", (user["id"],))
+                used = (row.fetchone() or (0,))[0]
+                if used + len(blob) > review_db.EDIT_QUOTA_BYTES:
+                    raise Full(
+                        f"edit quota reached: {user['name']} stores {used >> 20} MB of edits "
+                        f"in this store, the limit is {review_db.EDIT_QUOTA_BYTES >> 20} MB "
+                        "(SEGLOOP_EDIT_QUOTA_MB)"
+                    )
+            c.execute(
+                "INSERT INTO usage VALUES (?, ?) "
+                "ON CONFLICT(user_id) DO UPDATE SET bytes = bytes + excluded.bytes",
+                (user["id"], len(blob)),
+            )
             cur = c.execute(
                 "INSERT INTO edits (user_id, created, op, label, body, chunks, delta, pixels,"
                 " reverts, status, client_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -260,7 +293,7 @@ class ReviewImage:
                     label,
                     json.dumps(body),
                     json.dumps(list(delta)),
-                    pack(delta),
+                    blob,
                     sum(len(i) for i, _, _ in delta.values()),
                     reverts,
                     status,
@@ -269,6 +302,8 @@ class ReviewImage:
             )
             if undone is not None:
                 c.execute("UPDATE edits SET undone = ? WHERE id = ?", undone)
+            if decided is not None:
+                c.execute("UPDATE edits SET status = ? WHERE id = ?", decided)
             versions = self._bump(c, list(chunks))
         edit_id = cur.lastrowid
         self._seq += 1  # readers wait: chunks and versions change together
@@ -296,8 +331,13 @@ class ReviewImage:
 
     # --- operations (run on the writer thread) -----------------------------------------
 
-    def apply(self, edit: Edit, user: dict) -> dict[str, Any]:
-        return self.writer.submit(self._apply, edit, user).result()
+    def submit(self, fn, *args) -> Future:
+        """Run ``fn(*args)`` on this image's writer thread (every change to the image and
+        its database goes there, in one total order)."""
+        return self.writer.submit(fn, *args)
+
+    def apply(self, edit: Edit, user: dict) -> Future:
+        return self.submit(self._apply, edit, user)
 
     def _apply(self, edit: Edit, user: dict) -> dict[str, Any]:
         validate(edit, self.shape, len(self.classes))
@@ -318,29 +358,16 @@ class ReviewImage:
             current = {k: self.version(SEG, 0, *map(int, k.split("/"))) for k in edit.base}
             if current != edit.base:
                 raise Conflict(current)
-        y0, y1, x0, x1 = box(edit, self.shape)
-        keys = chunk_keys((y0, y1, x0, x1), self.tile)
-        # read whole chunks so the delta indexes chunk pixels
-        cy0, cx0 = keys[0]
-        cy1, cx1 = keys[-1]
-        ry0, _, rx0, _ = self.chunk_box(0, cy0, cx0)
-        _, ry1, _, rx1 = self.chunk_box(0, cy1, cx1)
-        before = np.empty((ry1 - ry0, rx1 - rx0), np.uint8)
-        for cy, cx in keys:
-            a, b, c, d = self.chunk_box(0, cy, cx)
-            before[a - ry0 : b - ry0, c - rx0 : d - rx0] = self.read_chunk(SEG, 0, cy, cx)
-        after = before.copy()
-        after[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0] = rasterise(
-            edit, before[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0], (y0, x0)
-        )
+        label = 0 if edit.op == "erase" else edit.label
+        keys, masks = rasterise(edit, self.shape, self.tile, self._level0)
         delta: Delta = {}
-        for cy, cx in keys:
-            a, b, c, d = self.chunk_box(0, cy, cx)
-            old = before[a - ry0 : b - ry0, c - rx0 : d - rx0].reshape(-1)
-            new = after[a - ry0 : b - ry0, c - rx0 : d - rx0].reshape(-1)
-            idx = np.flatnonzero(old != new)
+        for (cy, cx), mask in zip(keys, masks, strict=True):
+            old = self.read_chunk(SEG, 0, cy, cx)
+            h, w = old.shape
+            flat = old.reshape(-1)
+            idx = np.flatnonzero(mask[:h, :w].reshape(-1).view(bool) & (flat != label))
             if idx.size:
-                delta[f"{cy}/{cx}"] = (idx, old[idx], new[idx])
+                delta[f"{cy}/{cx}"] = (idx, flat[idx], np.full(idx.size, label, np.uint8))
         status = "proposed" if user["role"] == "annotator" else "applied"
         if not delta:
             return {"edit_id": None, "versions": {}, "changed_px": 0}
@@ -356,49 +383,71 @@ class ReviewImage:
             "changed_px": int(sum(i.size for i, _, _ in delta.values())),
         }
 
-    def undo(self, user: dict) -> dict[str, Any]:
-        return self.writer.submit(self._undo_redo, user, "undo").result()
+    def undo(self, user: dict) -> Future:
+        return self.submit(self._undo_redo, user, "undo")
 
-    def redo(self, user: dict) -> dict[str, Any]:
-        return self.writer.submit(self._undo_redo, user, "redo").result()
+    def redo(self, user: dict) -> Future:
+        return self.submit(self._undo_redo, user, "redo")
 
     def _undo_redo(self, user: dict, op: str) -> dict[str, Any]:
-        with self.db.lock:
+        """Undo the user's newest drawing edit (or redo) not undone yet, or redo the newest
+        undo if no drawing edit came after it. An annotator's undo and redo are proposals,
+        like the edits they revert (a reviewer decides them)."""
+        target = None
+        with self.db.lock:  # newest first, from the covering index; stops at the target
             rows = self.db.conn.execute(
-                "SELECT id, op, reverts, undone, delta FROM edits WHERE user_id = ? "
+                "SELECT id, op, undone FROM edits INDEXED BY edits_by_user WHERE user_id = ? "
                 "ORDER BY id DESC",
                 (user["id"],),
-            ).fetchall()
-        target = None
-        if op == "undo":  # newest own drawing edit (or redo) not undone yet
-            target = next((r for r in rows if r["op"] != "undo" and not r["undone"]), None)
-        else:  # redo: the newest undo, if no drawing edit came after it
+            )
             for r in rows:
-                if r["op"] == "undo" and not r["undone"]:
-                    target = r
+                if op == "undo" and r["op"] != "undo" and not r["undone"]:
+                    target = r["id"]
                     break
-                if r["op"] not in ("undo", "redo"):
+                if op == "redo" and r["op"] == "undo" and not r["undone"]:
+                    target = r["id"]
+                    break
+                if op == "redo" and r["op"] not in ("undo", "redo"):
                     break
         if target is None:
             raise NothingToDo(f"nothing to {op}")
-        return self._revert(target, user, op)
+        status = "proposed" if user["role"] == "annotator" else "applied"
+        return self._revert(target, user, op, status)
 
-    def revert(self, edit_id: int, user: dict) -> dict[str, Any]:
-        """Revert one edit (a reviewer rejecting a proposal), recorded as op "reject"."""
+    def decide(self, edit_id: int, decision: str, user: dict) -> Future:
+        """A reviewer approves or rejects (reverts) a proposed edit, once: a second
+        decision on it raises ``NothingToDo`` (the writer thread orders the two)."""
+        return self.submit(self._decide, edit_id, decision, user)
 
-        def run() -> dict[str, Any]:
-            with self.db.lock:
-                row = self.db.conn.execute(
-                    "SELECT id, delta FROM edits WHERE id = ?", (edit_id,)
-                ).fetchone()
-            return self._revert(row, user, "reject")
+    def _decide(self, edit_id: int, decision: str, user: dict) -> dict[str, Any]:
+        with self.db.lock:
+            row = self.db.conn.execute(
+                "SELECT status FROM edits WHERE id = ?", (edit_id,)
+            ).fetchone()
+        if row is None:
+            raise NoSuchEdit(f"no edit {edit_id}")
+        if row["status"] != "proposed":
+            raise NothingToDo(f"edit {edit_id} is {row['status']}, not proposed")
+        status = "approved" if decision == "approve" else "rejected"
+        result: dict[str, Any] = {"edit_id": edit_id, "status": status}
+        if decision == "reject":
+            result["revert"] = self._revert(edit_id, user, "reject", decided=status)
+        else:
+            with self.db.tx() as c:
+                c.execute("UPDATE edits SET status = ? WHERE id = ?", (status, edit_id))
+        return result
 
-        return self.writer.submit(run).result()
-
-    def _revert(self, target, user: dict, op: str) -> dict[str, Any]:
-        """Put back the target's "before" values where its "after" values still stand."""
+    def _revert(
+        self, target: int, user: dict, op: str, status: str = "applied", decided: str | None = None
+    ) -> dict[str, Any]:
+        """Put back edit ``target``'s "before" values where its "after" values still stand;
+        ``decided``: the status to give ``target`` in the same transaction."""
+        with self.db.lock:
+            (blob,) = self.db.conn.execute(
+                "SELECT delta FROM edits WHERE id = ?", (target,)
+            ).fetchone()
         delta = {}
-        for key, (idx, before, after) in unpack(target["delta"]).items():
+        for key, (idx, before, after) in unpack(blob).items():
             cy, cx = map(int, key.split("/"))
             now = self.read_chunk(SEG, 0, cy, cx).reshape(-1)[idx]
             still = now == after  # pixels nobody changed since: revert those only
@@ -406,20 +455,25 @@ class ReviewImage:
                 delta[key] = (idx[still], after[still], before[still])
         if not delta:
             with self.db.tx() as c:
-                c.execute("UPDATE edits SET undone = 1 WHERE id = ?", (target["id"],))
-            return {"edit_id": None, "reverts": target["id"], "versions": {}}
+                c.execute("UPDATE edits SET undone = 1 WHERE id = ?", (target,))
+                if decided is not None:
+                    c.execute("UPDATE edits SET status = ? WHERE id = ?", (decided, target))
+            return {"edit_id": None, "reverts": target, "versions": {}}
         edit_id, versions = self._commit(
             user,
             op,
             None,
-            {"reverts": target["id"]},
+            {"reverts": target},
             delta,
-            reverts=target["id"],
-            undone=(1, target["id"]),
+            reverts=target,
+            status=status,
+            undone=(1, target),
+            decided=None if decided is None else (decided, target),
         )
         return {
             "edit_id": edit_id,
-            "reverts": target["id"],
+            "reverts": target,
+            "status": status,
             "versions": _level0(versions),
             "pyramid": versions,
         }

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from segloop.review.db import FINAL_STATES
+from segloop.review.db import FINAL_STATES, DeltaReader
 from segloop.review.edits import rewind
 from segloop.review.image import SEG, ReviewImage
 from segloop.scores import iou
@@ -79,6 +79,7 @@ def agreement(img: ReviewImage) -> dict[str, Any]:
             )
         }
     tiles = []
+    deltas = DeltaReader(img.db)  # one delta in memory at a time (and a few recent ones)
     for (cy, cx), tile_edits in sorted(img.db.edits_by_tile().items()):
         key = f"{cy}/{cx}"
         last = next((i for i, e in enumerate(tile_edits) if e["role"] == "annotator"), None)
@@ -89,7 +90,7 @@ def agreement(img: ReviewImage) -> dict[str, Any]:
         if expert is None:
             continue
         now = img.read_chunk(SEG, 0, cy, cx)
-        theirs = rewind(now, key, [e["delta"] for e in after])
+        theirs = rewind(now, (deltas.get(e["id"], key) for e in after))
         scores = iou(theirs, now, img.classes)
         seen = np.union1d(np.unique(theirs), np.unique(now))
         present = [scores[img.classes[k]] for k in seen if k < len(img.classes)]

@@ -12,6 +12,7 @@ and every tile as segmented (version 0) in the store's tile pack
 from __future__ import annotations
 
 import io
+import json
 import threading
 from collections import OrderedDict
 
@@ -23,7 +24,8 @@ from segloop.review.image import SEG, ReviewImage
 from segloop.review.tile_pack import TilePack
 
 LAYERS = ("image", SEG, "confidence")
-IMMUTABLE = "public, max-age=31536000, immutable"
+#: tiles need a token: browsers may keep them, shared caches must not
+IMMUTABLE = "private, max-age=31536000, immutable"
 
 
 def image_of(request: web.Request) -> ReviewImage:
@@ -31,7 +33,7 @@ def image_of(request: web.Request) -> ReviewImage:
     name = request.match_info["image"]
     if name not in images:
         raise web.HTTPNotFound(
-            text=f'{{"error": "no image {name!r}"}}', content_type="application/json"
+            text=json.dumps({"error": f"no image {name!r}"}), content_type="application/json"
         )
     return images[name]
 
@@ -86,12 +88,16 @@ def _parse(request: web.Request, img: ReviewImage) -> tuple[str, int, int, int]:
     try:
         level, ty, tx = (int(request.match_info[k]) for k in ("level", "ty", "tx"))
     except ValueError:
-        raise web.HTTPNotFound() from None
+        raise web.HTTPNotFound(
+            text='{"error": "no such tile"}', content_type="application/json"
+        ) from None
     if not 0 <= level < img.levels:
         raise web.HTTPNotFound(text='{"error": "no such level"}', content_type="application/json")
     ny, nx = img.grid(level)
     if not (0 <= ty < ny and 0 <= tx < nx):
-        raise web.HTTPNotFound(text='{"error": "no such tile"}', content_type="application/json")
+        raise web.HTTPNotFound(
+            text='{"error": "no such tile"}', content_type="application/json"
+        ) from None
     return layer, level, ty, tx
 
 
@@ -256,4 +262,5 @@ async def get_tile(request: web.Request) -> web.Response:
 
 
 def _headers(etag: str, immutable: bool) -> dict[str, str]:
-    return {"ETag": etag, "Vary": "Accept", "Cache-Control": IMMUTABLE if immutable else "no-cache"}
+    cache = IMMUTABLE if immutable else "private, no-cache"
+    return {"ETag": etag, "Vary": "Accept", "Cache-Control": cache}
