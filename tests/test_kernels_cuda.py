@@ -80,5 +80,5 @@ def test_gpu_kernel_benchmark_script_runs_under_the_simulator(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "kernels.json").read_text())
-    assert result["device"] == "simulator"
+    assert result["kernel_device"] == "simulator" and result["rehearsal"] is False
     assert {"copy_gb_s", "pre_gb_s", "post_gb_s", "pre_vs_copy", "post_vs_copy"} <= set(result)

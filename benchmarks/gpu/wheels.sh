@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # Gather, on a machine that reaches PyPI, the wheels the lent GPU machine lacks for
-# run_all.sh (it has Python 3.12, torch + CUDA, cupy, numba-cuda, onnxruntime, aiohttp,
-# pytest-benchmark and reaches no registry). They go to benchmarks/gpu/wheels/ (ignored by
-# git), to be carried with the run (`carry: ["benchmarks/gpu/wheels"]`, 64 MiB at most).
+# run_all.sh. That machine has Python 3.12 (python3) with torch 2.11 + CUDA 13, cupy,
+# numba-cuda, onnx, onnxruntime (CPU), scipy, scikit-image, tifffile, rich, psutil,
+# pyyaml, packaging, typing-extensions, aiohttp; it lacks zarr 3 and what zarr imports
+# (numcodecs, donfig, google-crc32c: zarr 3 imports `google_crc32c`, not `crc32c`),
+# msgspec (segloop's manifest) and monai (the peer). Versions = this project's venv.
+# They go to benchmarks/gpu/wheels/ (ignored by git) and travel with the run
+# (carry: ["benchmarks/gpu/wheels"]); run_all.sh installs only those whose module does
+# not import there, with `pip --target` into a scratch folder (never over the image's
+# own packages). The whole tree + wheels must stay under 64 MiB; this prints the size.
 set -euo pipefail
 cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
 rm -rf wheels && mkdir wheels
-# what segloop's segment path and the MONAI comparison import, with zarr 3's own needs,
-# at the versions the project's venv holds (crc32c: any)
-pip download --quiet --dest wheels --only-binary=:all: --python-version 3.12 \
-    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux_2_28_x86_64 --implementation cp --no-deps \
-    zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 crc32c typing-extensions==4.16.0 \
-    packaging==26.4 pyyaml==6.0.4 tifffile==2026.3.3 imagecodecs==2026.3.6 onnx==1.23.2 \
-    protobuf==6.33.6 msgspec==0.23.0 psutil==7.2.2 rich==15.0.0 markdown-it-py==4.3.0 \
-    mdurl==0.1.2 pygments==2.21.0 monai==1.6.0
+"$PY" -m pip download --quiet --dest wheels --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux1_x86_64 \
+    zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 \
+    msgspec==0.23.0 monai==1.6.0
 du -sh wheels
+ls wheels
