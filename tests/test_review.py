@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -34,7 +35,13 @@ def add_user(store: Path, name: str, role: str) -> str:
 
 
 class Server:
-    def __init__(self, store: Path, port: int | None = None, no_tile_pack: bool = False) -> None:
+    def __init__(
+        self,
+        store: Path,
+        port: int | None = None,
+        no_tile_pack: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         flags = ["--no-tile-pack"] if no_tile_pack else []
@@ -52,6 +59,7 @@ class Server:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + 60
         while True:

@@ -16,6 +16,7 @@ import errno
 import functools
 import hashlib
 import hmac
+import json
 import os
 import sqlite3
 import time
@@ -119,10 +120,19 @@ async def guard(request: web.Request, handler):
                 raise json_error(403, f"needs role {need} or above; you are {user['role']}")
             request["user"] = user
         return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        if exc.content_type == "application/json":
+            raise
+        raise web.HTTPMethodNotAllowed(
+            exc.method,
+            exc.allowed_methods,
+            text=json.dumps({"error": f"{exc.method} is not allowed here"}),
+            content_type="application/json",
+        ) from None
     except web.HTTPException as exc:
         if exc.content_type == "application/json" or exc.status < 400:
             raise
-        raise json_error(exc.status, exc.reason, headers=_kept(exc)) from None  # 404/405…
+        raise json_error(exc.status, exc.reason, headers=_kept(exc)) from None  # 404, 413…
     except Exception as exc:
         raise _as_http(request, exc) from None
     finally:
@@ -132,7 +142,7 @@ async def guard(request: web.Request, handler):
 
 
 def _kept(exc: web.HTTPException) -> dict[str, str]:
-    return {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
+    return {k: v for k, v in exc.headers.items() if k == "WWW-Authenticate"}
 
 
 def _as_http(request: web.Request, exc: Exception) -> web.HTTPException:

@@ -123,7 +123,7 @@ def quick_check(path: Path) -> None:
             return  # another process writes it: not damaged
         raise Damaged(str(exc)) from None
     if rows != [("ok",)]:
-        raise Damaged(rows[0][0])
+        raise Damaged(" ".join(rows[0][0].replace("*", "").split()))  # one line
 
 
 def require_intact(store: Path) -> None:

@@ -25,7 +25,7 @@ MAX_BOX = 4096  # polygon / fill / relabel work inside at most MAX_BOX² pixels
 #: sum over a stroke's segments or a polygon's edges of the rows each one spans)
 MAX_EDIT_PIXELS = MAX_BOX * MAX_BOX
 MAX_EDIT_CHUNKS = 256
-MAX_EDIT_ROWS = 1 << 25
+MAX_EDIT_ROWS = 1 << 24
 _CODEC = Zstd(level=3)
 
 Coord = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]

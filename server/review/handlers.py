@@ -32,7 +32,6 @@ def json_error(status: int, message: str, headers=None, **extra) -> web.HTTPExce
         401: web.HTTPUnauthorized,
         403: web.HTTPForbidden,
         404: web.HTTPNotFound,
-        405: web.HTTPMethodNotAllowed,
         409: web.HTTPConflict,
         413: web.HTTPRequestEntityTooLarge,
         415: web.HTTPUnsupportedMediaType,
@@ -44,8 +43,6 @@ def json_error(status: int, message: str, headers=None, **extra) -> web.HTTPExce
     kw = {"text": body, "content_type": "application/json", "headers": headers}
     if cls is web.HTTPRequestEntityTooLarge:
         return cls(max_size=MAX_BODY, actual_size=0, **kw)
-    if cls is web.HTTPMethodNotAllowed:
-        return cls(method="?", allowed_methods=(), **kw)
     return cls(**kw)
 
 
