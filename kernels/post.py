@@ -40,6 +40,50 @@ def _labels_confidence(logits, halo, labels, confidence):
                 confidence[b, i, j] = np.uint8(min(255.0, max(0.0, q + 0.5)))
 
 
+@nb.njit(parallel=True, nogil=True, cache=True)
+def _windows_into(logits, halo, origins, sizes, labels, confidence):
+    n, k = logits.shape[0], logits.shape[1]
+    floor = 1.0 / k
+    gain = 255.0 / (1.0 - floor)
+    rows = sizes[:, 0].max()
+    for m in nb.prange(n * rows):
+        b, i = m // rows, m % rows
+        if i >= sizes[b, 0]:
+            continue
+        y = i + halo
+        oy, ox = origins[b, 0] + i, origins[b, 1]
+        for j in range(sizes[b, 1]):
+            x = j + halo
+            best = 0
+            top = logits[b, 0, y, x]
+            for c in range(1, k):
+                v = logits[b, c, y, x]
+                if v > top:
+                    top = v
+                    best = c
+            total = 0.0
+            for c in range(k):
+                total += math.exp(logits[b, c, y, x] - top)
+            q = (1.0 / total - floor) * gain
+            labels[oy, ox + j] = best
+            confidence[oy, ox + j] = np.uint8(min(255.0, max(0.0, q + 0.5)))
+
+
+def windows_into(
+    logits: np.ndarray,
+    halo: int,
+    origins: np.ndarray,
+    sizes: np.ndarray,
+    labels: np.ndarray,
+    confidence: np.ndarray,
+) -> None:
+    """Write each window's core into shard buffers: logits (B, K, Sh, Sw) float →
+    ``labels``, ``confidence`` (H, W) uint8 at ``origins[b]`` = (y, x), core size
+    ``sizes[b]`` = (h, w), both (B, 2) intp. Same values as ``labels_confidence``."""
+    with PARALLEL_LAUNCH:
+        _windows_into(logits, halo, origins, sizes, labels, confidence)
+
+
 def labels_confidence(logits: np.ndarray, halo: int, core: int) -> tuple[np.ndarray, np.ndarray]:
     """logits (B, K, S, S) float → labels, confidence (B, core, core) uint8.
 

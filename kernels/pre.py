@@ -61,6 +61,34 @@ def _normalise(src, rows, cols, channels, scale, offset, out):
                 out[c, i, j] = src[r, cols[j], ch] * s - o
 
 
+@nb.njit(parallel=True, nogil=True, cache=True)
+def _normalise_windows(src, rows, cols, channels, scale, offset, out):
+    b, sh = rows.shape
+    sw = cols.shape[1]
+    for n in nb.prange(b * sh):
+        w, i = n // sh, n % sh
+        r = rows[w, i]
+        for c in range(3):
+            ch = channels[c]
+            s = scale[c]
+            o = offset[c]
+            for j in range(sw):
+                out[w, c, i, j] = src[r, cols[w, j], ch] * s - o
+
+
+def normalise_windows(
+    src: np.ndarray, rows: np.ndarray, cols: np.ndarray, norm: Normalisation, out: np.ndarray
+) -> None:
+    """Fill a batch ``out`` (B, 3, Sh, Sw) float32 from one region ``src`` (h, w, C).
+
+    rows (B, Sh), cols (B, Sw) intp: each window's indices into src (reflect padding at
+    image borders folded in). Same values as ``normalise_into`` window by window.
+    """
+    scale, offset, channels = norm.coefficients()
+    with PARALLEL_LAUNCH:
+        _normalise_windows(src, rows, cols, channels, scale, offset, out)
+
+
 def normalise_into(
     src: np.ndarray,
     rows: np.ndarray,

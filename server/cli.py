@@ -181,7 +181,10 @@ def _segment_options(args: argparse.Namespace):
         model=args.model,
         tile=args.tile,
         shard=args.shard,
+        window=args.window,
         batch=args.batch,
+        copy_image=args.copy_image,
+        write_workers=args.writers,
         overwrite=args.overwrite,
     )
     if args.runtime == "triton":
@@ -197,8 +200,8 @@ def _segment_options(args: argparse.Namespace):
         opts.threads = max(1, opts.threads // int(n)) if n.isdigit() and int(n) else 1
     elif args.dask:
         opts.threads = 1  # unknown workers: one runtime thread per worker thread
-    if opts.batch < 1 or opts.threads < 1:
-        raise UserError("--batch and --threads must be at least 1")
+    if any(v is not None and v < 1 for v in (opts.batch, opts.threads, opts.write_workers)):
+        raise UserError("--batch, --threads and --writers must be at least 1")
     return opts
 
 
@@ -632,8 +635,27 @@ def build_parser() -> argparse.ArgumentParser:
             type=int,
             help="shard side (px, multiple of --tile): the unit of writing and resume",
         )
-        sp.add_argument("--batch", type=int, default=4, help="tiles per inference call")
+        sp.add_argument(
+            "--window",
+            type=int,
+            help="inference window core (px, multiple of the model's downsampling factor; "
+            "default: one window per shard, so the halo is paid once per shard)",
+        )
+        sp.add_argument(
+            "--batch",
+            type=int,
+            help="windows per inference call (default: as many as make ≈ 1.5 Mpx)",
+        )
+        sp.add_argument(
+            "--copy-image",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="copy the image pyramid into the store (default: yes)",
+        )
         sp.add_argument("--threads", type=int, help="runtime threads (default: all cores)")
+        sp.add_argument(
+            "--writers", type=int, help="writer threads, one shard each (default: all cores)"
+        )
         sp.add_argument("--overwrite", action="store_true", help="replace existing stores")
         sp.add_argument(
             "--dask",

@@ -133,7 +133,7 @@ def test_runtimes_agree(stores):
 
 def test_json_progress_and_stats(slide, tmp_path):
     out = tmp_path / "o.zarr"
-    proc = run_cli("segment", slide[0], "-o", out, "--tile", "512", "--json")
+    proc = run_cli("segment", slide[0], "-o", out, "--tile", "512", "--window", "512", "--json")
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     progress = [e for e in events if e["event"] == "progress"]
@@ -143,11 +143,13 @@ def test_json_progress_and_stats(slide, tmp_path):
     assert done["event"] == "done" and done["status"] == "complete"
     stages = done["stats"]["stages"]
     assert list(stages) == ["read", "pre", "infer", "post", "write"]
-    assert stages["infer"]["busy_s"] > 0 and stages["infer"]["items"] >= 2
+    assert stages["infer"]["busy_s"] > 0 and stages["infer"]["items"] >= 2  # 3×3 windows
+    assert done["stats"]["window"] == 512
     record = json.loads((out / "segloop.json").read_text())
     assert record["status"] == "complete" and record["stats"]["stages"] == stages
 
     proc = run_cli("segment", slide[0], "-o", out, "--tile", "512", "--overwrite", "--stats")
+    assert proc.returncode == 0, proc.stderr
     assert proc.returncode == 0
     for name in ("read", "pre", "infer", "post", "write", "wait in"):
         assert name in proc.stderr

@@ -113,15 +113,24 @@ class OutputStore:
         self.channels = channels
         self.dtype = np.dtype(dtype)
         self.root = zarr.open_group(Location.of(path).zarr_store(), mode="a", zarr_format=3)
+        #: the layers this store holds: the image copy is optional (``create(copy_image=)``)
+        self.layers = LAYERS if array_path("image", 0) in self.root else LAYERS[1:]
 
     @classmethod
     def create(
-        cls, path: Path | str | Location, grid: TileGrid, channels: int, dtype: np.dtype
+        cls,
+        path: Path | str | Location,
+        grid: TileGrid,
+        channels: int,
+        dtype: np.dtype,
+        copy_image: bool = True,
     ) -> OutputStore:
+        """New arrays for every level; the image pyramid only with ``copy_image``."""
         store = cls(path, grid, channels, dtype)
         for level in range(grid.levels):
             h, w = grid.level_shape(level)
-            store._create(array_path("image", level), (channels, h, w), dtype, ("c", "y", "x"))
+            if copy_image:
+                store._create(array_path("image", level), (channels, h, w), dtype, ("c", "y", "x"))
             for layer in ("segmentation", "confidence"):
                 store._create(array_path(layer, level), (h, w), np.uint8, ("y", "x"))
         per = grid.shard // grid.tile
@@ -135,6 +144,7 @@ class OutputStore:
                 compressors=_COMPRESSOR,
                 dimension_names=("ty", "tx"),
             )
+        store.layers = LAYERS if copy_image else LAYERS[1:]
         return store
 
     @property

@@ -8,7 +8,6 @@ Anything else (float, 5-D stacks with T/Z > 1, 2-channel) is refused with a mess
 from __future__ import annotations
 
 import hashlib
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +66,12 @@ class ImageSource:
         kept = [a for i, a in enumerate(axes) if a in "YX" or (chans and i == chans[0][0])]
         wanted = ["Y", "X"] + ([chans[0][1]] if chans else [])
         self._order = [kept.index(a) for a in wanted]
-        self._band_lock = threading.Lock()
-        self._band: tuple[int, int, np.ndarray] | None = None
         chunks = getattr(array, "chunks", None)
-        self._banded = bool(chunks) and chunks[axes.index("X")] >= self.width > 1024
+        #: (rows, cols) of one stored chunk (a TIFF tile or strip, a zarr chunk); None:
+        #: the image is in memory (PNG/JPEG) and any region costs the same
+        self.block_shape: tuple[int, int] | None = (
+            (int(chunks[axes.index("Y")]), int(chunks[axes.index("X")])) if chunks else None
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -97,17 +98,11 @@ class ImageSource:
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Region [y0, y1) × [x0, x1) (clipped by the caller) → (h, w, C), source dtype.
 
-        Striped files (chunks spanning the full width) keep the last full-width band in
-        memory, so a row of tiles decodes each strip once.
+        Each call decodes every stored chunk it overlaps; ``pipeline.read.BlockCache``
+        makes a job decode each chunk once.
         """
         try:
-            if not self._banded:
-                return self._read_raw(y0, y1, x0, x1)
-            with self._band_lock:
-                if self._band is None or not (self._band[0] <= y0 and y1 <= self._band[1]):
-                    self._band = (y0, y1, self._read_raw(y0, y1, 0, self.width))
-                b0, _, band = self._band
-                return band[y0 - b0 : y1 - b0, x0:x1]
+            return self._read_raw(y0, y1, x0, x1)
         except UserError:
             raise
         except Exception as exc:  # decoder errors of corrupt files

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import tifffile
@@ -48,7 +49,11 @@ def open_tiff(path: Path | Location) -> ImageSource:
                     )
         if not loc.local:
             source.seek(0)  # tifffile takes a stream's position as the file's start
-        store = tifffile.imread(source, aszarr=True, series=0, level=0)
+        # maxworkers > 1: tifffile decodes chunks in worker threads (imagecodecs releases
+        # the GIL); with 1 it would decode on zarr's single event-loop thread
+        store = tifffile.imread(
+            source, aszarr=True, series=0, level=0, maxworkers=max(2, os.cpu_count() or 2)
+        )
         array = zarr.open_array(store, mode="r")
         if loc.local:
             fingerprint = file_fingerprint(loc.path)

@@ -76,12 +76,13 @@ def segment_band(
 ) -> dict[str, Any]:
     """Worker side: segment ``shards`` (level 0 + per-tile arrays) into the store ``out``."""
     from segloop.io.ome_zarr import OutputStore
-    from segloop.pipeline.segment import _run_stages, _ShardWriter
+    from segloop.pipeline.segment import _run_stages
+    from segloop.pipeline.write import ShardWriter
 
     src, rt = _opened(input_path, opts)
     store = OutputStore(out, grid, src.channels, src.dtype)
-    writer = _ShardWriter(store, lambda n: None, model_version)
-    wall, _ = _run_stages(src, rt, grid, opts, iter(shards), writer, out)
+    writer = ShardWriter(store, lambda n: None, model_version, workers=opts.write_workers)
+    wall, _ = _run_stages(src, rt, grid, opts, shards, writer, out)
     return {"shards": sorted(writer.rewritten), "wall_s": wall, "pid": os.getpid()}
 
 

@@ -9,6 +9,7 @@ append): one empty object per finished shard under ``segloop.manifest.d/``.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from segloop.io.location import Location
@@ -30,6 +31,7 @@ class Manifest:
         self.loc = Location.of(store)
         self.done: set[Key] = set()
         self._fh = None
+        self._lock = threading.Lock()  # writers add from a pool
         if self.loc.local:
             self.path = self.loc.path / MANIFEST
             if self.path.exists():
@@ -44,13 +46,14 @@ class Manifest:
         return key in self.done
 
     def add(self, key: Key) -> None:
-        if self._fh is not None:
-            self._fh.write("{} {} {}\n".format(*key))
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-        else:
-            self.loc.write_bytes("{}/{}_{}_{}".format(MARKERS, *key), b"")
-        self.done.add(key)
+        with self._lock:
+            if self._fh is not None:
+                self._fh.write("{} {} {}\n".format(*key))
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            else:
+                self.loc.write_bytes("{}/{}_{}_{}".format(MARKERS, *key), b"")
+            self.done.add(key)
 
     def close(self) -> None:
         if self._fh is not None:

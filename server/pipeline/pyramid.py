@@ -8,56 +8,33 @@ Labels: 2×2 mode, ties to the top-left pixel (nearest) — never an average of 
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
-from segloop.io.ome_zarr import LAYERS, OutputStore
+from segloop.io.ome_zarr import OutputStore
+from segloop.kernels.pyramid import downsample_mean, downsample_mode
 from segloop.pipeline.manifest import Key, Manifest
 
 
-def _pad_even(a: np.ndarray) -> np.ndarray:
-    """Edge-replicate the last row/column of (…, h, w) so both are even."""
-    ph, pw = a.shape[-2] % 2, a.shape[-1] % 2
-    if ph or pw:
-        a = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, ph), (0, pw)], mode="edge")
-    return a
-
-
-def downsample_mean(a: np.ndarray) -> np.ndarray:
-    """(…, h, w) integer → (…, ⌈h/2⌉, ⌈w/2⌉), 2×2 mean rounded half up, same dtype."""
-    a = _pad_even(a)
-    s = (
-        a[..., ::2, ::2].astype(np.uint32)
-        + a[..., 1::2, ::2]
-        + a[..., ::2, 1::2]
-        + a[..., 1::2, 1::2]
-    )
-    return ((s + 2) // 4).astype(a.dtype)
-
-
-def downsample_mode(a: np.ndarray) -> np.ndarray:
-    """(h, w) labels → (⌈h/2⌉, ⌈w/2⌉): most frequent of each 2×2 block, ties → top-left.
-
-    With blocks [[a, b], [c, d]]: a wins when it occurs twice or more (no other value can
-    then occur more often); otherwise a pair among b, c, d wins (b if b == c or b == d,
-    else c if c == d), and four distinct values tie to a."""
-    a = _pad_even(a)
-    tl, tr, bl, br = a[::2, ::2], a[::2, 1::2], a[1::2, ::2], a[1::2, 1::2]
-    best = tl.copy()
-    alone = (tl != tr) & (tl != bl) & (tl != br)
-    pick_tr = alone & ((tr == bl) | (tr == br))
-    best[pick_tr] = tr[pick_tr]
-    pick_bl = alone & ~pick_tr & (bl == br)
-    best[pick_bl] = bl[pick_bl]
-    return best
-
-
 class PyramidBuilder:
-    """Builds every level-k shard whose level-(k−1) children are all finished."""
+    """Builds every level-k shard once its level-(k−1) children are all finished.
+
+    Thread-safe: writers call ``shard_done`` from a pool. A finished shard handed in with
+    its arrays is downsampled in memory at once (a quarter of its parent); the parent is
+    written by the thread that completes its last child, from the quarters, reading from
+    the store only the children finished by an earlier run. Memory: the quarters of the
+    parents still waiting for children (one band of shards per level).
+    """
 
     def __init__(self, store: OutputStore, manifest: Manifest) -> None:
         self.store = store
         self.grid = store.grid
         self.manifest = manifest
+        self.layers = store.layers
+        self._lock = threading.Lock()
+        self._quarters: dict[Key, dict[Key, dict[str, np.ndarray]]] = {}
+        self._claimed: set[Key] = set()
 
     def _children(self, level: int, sy: int, sx: int) -> list[Key]:
         ny, nx = self.grid.shard_grid(level - 1)
@@ -68,28 +45,66 @@ class PyramidBuilder:
             if y < ny and x < nx
         ]
 
-    def _build(self, level: int, sy: int, sx: int, layers: tuple[str, ...] = LAYERS) -> None:
+    def _build(self, level: int, sy: int, sx: int, layers: tuple[str, ...] | None = None) -> None:
+        """Parent (level, sy, sx) from the level below in the store: every layer, listed
+        in the manifest (``layers`` None), or only ``layers``, not listed."""
         y0, y1, x0, x1 = self.grid.shard_box(sy, sx, level)
         src = self.grid.level_shape(level - 1)
         box = (2 * y0, min(src[0], 2 * y1), 2 * x0, min(src[1], 2 * x1))
-        for layer in layers:
-            data = self.store.read(layer, level - 1, box)
-            down = downsample_mode(data) if layer == "segmentation" else downsample_mean(data)
+        for layer in layers or self.layers:
+            down = _down(layer, self.store.read(layer, level - 1, box))
             self.store.write(layer, level, (y0, y1, x0, x1), down)
-        if layers == LAYERS:
+        if layers is None:
             self.manifest.add((level, sy, sx))
 
-    def shard_done(self, key: Key) -> None:
-        """Call after ``key`` was written and listed: builds the parents it completes."""
-        level, sy, sx = key
-        while level + 1 < self.grid.levels:
+    def shard_done(self, key: Key, data: dict[str, np.ndarray] | None = None) -> None:
+        """Call after ``key`` was written and listed, with its arrays (layer → (…, h, w))
+        when at hand: builds the parents it completes."""
+        while key[0] + 1 < self.grid.levels:
+            level, sy, sx = key
             parent = (level + 1, sy // 2, sx // 2)
-            if parent in self.manifest or not all(
-                c in self.manifest for c in self._children(*parent)
-            ):
-                return
-            self._build(*parent)
-            level, sy, sx = parent
+            quarter = None if data is None else {k: _down(k, a) for k, a in data.items()}
+            with self._lock:
+                if parent in self.manifest or parent in self._claimed:
+                    return  # a sibling's thread builds it (reading this child from the store)
+                if quarter is not None:
+                    self._quarters.setdefault(parent, {})[key] = quarter
+                children = self._children(*parent)
+                if not all(c in self.manifest for c in children):
+                    return
+                self._claimed.add(parent)
+                quarters = self._quarters.pop(parent, {})
+            data = self._assemble(parent, children, quarters)
+            box = self.grid.shard_box(*parent[1:], level=parent[0])
+            for layer, a in data.items():
+                self.store.write(layer, parent[0], box, a)
+            with self._lock:
+                self.manifest.add(parent)
+            key = parent
+
+    def _assemble(
+        self, parent: Key, children: list[Key], quarters: dict[Key, dict[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        """The parent's arrays from its children's quarters (missing ones from the store)."""
+        level, sy, sx = parent
+        y0, y1, x0, x1 = self.grid.shard_box(sy, sx, level)
+        half = self.grid.shard // 2
+        out: dict[str, np.ndarray] = {}
+        for child in children:
+            q = quarters.get(child)
+            if q is None:  # finished by an earlier run: downsample it from the store
+                b = self.grid.shard_box(*child[1:], level=child[0])
+                q = {
+                    layer: _down(layer, self.store.read(layer, child[0], b))
+                    for layer in self.layers
+                }
+            oy, ox = (child[1] % 2) * half, (child[2] % 2) * half
+            for layer, a in q.items():
+                if layer not in out:
+                    lead = a.shape[:-2]
+                    out[layer] = np.zeros((*lead, y1 - y0, x1 - x0), a.dtype)
+                out[layer][..., oy : oy + a.shape[-2], ox : ox + a.shape[-1]] = a
+        return out
 
     def complete(self) -> None:
         """Build whatever is still missing (resume after a kill between the two steps)."""
@@ -104,3 +119,8 @@ class PyramidBuilder:
             shards = {(sy // 2, sx // 2) for sy, sx in shards}
             for sy, sx in sorted(shards):
                 self._build(level, sy, sx, layers)
+
+
+def _down(layer: str, a: np.ndarray) -> np.ndarray:
+    """One pyramid step of ``layer``: 2×2 mode for labels, 2×2 mean otherwise."""
+    return downsample_mode(a) if layer == "segmentation" else downsample_mean(a)

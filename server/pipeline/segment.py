@@ -9,12 +9,10 @@ queue depths and the shards in flight, not by the image size.
 from __future__ import annotations
 
 import errno
+import gc
 import os
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,18 +31,21 @@ from segloop.io.ome_zarr import (
     write_record,
 )
 from segloop.io.source import ImageSource, open_image
-from segloop.kernels.post import labels_confidence
-from segloop.kernels.pre import Normalisation, normalise_into
+from segloop.kernels.post import windows_into
+from segloop.kernels.pre import Normalisation, normalise_windows
 from segloop.pipeline.manifest import Manifest
 from segloop.pipeline.pyramid import PyramidBuilder
+from segloop.pipeline.read import ShardReader, ShardWork
 from segloop.pipeline.stages import Pipeline, Stage, StageStats, peak_rss_mb
-from segloop.pipeline.tiling import Tile, TileGrid
-from segloop.pipeline.uncertainty import tile_uncertainty
+from segloop.pipeline.tiling import TileGrid
+from segloop.pipeline.write import ShardWriter
 from segloop.runtimes import Runtime, TileRuntime, create_runtime
 
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
 ProgressFn = Callable[[int, int], None]  # (pixels done, pixels total)
+#: default batch: as many windows as make ≈ 1.5 Mpx of model input (4 × 608²)
+BATCH_PIXELS = 4 * 608 * 608
 
 
 def default_model() -> Path:
@@ -72,9 +73,12 @@ class SegmentOptions:
     model: Path | None = None
     tile: int = 512
     shard: int | None = None
-    batch: int = 4
+    window: int | None = None  # inference window core (px); None: one per shard
+    batch: int | None = None  # windows per model call; None: ≈ BATCH_PIXELS of input
+    copy_image: bool = True
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     read_workers: int = 2
+    write_workers: int | None = None  # None: one per core
     runtime_options: dict[str, Any] = field(default_factory=dict)  # e.g. triton url
     overwrite: bool = False
 
@@ -104,6 +108,7 @@ def _params(src: ImageSource, rt: Runtime, grid: TileGrid) -> dict[str, Any]:
         "tile": grid.tile,
         "halo": grid.halo,
         "shard": grid.shard,
+        "window": grid.window_core,
     }
 
 
@@ -136,7 +141,10 @@ def _prepare_output(out: Location, params: dict, overwrite: bool) -> tuple[str, 
             f"{out} already exists and is not a segloop store; "
             "pass --overwrite to replace it or choose another -o"
         )
-    changed = _diff(record.get("params", {}), params)
+    old = record.get("params", {})
+    if "window" not in old and "tile" in old:  # stores made before windows: one per chunk
+        old = {**old, "window": old["tile"]}
+    changed = _diff(old, params)
     if changed:
         raise UserError(
             f"{out} was made with other parameters ({'; '.join(changed)}); "
@@ -145,208 +153,91 @@ def _prepare_output(out: Location, params: dict, overwrite: bool) -> tuple[str, 
     return ("complete" if record.get("status") == "complete" else "resume"), record
 
 
-TileKey = tuple[int, int]  # (ty, tx) level-0 tile = chunk
-
-
-def _tile_key(t: Tile, grid: TileGrid) -> TileKey:
-    return t.y0 // grid.tile, t.x0 // grid.tile
-
-
-class _Reader:
-    """Decoder pool: reads each shard's window (shard + halo) once, in shard order,
-    ``workers`` shards ahead, and yields (tile, region, rows, cols) for its tiles (those
-    in ``select`` only, when given).
-
-    One read per shard decodes each source tile about once; reading each tile's own
-    window would decode the source tiles under the halo again for every neighbour.
-    """
-
-    def __init__(
-        self,
-        src: ImageSource,
-        grid: TileGrid,
-        workers: int,
-        stats: StageStats,
-        select: set[TileKey] | None = None,
-    ):
-        self.src, self.grid, self.workers, self.stats = src, grid, workers, stats
-        self.select = select
-        self._lock = threading.Lock()
-
-    def _read_shard(self, key: tuple[int, int]) -> list[tuple]:
-        t0 = time.perf_counter()
-        tiles = [
-            t
-            for t in self.grid.tiles(*key)
-            if self.select is None or _tile_key(t, self.grid) in self.select
-        ]
-        boxes = [self.grid.window_indices(t) for t in tiles]
-        r0, r1 = min(b[0] for b in boxes), max(b[1] for b in boxes)
-        c0, c1 = min(b[2] for b in boxes), max(b[3] for b in boxes)
-        region = self.src.read(r0, r1, c0, c1)
-        with self._lock:
-            self.stats.busy_s += time.perf_counter() - t0
-        return [
-            (t, region, rows + (tr0 - r0), cols + (tc0 - c0))
-            for t, (tr0, _, tc0, _, rows, cols) in zip(tiles, boxes, strict=True)
-        ]
-
-    def __call__(self, shards: Iterator[tuple[int, int]]) -> Iterator[tuple]:
-        pending: deque[Future] = deque()
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="segloop-read") as pool:
-            for key in shards:
-                pending.append(pool.submit(self._read_shard, key))
-                if len(pending) > self.workers:
-                    yield from pending.popleft().result()
-            while pending:
-                yield from pending.popleft().result()
-
-
-class _ShardWriter:
-    """Assembles tiles into shard buffers and writes each shard once, when complete.
-
-    A full run (``select`` None) writes every layer; with a ``manifest`` it lists each
-    shard there and builds the pyramid as it goes. Re-segmenting ``select`` tiles pastes
-    them over the shard's current labels and confidence (the image stays). Written shards
-    are collected in ``rewritten``.
-    """
-
-    def __init__(
-        self,
-        store: OutputStore,
-        progress: Callable[[int], None],
-        model_version: int,
-        manifest: Manifest | None = None,
-        select: set[TileKey] | None = None,
-    ):
-        self.store, self.grid, self.manifest = store, store.grid, manifest
-        self.pyramid = PyramidBuilder(store, manifest)
-        self.progress, self.model_version, self.select = progress, model_version, select
-        self.versions = None if select is None else store.read_tiles("model_version")
-        self.open: dict[tuple[int, int], list] = {}
-        self.rewritten: set[tuple[int, int]] = set()
-
-    def _open(self, key: tuple[int, int]) -> list:
-        box = self.grid.shard_box(*key)
-        if self.select is None:
-            shape = (box[1] - box[0], box[3] - box[2])
-            return [
-                np.zeros((self.store.channels, *shape), self.store.dtype),
-                np.zeros(shape, np.uint8),
-                np.zeros(shape, np.uint8),
-                len(self.grid.tiles(*key)),
-            ]
-        todo = sum(_tile_key(t, self.grid) in self.select for t in self.grid.tiles(*key))
-        return [
-            None,
-            self.store.read("segmentation", 0, box),
-            self.store.read("confidence", 0, box),
-            todo,
-        ]
-
-    def __call__(self, item) -> list:
-        t, core, labels, conf = item
-        s = self.grid.shard
-        key = (t.y0 // s, t.x0 // s)
-        if key not in self.open:
-            self.open[key] = self._open(key)
-        buf = self.open[key]
-        y, x = t.y0 - key[0] * s, t.x0 - key[1] * s
-        if buf[0] is not None:
-            buf[0][:, y : y + t.h, x : x + t.w] = np.moveaxis(core, -1, 0)
-        buf[1][y : y + t.h, x : x + t.w] = labels
-        buf[2][y : y + t.h, x : x + t.w] = conf
-        if self.versions is not None:
-            self.versions[_tile_key(t, self.grid)] = self.model_version
-        buf[3] -= 1
-        if buf[3] == 0:
-            self._finish(key, buf[:3])
-            del self.open[key]
-        self.progress(t.h * t.w)
-        return []
-
-    def _finish(self, key: tuple[int, int], arrays: list) -> None:
-        box = self.grid.shard_box(*key)
-        for layer, data in zip(LAYERS, arrays, strict=True):
-            if data is not None:
-                self.store.write(layer, 0, box, data)
-        doubt = tile_uncertainty(arrays[2], self.grid.tile)
-        self.store.write_tiles("uncertainty", *key, doubt)
-        if self.versions is None:
-            versions = np.full(doubt.shape, self.model_version, np.uint16)
-        else:
-            per = self.grid.shard // self.grid.tile
-            versions = self.versions[
-                key[0] * per : (key[0] + 1) * per, key[1] * per : (key[1] + 1) * per
-            ]
-        self.store.write_tiles("model_version", *key, versions)
-        self.rewritten.add(key)
-        if self.manifest is not None:
-            self.manifest.add((0, *key))
-            self.pyramid.shard_done((0, *key))
+def _batches(work: ShardWork, size: int) -> Iterator[list[int]]:
+    """Window indices of one shard in batches of at most ``size`` same-shape windows."""
+    group: list[int] = []
+    for i, w in enumerate(work.windows):
+        if group and (
+            len(group) == size
+            or (w.sh, w.sw) != (work.windows[group[0]].sh, work.windows[group[0]].sw)
+        ):
+            yield group
+            group = []
+        group.append(i)
+    if group:
+        yield group
 
 
 def _run_stages(
     src: ImageSource,
-    rt: Runtime,
+    rt: Runtime | TileRuntime,
     grid: TileGrid,
     opts: SegmentOptions,
-    shards: Iterator[tuple[int, int]],
-    writer: _ShardWriter,
-    out: Path,
+    shards: list[tuple[int, int]],
+    writer: ShardWriter,
+    out: Path | Location,
     finish: Callable[[], None] = lambda: None,
-    select: set[TileKey] | None = None,
+    parts: dict[tuple[int, int], list[tuple[int, int, int, int]]] | None = None,
 ) -> tuple[float, dict[str, Any]]:
-    """read → pre → infer → post → write over ``shards``, then ``finish()`` (pyramid);
-    (wall seconds, stage stats). Disk errors become a UserError."""
+    """read → pre → infer → post → write over ``shards`` (only the sub-boxes ``parts``
+    of a shard, when given), then ``finish()`` (pyramid); (wall seconds, stage stats).
+    Disk errors become a UserError."""
     norm = normalisation_for(rt.card, src)
-    halo, core, window = grid.halo, grid.tile, grid.window
-    batch: list[tuple] = []
+    halo = grid.halo
     remote = isinstance(rt, TileRuntime)  # pre + network + post run on a server
+    batch = opts.batch or max(1, BATCH_PIXELS // (grid.window_core + 2 * halo) ** 2)
 
-    def emit() -> list:
-        if not batch:
-            return []
-        if remote:  # uint8 windows on the wire: gather the reflect-padded windows only
-            arr = np.stack([region[np.ix_(rows, cols)] for _, region, rows, cols in batch])
+    def pre(work: ShardWork) -> Iterator[tuple]:
+        for idx in _batches(work, batch):
+            rows = np.stack([work.maps[i][0] for i in idx])
+            cols = np.stack([work.maps[i][1] for i in idx])
+            if remote:  # uint8 windows on the wire: gather the reflect-padded windows only
+                arr = work.region[rows[:, :, None], cols[:, None, :]]
+            else:
+                arr = np.empty((len(idx), 3, rows.shape[1], cols.shape[1]), np.float32)
+                normalise_windows(work.region, rows, cols, norm, arr)
+            yield work, idx, arr
+
+    def infer(item: tuple) -> list:
+        work, idx, arr = item
+        return [(work, idx, rt.submit(arr) if remote else rt.run(arr))]
+
+    def post(item: tuple) -> list:
+        work, idx, out = item
+        if work.labels is None:
+            writer.buffers(work)
+            work.pending = len(work.windows)
+        wins = [work.windows[i] for i in idx]
+        y0, x0 = work.box[0], work.box[2]
+        origins = np.array([(w.y0 - y0, w.x0 - x0) for w in wins], np.intp)
+        sizes = np.array([(w.h, w.w) for w in wins], np.intp)
+        if remote:
+            labels, conf = out.result()
+            for (oy, ox), (h, w), lab, cf in zip(origins, sizes, labels, conf, strict=True):
+                work.labels[oy : oy + h, ox : ox + w] = lab[:h, :w]
+                work.confidence[oy : oy + h, ox : ox + w] = cf[:h, :w]
         else:
-            arr = np.empty((len(batch), 3, window, window), np.float32)
-            for i, (_, region, rows, cols) in enumerate(batch):
-                normalise_into(region, rows, cols, norm, arr[i])
-        cores = [
-            (t, region[rows[halo] : rows[halo] + t.h, cols[halo] : cols[halo] + t.w])
-            for t, region, rows, cols in batch
-        ]
-        batch.clear()
-        return [(cores, arr)]
+            windows_into(out, halo, origins, sizes, work.labels, work.confidence)
+        work.pending -= len(idx)
+        return [work] if work.pending == 0 else []
 
-    def pre(item) -> list:
-        batch.append(item)
-        return emit() if len(batch) >= opts.batch else []
-
-    def infer(item) -> list:
-        cores, arr = item
-        return [(cores, rt.submit(arr) if remote else rt.run(arr))]
-
-    def post(item) -> list:
-        cores, out = item
-        labels, conf = out.result() if remote else labels_confidence(out, halo, core)
-        return [
-            (t, c, labels[i, : t.h, : t.w], conf[i, : t.h, : t.w]) for i, (t, c) in enumerate(cores)
-        ]
-
-    stages = [
-        Stage("pre", pre, flush=emit),
-        Stage("infer", infer),
-        Stage("post", post),
-        Stage("write", writer),
-    ]
+    stages = [Stage("pre", pre), Stage("infer", infer), Stage("post", post), Stage("write", writer)]
     read_stats = StageStats("read")
+    reader = ShardReader(src, grid, shards, opts.read_workers, read_stats, parts)
+    # big windows: fewer batches in flight (each holds its input and its logits)
+    depth = getattr(
+        rt, "in_flight", 4 if batch * (grid.window_core + 2 * halo) ** 2 <= BATCH_PIXELS else 2
+    )
+    # the heap of long-lived objects (numba, ORT, numpy, torch…) does not change during a
+    # job: freeze it, or every gen-2 collection triggered by zarr's asyncio churn walks it
+    # all while holding the GIL (measured: most of the write time)
+    gc.freeze()
     t0 = time.perf_counter()
     try:
-        Pipeline(stages, depth=getattr(rt, "in_flight", 4)).run(
-            _Reader(src, grid, opts.read_workers, read_stats, select)(shards), read_stats
-        )
+        try:
+            Pipeline(stages, depth=depth).run(iter(reader), StageStats("feed"))
+        finally:
+            writer.close()
         finish()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -356,7 +247,19 @@ def _run_stages(
             ) from exc
         raise UserError(f"cannot write {out}: {exc}; run the same command to resume") from exc
     wall = time.perf_counter() - t0
-    return wall, {s.name: s.as_dict() for s in [read_stats] + [st.stats for st in stages]}
+    stats = {s.name: s.as_dict() for s in [read_stats] + [st.stats for st in stages[:-1]]}
+    stats["write"] = {**writer.stats.as_dict(), "workers": writer.workers}
+    stats["read"].update(
+        decoded_chunks=len(reader.cache.decodes),
+        max_decodes_per_chunk=max(reader.cache.decodes.values(), default=0),
+    )
+    stats["info"] = {
+        "halo_overhead": reader.halo_overhead and round(reader.halo_overhead, 4),
+        "batch": batch,
+        "window": grid.window_core,
+        "cache_peak_blocks": getattr(reader.cache, "peak_blocks", 0),
+    }
+    return wall, stats
 
 
 def _open_runtime(input_path: Path | str, opts: SegmentOptions) -> tuple[ImageSource, Runtime]:
@@ -374,13 +277,18 @@ def _open_runtime(input_path: Path | str, opts: SegmentOptions) -> tuple[ImageSo
 
 
 def _run_stats(wall: float, pixels: int, stages: dict, opts: SegmentOptions) -> dict[str, Any]:
+    stages = dict(stages)
+    info = stages.pop("info", {})
     return {
         "wall_s": round(wall, 3),
         "pixels": pixels,
         "mpx_s": round(pixels / 1e6 / wall, 3) if wall > 0 else None,
         "stages": stages,
         "threads": opts.threads,
-        "batch": opts.batch,
+        "batch": info.get("batch", opts.batch),
+        "window": info.get("window"),
+        "halo_overhead": info.get("halo_overhead"),
+        "cache_peak_blocks": info.get("cache_peak_blocks"),
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -402,7 +310,13 @@ def segment(
     src, rt = _open_runtime(input_path, opts)
     card = rt.card
     grid = TileGrid.create(
-        src.height, src.width, opts.tile, card["halo"], card["input"]["multiple_of"], opts.shard
+        src.height,
+        src.width,
+        opts.tile,
+        card["halo"],
+        card["input"]["multiple_of"],
+        opts.shard,
+        opts.window,
     )
     params = _params(src, rt, grid)
     action, record = _prepare_output(out, params, opts.overwrite)
@@ -410,7 +324,7 @@ def segment(
         rt.close()
         return {**(record or {}), "status": "already-complete", "output": str(out)}
     if action == "create":
-        store = OutputStore.create(out, grid, src.channels, src.dtype)
+        store = OutputStore.create(out, grid, src.channels, src.dtype, opts.copy_image)
         record = {
             "segloop_version": __version__,
             "status": "running",
@@ -433,8 +347,8 @@ def segment(
     version = card.get("version") or 0
     try:
         if cluster is None:
-            writer = _ShardWriter(store, advance, version, manifest)
-            todo = (key for key in grid.shards() if (0, *key) not in manifest)
+            writer = ShardWriter(store, advance, version, manifest, workers=opts.write_workers)
+            todo = [key for key in grid.shards() if (0, *key) not in manifest]
             wall, stages = _run_stages(
                 src, rt, grid, opts, todo, writer, out, finish=writer.pyramid.complete
             )
@@ -507,7 +421,10 @@ def resegment(
             g = record["grid"]
             if rt.card["halo"] % rt.card["input"]["multiple_of"]:
                 raise UserError(f"model {rt.card['path']}: halo is not a multiple of its input")
-            grid = TileGrid(src.height, src.width, g["tile"], rt.card["halo"], g["shard"])
+            multiple = rt.card["input"]["multiple_of"]
+            grid = TileGrid(
+                src.height, src.width, g["tile"], rt.card["halo"], g["shard"], None, multiple
+            )
             store = OutputStore(out, grid, src.channels, src.dtype)
             human = ReviewDB.human_tiles(out)
             ny, nx = store.tile_grid
@@ -518,9 +435,16 @@ def resegment(
                 for ty, tx in select
             )
             version = rt.card.get("version") or 0
-            writer = _ShardWriter(store, _progress(progress, 0, total), version, select=select)
+            writer = ShardWriter(
+                store, _progress(progress, 0, total), version, select=select,
+                workers=opts.write_workers,
+            )  # fmt: skip
             per = grid.shard // grid.tile
-            shards = sorted({(ty // per, tx // per) for ty, tx in select})
+            parts: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+            for ty, tx in sorted(select):
+                y0, x0 = ty * grid.tile, tx * grid.tile
+                box = (y0, min(grid.height, y0 + grid.tile), x0, min(grid.width, x0 + grid.tile))
+                parts.setdefault((ty // per, tx // per), []).append(box)
             entry = {
                 "only": "unreviewed",
                 "model": {"version": version, "sha256": rt.card["sha256"]},
@@ -537,11 +461,11 @@ def resegment(
                 rt,
                 grid,
                 opts,
-                iter(shards),
+                sorted(parts),
                 writer,
                 out,
-                finish=lambda: writer.pyramid.rebuild(writer.rewritten, LAYERS[1:]),
-                select=select,
+                finish=lambda: PyramidBuilder(store, None).rebuild(writer.rewritten, LAYERS[1:]),
+                parts=parts,
             )
         finally:
             rt.close()

@@ -1,10 +1,14 @@
-"""Exact-halo tiling.
+"""Exact-halo tiling: chunks for the store, windows for the model.
 
-Each tile's core (``tile``² px, clipped at the image edge) is one output chunk; the model
-sees the core plus ``halo`` px on every side, reflect-padded at image borders. With
-``halo`` ≥ the receptive-field radius and tile, halo multiples of the model's downsampling
-factor, the tiled output equals the output of the whole reflect-padded image.
-Shards (``shard`` px, a multiple of ``tile``) group chunks; each is written by one writer.
+Store: each level-0 chunk is a ``tile``² core (clipped at the image edge); chunks group
+into ``shard``² shards (a multiple of ``tile``), each written whole by one writer.
+
+Model: an inference *window* is a core of up to ``window``² px inside one shard (default:
+the whole shard, so the halo is paid once per shard, not once per chunk) plus ``halo`` px
+on every side, reflect-padded at image borders. With ``halo`` ≥ the receptive-field
+radius and window origins on multiples of the model's downsampling factor, every core
+pixel sees exactly what it would see in the whole reflect-padded image, so the output
+does not depend on the window size (up to the float rounding of the runtime).
 """
 
 from __future__ import annotations
@@ -29,32 +33,61 @@ class Tile:
 
 
 @dataclass(frozen=True)
+class Window:
+    """Inference window: core origin (y0, x0), clipped core size (h, w) in level-0 px, and
+    the model input (sh, sw) = core rounded up to the downsampling factor + 2 halo."""
+
+    y0: int
+    x0: int
+    h: int
+    w: int
+    sh: int
+    sw: int
+
+
+@dataclass(frozen=True)
 class TileGrid:
     height: int
     width: int
     tile: int
     halo: int
     shard: int
+    #: core side of an inference window (px); None: one window per shard
+    window: int | None = None
+    #: the model's downsampling factor: window inputs are multiples of it
+    multiple: int = 8
 
     @classmethod
     def create(
-        cls, height: int, width: int, tile: int, halo: int, multiple: int, shard: int | None = None
+        cls,
+        height: int,
+        width: int,
+        tile: int,
+        halo: int,
+        multiple: int,
+        shard: int | None = None,
+        window: int | None = None,
     ) -> TileGrid:
-        """Validate ``tile`` and ``shard`` (default: ~2048 px); a small image is one tile."""
+        """Validate ``tile``, ``shard`` (default ≈ 2048 px) and ``window`` (default: the
+        shard); a small image is one tile."""
         if tile <= 0 or tile % multiple:
             raise UserError(f"--tile {tile} must be a positive multiple of {multiple}")
         if shard is not None and (shard < tile or shard % tile):
             raise UserError(f"--shard {shard} must be a multiple of --tile {tile}")
+        if window is not None and (window <= 0 or window % multiple):
+            raise UserError(f"--window {window} must be a positive multiple of {multiple}")
         whole = -(-max(height, width) // multiple) * multiple
         if tile >= whole:
             tile = shard = whole
         shard = shard or max(1, 2048 // tile) * tile
-        return cls(height, width, tile, halo, shard)
+        if window is not None and window >= shard:
+            window = None
+        return cls(height, width, tile, halo, shard, window, multiple)
 
     @property
-    def window(self) -> int:
-        """Model input side: core + 2 halo (px)."""
-        return self.tile + 2 * self.halo
+    def window_core(self) -> int:
+        """Core side of an interior inference window (px)."""
+        return self.window or self.shard
 
     def shard_grid(self, level: int = 0) -> tuple[int, int]:
         h, w = self.level_shape(level)
@@ -84,7 +117,7 @@ class TileGrid:
         return y0, min(h, y0 + self.shard), x0, min(w, x0 + self.shard)
 
     def tiles(self, sy: int, sx: int) -> list[Tile]:
-        """Level-0 tiles of one shard, row-major."""
+        """Level-0 tiles (= chunks) of one shard, row-major."""
         y0, y1, x0, x1 = self.shard_box(sy, sx)
         return [
             Tile(y, x, min(self.tile, y1 - y), min(self.tile, x1 - x))
@@ -92,9 +125,28 @@ class TileGrid:
             for x in range(x0, x1, self.tile)
         ]
 
-    def window_indices(self, t: Tile) -> tuple[int, int, int, int, np.ndarray, np.ndarray]:
-        """Source box (r0, r1, c0, c1) to read and (window,) row/col indices into it."""
-        rows = reflect_index(t.y0 - self.halo, self.window, self.height)
-        cols = reflect_index(t.x0 - self.halo, self.window, self.width)
+    def windows(
+        self, sy: int, sx: int, box: tuple[int, int, int, int] | None = None
+    ) -> list[Window]:
+        """Inference windows covering shard (sy, sx), row-major; ``box`` (y0, y1, x0, x1),
+        a part of the shard, covers only that part."""
+        y0, y1, x0, x1 = box or self.shard_box(sy, sx)
+        step, m, pad = self.window_core, self.multiple, 2 * self.halo
+        out = []
+        for y in range(y0, y1, step):
+            for x in range(x0, x1, step):
+                h, w = min(step, y1 - y), min(step, x1 - x)
+                out.append(Window(y, x, h, w, -(-h // m) * m + pad, -(-w // m) * m + pad))
+        return out
+
+    def window_indices(self, win: Window) -> tuple[int, int, int, int, np.ndarray, np.ndarray]:
+        """Source box (r0, r1, c0, c1) to read and (sh,), (sw,) row/col indices into it."""
+        rows = reflect_index(win.y0 - self.halo, win.sh, self.height)
+        cols = reflect_index(win.x0 - self.halo, win.sw, self.width)
         r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
         return r0, r1, c0, c1, rows - r0, cols - c0
+
+    def tile_window(self, t: Tile) -> Window:
+        """The window of one chunk on its own (core = the chunk)."""
+        m, pad = self.multiple, 2 * self.halo
+        return Window(t.y0, t.x0, t.h, t.w, -(-t.h // m) * m + pad, -(-t.w // m) * m + pad)

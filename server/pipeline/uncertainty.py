@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from segloop.kernels.pyramid import tile_sums
+
 
 def tile_uncertainty(confidence: np.ndarray, tile: int) -> np.ndarray:
     """(h, w) uint8 confidence → (⌈h/tile⌉, ⌈w/tile⌉) float32 scores; a clipped edge tile
-    averages over its own pixels only."""
+    averages over its own pixels only (exact integer sums, one rounding to float32)."""
     h, w = confidence.shape
-    doubt = 1.0 - confidence.astype(np.float32) / 255.0
     rows, cols = np.arange(0, h, tile), np.arange(0, w, tile)
-    sums = np.add.reduceat(np.add.reduceat(doubt, rows, axis=0), cols, axis=1)
     counts = np.outer(np.diff(np.append(rows, h)), np.diff(np.append(cols, w)))
-    return (sums / counts).astype(np.float32)
+    return (tile_sums(confidence, tile) / (255.0 * counts)).astype(np.float32)

@@ -1,0 +1,199 @@
+"""The read stage: source regions for the shards of a job, each stored chunk decoded once.
+
+A shard's windows need the shard plus a halo, so neighbouring shards overlap by 2 × halo;
+read naively, the source chunks under those overlaps are decoded again for every shard
+that touches them (≈ 2.25× the image for 512² source tiles and 2048² shards).
+``BlockCache`` counts upfront how many shard reads need each block (a whole number of
+source chunks), decodes a block on first use and drops it after its last, so memory holds
+the band of blocks shared with shards not yet read, never the image.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from segloop.io.source import ImageSource
+from segloop.pipeline.stages import StageStats
+from segloop.pipeline.tiling import TileGrid, Window
+
+Box = tuple[int, int, int, int]  # (y0, y1, x0, x1), level-0 pixels
+#: smallest cache block side (px): tiny source tiles or strips are decoded in groups
+MIN_BLOCK = 256
+
+
+class BlockCache:
+    """Region reads over ``src`` in which each stored chunk is decoded at most once for the
+    reads announced in ``boxes`` (the job's read boxes, in any order).
+
+    ``decodes`` counts decodes per source chunk (``(chunk row, chunk col)``); a job that
+    reads only announced boxes leaves every count at 1.
+    """
+
+    def __init__(self, src: ImageSource, boxes: Iterable[Box]) -> None:
+        self.src = src
+        self.decodes: Counter[tuple[int, int]] = Counter()
+        chunk = src.block_shape
+        self.chunk = chunk
+        if chunk is None:  # in memory: nothing to cache
+            self.block = None
+            return
+        self.block = tuple(c * -(-MIN_BLOCK // c) for c in chunk)
+        self._refs: Counter[tuple[int, int]] = Counter()
+        for b in boxes:
+            self._refs.update(self._blocks(b))
+        self._cached: dict[tuple[int, int], Future] = {}
+        self._lock = threading.Lock()
+        self.peak_blocks = 0
+
+    def _blocks(self, box: Box) -> list[tuple[int, int]]:
+        bh, bw = self.block
+        y0, y1, x0, x1 = box
+        return [
+            (by, bx) for by in range(y0 // bh, -(-y1 // bh)) for bx in range(x0 // bw, -(-x1 // bw))
+        ]
+
+    def _decode(self, key: tuple[int, int]) -> np.ndarray:
+        (bh, bw), (ch, cw) = self.block, self.chunk
+        y0, x0 = key[0] * bh, key[1] * bw
+        y1, x1 = min(self.src.height, y0 + bh), min(self.src.width, x0 + bw)
+        data = self.src.read(y0, y1, x0, x1)
+        with self._lock:
+            self.decodes.update(
+                (cy, cx)
+                for cy in range(y0 // ch, -(-y1 // ch))
+                for cx in range(x0 // cw, -(-x1 // cw))
+            )
+        return data
+
+    def _get(self, key: tuple[int, int]) -> np.ndarray:
+        with self._lock:
+            fut = self._cached.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._cached[key] = Future()
+                self.peak_blocks = max(self.peak_blocks, len(self._cached))
+        if mine:
+            try:
+                fut.set_result(self._decode(key))
+            except BaseException as exc:
+                fut.set_exception(exc)
+        return fut.result()
+
+    def _release(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            self._refs[key] -= 1
+            if self._refs[key] <= 0:
+                self._cached.pop(key, None)
+                del self._refs[key]
+
+    def read(self, box: Box) -> np.ndarray:
+        """Region ``box`` → (h, w, C) in the source dtype."""
+        y0, y1, x0, x1 = box
+        if self.block is None:
+            return self.src.read(y0, y1, x0, x1)
+        out = np.empty((y1 - y0, x1 - x0, self.src.channels), self.src.dtype)
+        bh, bw = self.block
+        for key in self._blocks(box):
+            data = self._get(key)
+            by0, bx0 = key[0] * bh, key[1] * bw
+            r0, r1 = max(y0, by0), min(y1, by0 + data.shape[0])
+            c0, c1 = max(x0, bx0), min(x1, bx0 + data.shape[1])
+            out[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0] = data[
+                r0 - by0 : r1 - by0, c0 - bx0 : c1 - bx0
+            ]
+            self._release(key)
+        return out
+
+
+@dataclass
+class ShardWork:
+    """One shard on its way through the stages.
+
+    region: (h, w, C) source pixels of ``read_box`` (the shard's windows with their
+    halos, clipped to the image); maps: per window (rows, cols) intp indices into region;
+    labels, confidence: (H, W) uint8 shard buffers that post fills window by window.
+    """
+
+    key: tuple[int, int]
+    box: Box
+    read_box: Box
+    region: np.ndarray
+    windows: list[Window]
+    maps: list[tuple[np.ndarray, np.ndarray]]
+    labels: np.ndarray | None = None
+    confidence: np.ndarray | None = None
+    pending: int = field(default=0)
+
+    @property
+    def image(self) -> np.ndarray:
+        """The shard's own source pixels, (C, H, W) (the image layer's copy)."""
+        y0, y1, x0, x1 = self.box
+        r0, _, c0, _ = self.read_box
+        return np.moveaxis(self.region[y0 - r0 : y1 - r0, x0 - c0 : x1 - c0], -1, 0)
+
+
+def plan_windows(
+    grid: TileGrid, key: tuple[int, int], boxes: list[Box] | None = None
+) -> tuple[list[Window], Box, list[tuple[np.ndarray, np.ndarray]]]:
+    """Windows of shard ``key`` (over the sub-boxes ``boxes`` only, when given: e.g. the
+    chunks to re-segment), the source box they read and their index maps into it."""
+    wins = (
+        grid.windows(*key)
+        if boxes is None
+        else [w for b in boxes for w in grid.windows(*key, box=b)]
+    )
+    idx = [grid.window_indices(w) for w in wins]
+    r0, r1 = min(i[0] for i in idx), max(i[1] for i in idx)
+    c0, c1 = min(i[2] for i in idx), max(i[3] for i in idx)
+    maps = [(rows + (wr0 - r0), cols + (wc0 - c0)) for wr0, _, wc0, _, rows, cols in idx]
+    return wins, (r0, r1, c0, c1), maps
+
+
+class ShardReader:
+    """Reads the shards of a job in order, ``workers`` ahead, through one ``BlockCache``;
+    yields ``ShardWork`` items. ``parts``: shard → sub-boxes to cover (None: all)."""
+
+    def __init__(
+        self,
+        src: ImageSource,
+        grid: TileGrid,
+        shards: list[tuple[int, int]],
+        workers: int,
+        stats: StageStats,
+        parts: dict[tuple[int, int], list[Box]] | None = None,
+    ) -> None:
+        self.src, self.grid, self.workers, self.stats = src, grid, workers, stats
+        self.plans = {k: plan_windows(grid, k, parts.get(k) if parts else None) for k in shards}
+        self.shards = shards
+        wins = [w for p in self.plans.values() for w in p[0]]
+        #: model input pixels ÷ output pixels over the job (1 = no halo paid)
+        self.halo_overhead = (
+            sum(w.sh * w.sw for w in wins) / sum(w.h * w.w for w in wins) if wins else None
+        )
+        self.cache = BlockCache(src, (p[1] for p in self.plans.values()))
+        self._lock = threading.Lock()
+
+    def _read(self, key: tuple[int, int]) -> ShardWork:
+        t0 = time.perf_counter()
+        wins, read_box, maps = self.plans.pop(key)
+        region = self.cache.read(read_box)
+        with self._lock:
+            self.stats.busy_s += time.perf_counter() - t0
+        return ShardWork(key, self.grid.shard_box(*key), read_box, region, wins, maps)
+
+    def __iter__(self) -> Iterator[ShardWork]:
+        pending: deque[Future] = deque()
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="segloop-read") as pool:
+            for key in self.shards:
+                pending.append(pool.submit(self._read, key))
+                if len(pending) > self.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
