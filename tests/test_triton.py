@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -395,3 +396,121 @@ def test_tensorrt_plan_build(tmp_path):
     plans = build_missing(repo)
     assert plans and all(p.stat().st_size > 0 for p in plans)
     assert build_missing(repo) == []  # stamped for this GPU: not rebuilt
+
+
+# --- wire contract ----------------------------------------------------------------------
+
+
+def _infer(url: str, windows: np.ndarray):
+    """One request to the ``segloop`` ensemble: (labels, confidence), or the exception."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        inp = grpcclient.InferInput("TILES", list(windows.shape), "UINT8")
+        inp.set_data_from_numpy(windows)
+        outs = [grpcclient.InferRequestedOutput(n) for n in ("LABELS", "CONFIDENCE")]
+        result = client.infer("segloop", [inp], outputs=outs)
+        return result.as_numpy("LABELS"), result.as_numpy("CONFIDENCE")
+    except InferenceServerException as exc:
+        return exc
+    finally:
+        client.close()
+
+
+def _embedded(windows: np.ndarray, halo: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same windows through pre → ONNX Runtime → post in this process."""
+    from segloop.kernels.pre import Normalisation, normalise_into
+    from segloop.pipeline.segment import default_model
+    from segloop.runtimes import create_runtime
+    from segloop.triton.contract import CHANNELS
+
+    b, sh, sw, c = windows.shape
+    card = read_card(default_model())
+    norm = Normalisation(tuple(card["input"]["mean"]), tuple(card["input"]["std"]), CHANNELS[c])
+    arr = np.empty((b, 3, sh, sw), np.float32)
+    rows, cols = np.arange(sh, dtype=np.intp), np.arange(sw, dtype=np.intp)
+    for i in range(b):
+        normalise_into(windows[i], rows, cols, norm, arr[i])
+    logits = create_runtime("onnx", default_model(), 2).run(arr)
+    from segloop.kernels import post
+
+    h, w = sh - 2 * halo, sw - 2 * halo
+    labels, conf = np.empty((b, h, w), np.uint8), np.empty((b, h, w), np.uint8)
+    post._labels_confidence(logits, halo, labels, conf)
+    return labels, conf
+
+
+def test_pre_config_carries_the_model_cards_halo_and_stride():
+    card = read_card(ROOT / "model_repository/segloop_unet/1/model.onnx")
+    for cfg in ("config.pbtxt", "configs/gpu.pbtxt"):
+        pre = (ROOT / "model_repository/segloop_pre" / cfg).read_text()
+        assert f'{{ key: "halo" value: {{ string_value: "{card["halo"]}" }} }}' in pre
+        stride = card["input"]["multiple_of"]
+        assert f'{{ key: "multiple_of" value: {{ string_value: "{stride}" }} }}' in pre
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 608, 536, 3), (2, 200, 304, 1), (1, 104, 112, 4), (3, 352, 352, 3)],
+    ids=["rgb", "gray", "rgba", "square"],
+)
+def test_non_square_windows_come_back_right(server, shape):
+    """Any valid shape: (B, Sh, Sw, C) in → (B, Sh − 2·halo, Sw − 2·halo) out, equal to the
+    embedded pre → ONNX Runtime → post on the same windows."""
+    rng = np.random.default_rng(sum(shape))
+    windows = rng.integers(0, 256, shape, dtype=np.uint8)
+    got = _infer(server.url, windows)
+    assert not isinstance(got, Exception), got
+    labels, conf = got
+    b, sh, sw, _ = shape
+    assert labels.shape == conf.shape == (b, sh - 96, sw - 96)
+    want_l, want_c = _embedded(windows, 48)
+    np.testing.assert_array_equal(labels, want_l)
+    np.testing.assert_array_equal(conf, want_c)
+
+
+@pytest.mark.parametrize(
+    ("shape", "rule"),
+    [
+        ((1, 604, 608, 3), "window height 604 must be a multiple of 8"),
+        ((1, 608, 541, 3), "window width 541 must be a multiple of 8"),
+        ((1, 96, 200, 3), "window height 96 must be larger than 2 × halo = 96"),
+        ((2, 104, 104, 2), "must have 1, 3 or 4 channels"),
+    ],
+    ids=["height-stride", "width-stride", "no-core", "two-channels"],
+)
+def test_invalid_windows_are_refused_naming_the_rule(server, shape, rule):
+    exc = _infer(server.url, np.zeros(shape, np.uint8))
+    assert isinstance(exc, Exception), f"{shape} was accepted"
+    assert "INVALID_ARGUMENT" in str(exc.status()), (exc.status(), exc.message())
+    assert rule in exc.message(), exc.message()
+    assert str(ROOT) not in exc.message() and "site-packages" not in exc.message()
+
+
+def test_serve_binds_loopback_by_default(server):
+    """tritonserver is told to bind 127.0.0.1 (HTTP, gRPC, metrics) and listens nowhere else."""
+    from segloop.triton.server import ServerOptions, TritonServer
+
+    cmd, _ = TritonServer(ServerOptions(model_repository=ROOT / "model_repository")).command()
+    for flag in ("--http-address", "--grpc-address", "--metrics-address"):
+        assert f"{flag}=127.0.0.1" in cmd
+    cmd, _ = TritonServer(
+        ServerOptions(model_repository=ROOT / "model_repository", host="0.0.0.0")
+    ).command()
+    assert "--grpc-address=0.0.0.0" in cmd
+    family = psutil.Process(server.proc.pid).children(recursive=True)
+    listening = {
+        (c.laddr.ip, c.laddr.port)
+        for p in family
+        for c in p.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
+    ports = {port for _, port in listening}
+    assert {server.http, server.grpc, server.metrics} <= ports, listening
+    for ip, port in listening:
+        if port in (server.http, server.grpc, server.metrics):
+            addr = ipaddress.ip_address(ip)
+            addr = getattr(addr, "ipv4_mapped", None) or addr  # gRPC: ::ffff:127.0.0.1
+            assert addr.is_loopback, (ip, port)

@@ -36,6 +36,10 @@ class ServerOptions:
     explicit: bool = False  # --model-control-mode=explicit, loading `load` at start
     load: list[str] = field(default_factory=lambda: ["segloop"])
     log_verbose: int = 0
+    #: address HTTP, gRPC and metrics bind to: loopback unless asked (``--host``)
+    host: str = "127.0.0.1"
+    #: ``--model-config-name`` (e.g. "gpu": each model's ``configs/gpu.pbtxt``)
+    config_name: str | None = None
 
 
 def _bundled() -> tuple[Path, Path, dict[str, str]]:
@@ -75,11 +79,12 @@ def find_server() -> tuple[list[str], dict[str, str]]:
     return [str(binary), f"--backend-directory={backends}"], env
 
 
-def _check_port_free(port: int, flag: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+def _check_port_free(port: int, flag: str, host: str = "127.0.0.1") -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "taken"
         try:
-            s.bind(("0.0.0.0", port))
+            s.bind((host, port))
         except OSError as exc:
             raise UserError(f"port {port} is already in use; choose another with {flag}") from exc
 
@@ -110,7 +115,15 @@ class TritonServer:
 
     @property
     def url(self) -> str:
-        return f"localhost:{self.opts.grpc_port}"
+        return f"{self.client_host}:{self.opts.grpc_port}"
+
+    @property
+    def client_host(self) -> str:
+        """Where a client on this machine reaches the server (loopback for a wildcard)."""
+        host = self.opts.host
+        if host in ("0.0.0.0", "::", ""):
+            return "127.0.0.1"
+        return f"[{host}]" if ":" in host else host
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         o = self.opts
@@ -124,8 +137,11 @@ class TritonServer:
         cmd = [
             *prefix,
             f"--model-repository={repo}",
+            f"--http-address={o.host}",
             f"--http-port={o.http_port}",
+            f"--grpc-address={o.host}",
             f"--grpc-port={o.grpc_port}",
+            f"--metrics-address={o.host}",
             f"--metrics-port={o.metrics_port}",
             "--allow-metrics=true",
             f"--log-verbose={o.log_verbose}",
@@ -135,6 +151,8 @@ class TritonServer:
         ]
         if o.explicit:
             cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in o.load)]
+        if o.config_name:
+            cmd.append(f"--model-config-name={o.config_name}")
         return cmd, env
 
     def start(self, timeout: float = 180.0) -> TritonServer:
@@ -143,7 +161,7 @@ class TritonServer:
             (self.opts.grpc_port, "--grpc-port"),
             (self.opts.metrics_port, "--metrics-port"),
         ):
-            _check_port_free(port, flag)
+            _check_port_free(port, flag, self.opts.host or "0.0.0.0")
         cmd, extra = self.command()
         env = {**os.environ, **extra}
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no busy-waiting ORT/numba pools
@@ -163,7 +181,7 @@ class TritonServer:
         return self
 
     def wait_ready(self, timeout: float) -> None:
-        url = f"http://localhost:{self.opts.http_port}/v2/health/ready"
+        url = f"http://{self.client_host}:{self.opts.http_port}/v2/health/ready"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
@@ -212,9 +230,15 @@ def serve(opts: ServerOptions, log=print) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
+        host = opts.host
         log(
-            f"tritonserver ready: gRPC localhost:{opts.grpc_port}, HTTP localhost:"
-            f"{opts.http_port}, metrics http://localhost:{opts.metrics_port}/metrics"
+            f"tritonserver ready on {host}: gRPC {host}:{opts.grpc_port}, HTTP "
+            f"{host}:{opts.http_port}, metrics http://{host}:{opts.metrics_port}/metrics"
+            + (
+                " (loopback only; --host 0.0.0.0 to listen on every interface)"
+                if host == "127.0.0.1"
+                else ""
+            )
         )
         code = server.proc.wait()
         if received and code in (0, -signal.SIGTERM, -signal.SIGINT):
