@@ -48,7 +48,7 @@ def _mode2(src, out):
             tl, tr, bl, br = src[y0, x0], src[y0, x1], src[y1, x0], src[y1, x1]
             best = tl
             if tl != tr and tl != bl and tl != br:  # tl occurs once: a pair among the rest
-                if tr == bl or tr == br:  # noqa: PLR1714 - numba: plain compares
+                if tr == bl or tr == br:  # noqa: SIM109 - numba: plain compares
                     best = tr
                 elif bl == br:
                     best = bl

@@ -82,10 +82,10 @@ def test_block_cache_memory_is_a_band_not_the_image(tmp_path):
     plans = [plan_windows(grid, k) for k in grid.shards()]
     cache = BlockCache(src, (p[1] for p in plans))
     whole = tifffile.imread(img)
-    for wins, box, _ in plans:
+    for _, box, _ in plans:
         region = cache.read(box)
         np.testing.assert_array_equal(region, whole[box[0] : box[1], box[2] : box[3]])
-    bh, bw = cache.block
+    bw = cache.block[1]
     per_row = -(-src.width // bw)
     assert max(cache.decodes.values()) == 1
     assert sum(cache.decodes.values()) == len(cache.decodes)
