@@ -4,8 +4,9 @@ is first imported, hence the child process). Prints one JSON object: case → "o
 failure. Small shapes: each simulated CUDA thread is a Python thread.
 
 The CPU references are ``pre.normalise_into`` / ``post.labels_confidence`` applied window
-by window (the batch twins ``normalise_windows`` / ``windows_into`` of the CPU side are
-the same compositions) and ``pipeline.uncertainty.tile_uncertainty``.
+by window, and ``pipeline.uncertainty.tile_uncertainty``; where the CPU batch twins
+``pre.normalise_windows`` / ``post.windows_into`` exist they are checked equal to those
+references too.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def _pre_case(src_dtype, channels: int, out_dtype, shape=(23, 17), window=(24, 1
     want = np.empty((n, 3, *window), np.float32)
     for b in range(n):
         pre.normalise_into(src, rows[b], cols[b], norm, want[b])
+    if hasattr(pre, "normalise_windows"):  # the CPU batch twin, where it exists: same values
+        batch = np.empty_like(want)
+        pre.normalise_windows(src, rows.astype(np.intp), cols.astype(np.intp), norm, batch)
+        np.testing.assert_array_equal(batch, want)
     tol = 1e-5 if out_dtype == np.float32 else 2e-3
     # 1. the buffer class, host maps through its pinned slots (calls > 1: slot reuse)
     wn = pre_cuda.WindowNormaliser(norm, n + 2, window, out_dtype)
@@ -124,6 +129,12 @@ def _post_case(k: int, logit_dtype, window=(20, 28), halo=4, clip=(7, 9), ties=F
         (y, x), (h, w) = origins[b], sizes[b]
         want_l[y : y + h, x : x + w] = ref_l[b, :h, :w]
         want_c[y : y + h, x : x + w] = ref_c[b, :h, :w]
+    if hasattr(post, "windows_into"):  # the CPU batch twin, where it exists: same values
+        cpu_l, cpu_c = np.full(shard, 99, np.uint8), np.full(shard, 99, np.uint8)
+        f32 = logits.astype(np.float32)
+        post.windows_into(f32, halo, origins.astype(np.intp), sizes.astype(np.intp), cpu_l, cpu_c)
+        np.testing.assert_array_equal(cpu_l, want_l)
+        np.testing.assert_array_equal(cpu_c, want_c)
     sp = post_cuda.ShardPost(shard, 8, n)
     sp.labels.copy_to_device(np.full(shard, 99, np.uint8))
     sp.confidence.copy_to_device(np.full(shard, 99, np.uint8))
