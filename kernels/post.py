@@ -40,8 +40,19 @@ def _labels_confidence(logits, halo, labels, confidence):
                 confidence[b, i, j] = np.uint8(min(255.0, max(0.0, q + 0.5)))
 
 
+def certain_margin(k: int) -> float:
+    """Logit margin (top − runner-up) above which confidence is 255 for ``k`` classes.
+
+    confidence = 255 ⇔ q + 0.5 ≥ 255 ⇔ p_max ≥ 1 − ε with ε = (0.5/255)(1 − 1/k); p_max =
+    1 / (1 + Σ exp(d_c)) over the other classes (d_c ≤ −margin), so (k − 1)·exp(−margin)
+    ≤ ε suffices. 0.05 of slack keeps float rounding of the exact path far away.
+    """
+    eps = (0.5 / 255.0) * (1.0 - 1.0 / k)
+    return math.log((k - 1) / eps) + 0.05
+
+
 @nb.njit(parallel=True, nogil=True, cache=True)
-def _windows_into(logits, halo, origins, sizes, labels, confidence):
+def _windows_into(logits, halo, origins, sizes, margin, labels, confidence):
     n, k = logits.shape[0], logits.shape[1]
     floor = 1.0 / k
     gain = 255.0 / (1.0 - floor)
@@ -56,16 +67,23 @@ def _windows_into(logits, halo, origins, sizes, labels, confidence):
             x = j + halo
             best = 0
             top = logits[b, 0, y, x]
+            second = -np.inf
             for c in range(1, k):
                 v = logits[b, c, y, x]
                 if v > top:
+                    second = top
                     top = v
                     best = c
+                elif v > second:
+                    second = v
+            labels[oy, ox + j] = best
+            if top - second >= margin:  # certain: the exact formula gives 255 too
+                confidence[oy, ox + j] = 255
+                continue
             total = 0.0
             for c in range(k):
                 total += math.exp(logits[b, c, y, x] - top)
             q = (1.0 / total - floor) * gain
-            labels[oy, ox + j] = best
             confidence[oy, ox + j] = np.uint8(min(255.0, max(0.0, q + 0.5)))
 
 
@@ -80,8 +98,9 @@ def windows_into(
     """Write each window's core into shard buffers: logits (B, K, Sh, Sw) float →
     ``labels``, ``confidence`` (H, W) uint8 at ``origins[b]`` = (y, x), core size
     ``sizes[b]`` = (h, w), both (B, 2) intp. Same values as ``labels_confidence``."""
+    margin = certain_margin(logits.shape[1])
     with PARALLEL_LAUNCH:
-        _windows_into(logits, halo, origins, sizes, labels, confidence)
+        _windows_into(logits, halo, origins, sizes, margin, labels, confidence)
 
 
 def labels_confidence(logits: np.ndarray, halo: int, core: int) -> tuple[np.ndarray, np.ndarray]:
