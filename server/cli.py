@@ -649,8 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--copy-image",
             action=argparse.BooleanOptionalAction,
-            default=True,
-            help="copy the image pyramid into the store (default: yes)",
+            default=None,
+            help="copy the image pyramid into the store (a self-contained store); default: "
+            "only when the input is not a tiled pyramidal TIFF/OME-Zarr, which viewers read "
+            "in place",
         )
         sp.add_argument("--threads", type=int, help="runtime threads (default: all cores)")
         sp.add_argument(

@@ -41,7 +41,7 @@ def monai_segment(
     with torch.inference_mode():
         logits = sliding_window_inference(
             x,
-            roi_size=(grid.window, grid.window),
+            roi_size=(grid.tile + 2 * grid.halo,) * 2,  # one chunk + halo, as MONAI users
             sw_batch_size=batch,
             predictor=predictor,
             overlap=0.25,
@@ -50,7 +50,7 @@ def monai_segment(
             device="cpu",
         )
         labels, conf = labels_confidence(logits.numpy(), 0, src.height)
-        store = OutputStore.create(out, grid, src.channels, src.dtype)
+        store = OutputStore.create(out, grid, src.channels, src.dtype, copy_image=False)
         box = (0, src.height, 0, src.width)
         store.write("segmentation", 0, box, labels[0])
         store.write("confidence", 0, box, conf[0])

@@ -39,15 +39,16 @@ def _request_overhead_ms(
         src.height, src.width, tile, local.card["halo"], local.card["input"]["multiple_of"]
     )
     tiles = grid.tiles(0, 0)[:batch]
-    boxes = [grid.window_indices(t) for t in tiles]
+    boxes = [grid.window_indices(grid.tile_window(t)) for t in tiles]
+    side = grid.tile + 2 * grid.halo
     windows = np.stack(
         [src.read(r0, r1, c0, c1)[np.ix_(rows, cols)] for r0, r1, c0, c1, rows, cols in boxes]
     )
     norm = normalisation_for(local.card, src)
-    index = np.arange(grid.window, dtype=np.intp)
+    index = np.arange(side, dtype=np.intp)
 
     def embedded() -> None:
-        arr = np.empty((len(windows), 3, grid.window, grid.window), np.float32)
+        arr = np.empty((len(windows), 3, side, side), np.float32)
         for i, w in enumerate(windows):
             normalise_into(w, index, index, norm, arr[i])
         labels_confidence(local.run(arr), grid.halo, grid.tile)

@@ -26,9 +26,14 @@ class ImageSource:
     ``read`` returns (h, w, channels) in the source dtype.
     """
 
-    def __init__(self, array, axes: str, path: Path, fingerprint: str) -> None:
+    def __init__(
+        self, array, axes: str, path: Path, fingerprint: str, pyramid_levels: int = 1
+    ) -> None:
         self.path = path
         self.fingerprint = fingerprint
+        #: resolution levels the source itself stores (TIFF sub-resolutions, OME-Zarr
+        #: datasets); 1: level 0 only
+        self.pyramid_levels = pyramid_levels
         self._array = array
         axes = axes.upper()
         shape = tuple(int(s) for s in array.shape)
@@ -71,6 +76,18 @@ class ImageSource:
         #: the image is in memory (PNG/JPEG) and any region costs the same
         self.block_shape: tuple[int, int] | None = (
             (int(chunks[axes.index("Y")]), int(chunks[axes.index("X")])) if chunks else None
+        )
+
+    @property
+    def servable(self) -> bool:
+        """Whether a viewer can read tiles of this source in place as fast as from a copy:
+        tiled (chunks narrower than the image, at most 1024 px a side) and pyramidal."""
+        b = self.block_shape
+        return (
+            b is not None
+            and max(b) <= 1024
+            and (b[1] < self.width or self.width <= 1024)
+            and self.pyramid_levels > 1
         )
 
     @property

@@ -28,6 +28,7 @@ def open_tiff(path: Path | Location) -> ImageSource:
             series = tif.series[0]
             level = series.levels[0]
             axes = level.axes
+            levels = len(series.levels)
             pages = level.pages
             for page in pages[: min(len(pages), 4096)]:
                 if page is None or not hasattr(page, "dataoffsets"):
@@ -64,4 +65,4 @@ def open_tiff(path: Path | Location) -> ImageSource:
         raise
     except Exception as exc:
         raise UserError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from exc
-    return ImageSource(array, axes, path, fingerprint)
+    return ImageSource(array, axes, path, fingerprint, levels)

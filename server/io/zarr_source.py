@@ -31,6 +31,7 @@ def open_zarr(path: Path | Location) -> ImageSource:
     except Exception as exc:
         raise UserError(f"{path}: cannot open zarr store ({exc})") from exc
     axes = None
+    levels = 1
     if isinstance(node, zarr.Group):
         attrs = dict(node.attrs)
         multiscales = attrs.get("ome", attrs).get("multiscales")
@@ -40,6 +41,7 @@ def open_zarr(path: Path | Location) -> ImageSource:
                 f"(e.g. {path}/0)"
             )
         ms = multiscales[0]
+        levels = len(ms["datasets"])
         axes = "".join(a if isinstance(a, str) else a["name"] for a in ms["axes"])
         node = node[ms["datasets"][0]["path"]]
     names = getattr(node.metadata, "dimension_names", None)
@@ -54,4 +56,4 @@ def open_zarr(path: Path | Location) -> ImageSource:
     digest = hashlib.sha256(f"{node.shape}{node.dtype}{axes}".encode())
     for meta in ("zarr.json", ".zarray", ".zattrs"):
         digest.update(loc.read_bytes(meta) or b"")
-    return ImageSource(node, axes, path, digest.hexdigest())
+    return ImageSource(node, axes, path, digest.hexdigest(), levels)

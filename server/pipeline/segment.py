@@ -21,7 +21,7 @@ import numpy as np
 
 from segloop import __version__
 from segloop.errors import UserError
-from segloop.io.location import Location
+from segloop.io.location import Location, is_url
 from segloop.io.ome_zarr import (
     LAYERS,
     OutputStore,
@@ -75,7 +75,7 @@ class SegmentOptions:
     shard: int | None = None
     window: int | None = None  # inference window core (px); None: one per shard
     batch: int | None = None  # windows per model call; None: ≈ BATCH_PIXELS of input
-    copy_image: bool = True
+    copy_image: bool | None = None  # None: copy unless the source is tiled and pyramidal
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     read_workers: int = 2
     write_workers: int | None = None  # None: one per core
@@ -91,6 +91,21 @@ def normalisation_for(card: dict, src: ImageSource) -> Normalisation:
         channels=(0, 0, 0) if src.channels == 1 else (0, 1, 2),
         max_value=255.0 if src.dtype == np.uint8 else 65535.0,
     )
+
+
+def image_record(src: ImageSource, copied: bool) -> dict[str, Any]:
+    """Where the store's image layer lives: ``copy`` (the store's own ``0/ 1/ …``) or
+    ``source`` (read in place from the input: its path or URL, as absolute as it can be
+    made, and the fingerprint a reader checks before trusting it)."""
+    if copied:
+        return {"mode": "copy"}
+    where = src.path if is_url(src.path) else Path(src.path).resolve()
+    return {
+        "mode": "source",
+        "path": str(where),
+        "fingerprint": src.fingerprint,
+        "levels": src.pyramid_levels,
+    }
 
 
 def _params(src: ImageSource, rt: Runtime, grid: TileGrid) -> dict[str, Any]:
@@ -324,11 +339,13 @@ def segment(
         rt.close()
         return {**(record or {}), "status": "already-complete", "output": str(out)}
     if action == "create":
-        store = OutputStore.create(out, grid, src.channels, src.dtype, opts.copy_image)
+        copy = opts.copy_image if opts.copy_image is not None else not src.servable
+        store = OutputStore.create(out, grid, src.channels, src.dtype, copy)
         record = {
             "segloop_version": __version__,
             "status": "running",
             "params": params,
+            "image": image_record(src, copy),
             "model": {
                 k: card[k]
                 for k in ("name", "version", "classes", "sha256", "receptive_radius", "halo")
