@@ -24,12 +24,14 @@ def rehearsal() -> bool:
 
 
 def device_name() -> str:
-    """The GPU's name (torch), or "cpu-rehearsal" in a rehearsal / without a GPU."""
+    """The GPU's name (torch); "cpu-rehearsal" in a rehearsal, "no-gpu" without one."""
     if rehearsal():
         return "cpu-rehearsal"
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu-rehearsal"
+    try:
+        import torch
+    except ImportError:
+        return "no-gpu"
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no-gpu"
 
 
 def slug(name: str) -> str:

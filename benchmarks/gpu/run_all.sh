@@ -62,26 +62,29 @@ export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 
 # --- environment: missing wheels, segloop on PYTHONPATH ---------------------------------
 SITE=$SCRATCH/site
+WHEELS=${WHEELS:-$ROOT/benchmarks/gpu/wheels}
 mkdir -p "$SITE/segloop"
 installed=()
 for pair in google_crc32c:google_crc32c donfig:donfig numcodecs:numcodecs zarr:zarr \
     msgspec:msgspec monai:monai; do
     mod=${pair%%:*} whl=${pair#*:}
     PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} "$PY" -c "import $mod" 2>/dev/null && continue
-    f=$(ls benchmarks/gpu/wheels/"$whl"-*.whl 2>/dev/null | head -1)
+    f=$(ls "$WHEELS"/"$whl"-*.whl 2>/dev/null | head -1)
     if [ -z "$f" ]; then
-        echo "run_all.sh: $mod does not import and benchmarks/gpu/wheels/ has no $whl wheel;" \
+        echo "run_all.sh: $mod does not import and $WHEELS has no $whl wheel;" \
             "run benchmarks/gpu/wheels.sh where PyPI is reachable and carry that folder" >&2
         exit 2
     fi
-    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
-        --disable-pip-version-check --target "$SITE" "$f" || exit 2
-    installed+=("$(basename "$f")")
+    installed+=("$f")
 done
+if [ ${#installed[@]} -gt 0 ]; then
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
+        --disable-pip-version-check --target "$SITE" "${installed[@]}" || exit 2
+fi
 for entry in "$ROOT"/server/*; do ln -s "$entry" "$SITE/segloop/$(basename "$entry")"; done
 ln -s "$ROOT/kernels" "$SITE/segloop/kernels"
 export PYTHONPATH=$SITE:$ROOT/benchmarks/gpu${PYTHONPATH:+:$PYTHONPATH}
-export SEGLOOP_WHEELS_INSTALLED="${installed[*]:-}"
+export SEGLOOP_WHEELS_INSTALLED="${installed[*]##*/}"
 
 failed=()
 phase() {  # phase NAME LIMIT_S COMMAND…: run it, note a failure, carry on
@@ -111,15 +114,24 @@ if shutil.which("nvidia-smi"):
     q = "name,driver_version,memory.total,clocks.max.sm"
     smi = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
                          capture_output=True, text=True).stdout.strip() or None
-import torch
+try:
+    import torch
+    cuda = {"torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+except ImportError:
+    cuda = {"torch_cuda": None, "cuda_available": None}
 write_phase(Path(sys.argv[1]), "env", {
-    "python": sys.version.split()[0], "versions": versions, "nvidia_smi": smi,
-    "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+    "python": sys.version.split()[0], "versions": versions, "nvidia_smi": smi, **cuda,
     "cpus": os.cpu_count(),
     "wheels_installed": os.environ.get("SEGLOOP_WHEELS_INSTALLED", "").split(),
 })
 EOF
 
+if [ "$REHEARSE" = 0 ] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" \
+    2>/dev/null; then
+    echo "run_all.sh: torch sees no CUDA GPU here (env.json written to $OUT); on a machine" \
+        "without one, run: bash benchmarks/gpu/run_all.sh --rehearse" >&2
+    exit 2
+fi
 phase ceilings "$T_SHORT" "$PY" benchmarks/gpu/ceilings.py --out "$OUT"
 if [ "$SIM" = 1 ]; then
     phase kernels "$T_SHORT" env NUMBA_ENABLE_CUDASIM=1 "$PY" benchmarks/gpu/kernels.py --out "$OUT"
