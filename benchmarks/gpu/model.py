@@ -1,9 +1,10 @@
 """Phase 3: model-only throughput, the ceiling end to end is judged against
 (→ ``model.json``).
 
-The shipped UNet with the ONNX file's weights (``runtimes.torch.load_unet``), float16,
-channels_last, on windows of tile + 2 halo, already on the device; eager and replayed as a
-CUDA graph (static input, one capture per batch size), at batch 8, 16 and 32. Rate =
+``TorchRuntime.run_device`` (the runtime the device pipeline calls: the ONNX file's
+weights, float16, channels_last) on windows of tile + 2 halo already on the device;
+eager, and with ``graphs=True`` (one CUDA graph captured per batch shape, replayed), at
+batch 8, 16 and 32. Rate =
 output (core) Mpx/s, as every segloop benchmark counts. In a rehearsal: CPU torch,
 float32 eager, tiny windows and batches; the graphed rows are null (CUDA graphs need a
 GPU).
@@ -12,6 +13,7 @@ GPU).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from common import rehearsal, torch_timer, write_phase
 
 from segloop.model.card import read_card
 from segloop.pipeline.segment import default_model
-from segloop.runtimes.torch import load_unet
+from segloop.runtimes.torch import TorchRuntime
 
 
 def main() -> None:
@@ -40,31 +42,20 @@ def main() -> None:
     model_path = default_model()
     card = read_card(model_path)
     window = args.tile + 2 * card["halo"]
-    model = load_unet(model_path, len(card["classes"]))
+    device = "cpu" if cpu else "cuda"
+    eager = TorchRuntime(model_path, os.cpu_count() or 1, device=device)
+    graphed = None if cpu else TorchRuntime(model_path, eager.threads, device=device, graphs=True)
     dtype = torch.float32 if cpu else torch.float16
-    model = model.to(dev, dtype=dtype, memory_format=torch.channels_last)
     timed = torch_timer(dev)
     rows = []
     for b in (int(v) for v in args.batches.split(",")):
         x = torch.randn(b, 3, window, window, device=dev, dtype=dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         px = b * args.tile * args.tile
-        with torch.inference_mode():
-            eager_s = timed(lambda x=x: model(x), args.repeat, warmup=1 if cpu else 3)
-            graph_s = None
-            if not cpu:
-                static = x.clone()
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up off the capture stream, as documented
-                    for _ in range(3):
-                        model(static)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    model(static)
-                graph_s = timed(graph.replay, args.repeat)
-                del graph
+        eager_s = timed(lambda x=x: eager.run_device(x), args.repeat, warmup=1 if cpu else 3)
+        graph_s = None
+        if graphed is not None:  # the first call captures the graph (in the warm-up)
+            graph_s = timed(lambda x=x: graphed.run_device(x), args.repeat, warmup=2)
         rows.append(
             {
                 "batch": b,
