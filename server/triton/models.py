@@ -85,6 +85,16 @@ def _device(tensor):
     return cupy.from_dlpack(tensor)
 
 
+def _numba_stream():
+    """CuPy's current stream as a numba stream (0: the legacy default stream), so the
+    kernels run in order with the CuPy work around them."""
+    import cupy
+    from numba import cuda
+
+    ptr = cupy.cuda.get_current_stream().ptr
+    return cuda.external_stream(ptr) if ptr else 0
+
+
 class PreModel:
     """uint8 (B, Sh, Sw, C), C ∈ {1, 3, 4} → normalised (B, 3, Sh, Sw): float32 on the CPU,
     float16 on the GPU (one ``pre_cuda.normalise_windows`` launch per request)."""
@@ -126,7 +136,6 @@ class PreModel:
     def _gpu(self, tensor, shape):
         """The batch as one (B·Sh, Sw, C) region; window b's rows are b·Sh + 0..Sh."""
         import cupy
-        from numba import cuda
 
         from segloop.kernels import pre_cuda
 
@@ -135,7 +144,7 @@ class PreModel:
         rows = cupy.arange(b * sh, dtype=cupy.int32).reshape(b, sh)
         cols = cupy.tile(cupy.arange(sw, dtype=cupy.int32), (b, 1))
         out = cupy.empty((b, 3, sh, sw), cupy.float16)
-        stream = cuda.external_stream(cupy.cuda.get_current_stream().ptr)
+        stream = _numba_stream()
         pre_cuda.normalise_windows(region, rows, cols, self._norm(c), out, stream)
         return out
 
@@ -225,7 +234,6 @@ class PostModel:
         """One ``post_cuda.windows_into`` launch: the batch's cores stacked as one
         (B·h, w) buffer, window b at (b·h, 0)."""
         import cupy
-        from numba import cuda
 
         from segloop.kernels import post_cuda
 
@@ -236,6 +244,6 @@ class PostModel:
         conf = cupy.empty((b * h, w), cupy.uint8)
         origins = cupy.stack([cupy.arange(b, dtype=cupy.int32) * h, cupy.zeros(b, cupy.int32)], 1)
         sizes = cupy.tile(cupy.asarray([h, w], cupy.int32), (b, 1))
-        stream = cuda.external_stream(cupy.cuda.get_current_stream().ptr)
+        stream = _numba_stream()
         post_cuda.windows_into(logits, self.halo, origins, sizes, labels, conf, stream)
         return labels.reshape(b, h, w), conf.reshape(b, h, w)
