@@ -70,9 +70,17 @@ def test_store_is_valid_ome_zarr_05(stores, slide_rgb):
     from ome_zarr_models.v05.image import Image
     from ome_zarr_models.v05.image_label import ImageLabel
 
-    store = stores("256")
+    store = stores("256", "--copy-image")
     root = zarr.open_group(store, mode="r")
     image = Image.from_zarr(root)
+    # RGB as one colour image in napari: red, green, blue channels, full uint8 window
+    omero = root.attrs["ome"]["omero"]
+    assert [c["color"] for c in omero["channels"]] == ["FF0000", "00FF00", "0000FF"]
+    assert root.attrs["segloop"]["layers"] == {
+        "labels": "labels/segmentation",
+        "confidence": "confidence",
+        "image": "",
+    }
     assert [d.path for d in image.ome_attributes.multiscales[0].datasets][:2] == ["0", "1"]
     label = ImageLabel.from_zarr(root["labels/segmentation"])
     colours = label.ome_attributes.image_label.colors
@@ -87,6 +95,43 @@ def test_store_is_valid_ome_zarr_05(stores, slide_rgb):
     label_nodes = [n for n in nodes if any(isinstance(s, Label) for s in n.specs)]
     assert label_nodes, "ome-zarr-py did not find labels/segmentation"
     np.testing.assert_array_equal(np.asarray(label_nodes[0].data[0]), _labels(store))
+
+
+def test_source_mode_store_references_the_image(stores, slide, tmp_path):
+    """A tiled pyramidal input is read in place: the store holds labels and confidence
+    (each a valid OME-Zarr multiscale, found by ome-zarr-py) and where the image is."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    store = stores("256")
+    record = json.loads((store / "segloop.json").read_text())
+    assert record["image"]["mode"] == "source"
+    assert Path(record["image"]["path"]) == slide[0].resolve()
+    root = zarr.open_group(store, mode="r")
+    assert "0" not in root and "ome" not in root.attrs
+    assert root.attrs["segloop"]["layers"] == {
+        "labels": "labels/segmentation",
+        "confidence": "confidence",
+    }
+    ImageLabel.from_zarr(root["labels/segmentation"])
+    Image.from_zarr(root["confidence"])
+    nodes = list(Reader(parse_url(str(store / "labels/segmentation")))())
+    assert any(isinstance(s, Label) for s in nodes[0].specs)
+    np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), _labels(store))
+    size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    assert size < 0.2 * slide[0].stat().st_size
+
+    # a PNG cannot be read by region fast: its store copies the image
+    png = tmp_path / "small.png"
+    from PIL import Image as PILImage
+
+    PILImage.fromarray(tifffile.imread(slide[0])[:300, :400]).save(png)
+    out = tmp_path / "png.zarr"
+    assert run_cli("segment", png, "-o", out, "--quiet").returncode == 0
+    assert json.loads((out / "segloop.json").read_text())["image"] == {"mode": "copy"}
+    assert zarr.open_group(out, mode="r")["0"].shape == (3, 300, 400)
 
 
 def _mode_reference(a: np.ndarray) -> np.ndarray:
@@ -109,7 +154,7 @@ def _mode_reference(a: np.ndarray) -> np.ndarray:
 
 def test_pyramids(stores, slide_rgb):
     """Labels: 2×2 mode (never an average); image and confidence: 2×2 mean."""
-    arrays = read_store(stores("256"))
+    arrays = read_store(stores("256", "--copy-image"))
     lab0, lab1 = arrays["labels/segmentation/0"], arrays["labels/segmentation/1"]
     np.testing.assert_array_equal(lab1, _mode_reference(lab0))
     assert set(np.unique(arrays["labels/segmentation/2"])) <= {0, 1, 2}

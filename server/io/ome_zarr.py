@@ -189,8 +189,12 @@ class OutputStore:
         return self.root[f"tiles/{name}"][...]
 
     def write_ome_metadata(self, classes: list[str], colors: list[list[int]]) -> None:
-        """Multiscales for image, labels and confidence; image-label colours and names."""
+        """Multiscales for image (when copied), labels and confidence; image-label colours
+        and names; ``omero`` channel colours so viewers show RGB as one colour image; and
+        a ``segloop`` root attribute naming every layer (OME-Zarr has no slot for a
+        non-label layer such as confidence: it is an OME-Zarr image of its own)."""
         levels = self.grid.levels
+        copied = "image" in self.layers
 
         def multiscale(name: str, axes: list[dict], c: bool) -> dict:
             return {
@@ -213,21 +217,50 @@ class OutputStore:
             "version": "0.5",
             "labels": ["segmentation"],
         }
+        image_label = {
+            "version": "0.5",
+            "colors": [{"label-value": i, "rgba": rgba} for i, rgba in enumerate(colors)],
+            "properties": [{"label-value": i, "class": n} for i, n in enumerate(classes)],
+        }
+        if copied:
+            image_label["source"] = {"image": "../../"}
         self.root["labels/segmentation"].attrs["ome"] = {
             "version": "0.5",
             "multiscales": [multiscale("segmentation", yx, False)],
-            "image-label": {
-                "version": "0.5",
-                "colors": [{"label-value": i, "rgba": rgba} for i, rgba in enumerate(colors)],
-                "properties": [{"label-value": i, "class": n} for i, n in enumerate(classes)],
-                "source": {"image": "../../"},
-            },
+            "image-label": image_label,
         }
         self.root["confidence"].attrs["ome"] = {
             "version": "0.5",
             "multiscales": [multiscale("confidence", yx, False)],
+            "omero": {"channels": [_channel("confidence", "FFFFFF", 255)], "rdefs": {}},
         }
-        self.root.attrs["ome"] = {
-            "version": "0.5",
-            "multiscales": [multiscale("image", c + yx, True)],
-        }
+        layers = {"labels": "labels/segmentation", "confidence": "confidence"}
+        if copied:
+            self.root.attrs["ome"] = {
+                "version": "0.5",
+                "multiscales": [multiscale("image", c + yx, True)],
+                "omero": _omero(self.channels, self.dtype),
+            }
+            layers["image"] = ""
+        self.root.attrs["segloop"] = {"layers": layers}
+
+
+def _channel(label: str, color: str, top: int, active: bool = True) -> dict[str, Any]:
+    return {
+        "label": label,
+        "color": color,
+        "active": active,
+        "window": {"start": 0, "end": top, "min": 0, "max": top},
+    }
+
+
+def _omero(channels: int, dtype: np.dtype) -> dict[str, Any]:
+    """OMERO rendering: RGB(A) as red, green, blue (alpha off), gray as white."""
+    top = int(np.iinfo(dtype).max)
+    if channels == 1:
+        chans = [_channel("gray", "FFFFFF", top)]
+    else:
+        chans = [_channel(n, col, top) for n, col in zip("RGB", ("FF0000", "00FF00", "0000FF"))]
+        if channels == 4:
+            chans.append(_channel("A", "FFFFFF", top, active=False))
+    return {"channels": chans, "rdefs": {"model": "color"}}
