@@ -260,7 +260,10 @@ def _omero(channels: int, dtype: np.dtype) -> dict[str, Any]:
     if channels == 1:
         chans = [_channel("gray", "FFFFFF", top)]
     else:
-        chans = [_channel(n, col, top) for n, col in zip("RGB", ("FF0000", "00FF00", "0000FF"))]
+        chans = [
+            _channel(n, col, top)
+            for n, col in zip("RGB", ("FF0000", "00FF00", "0000FF"), strict=True)
+        ]
         if channels == 4:
             chans.append(_channel("A", "FFFFFF", top, active=False))
     return {"channels": chans, "rdefs": {"model": "color"}}
