@@ -161,7 +161,8 @@ class ShardPost:
     pinned host + device slots for the windows' origins and sizes (max_batch, 2) int32.
 
     A device pipeline keeps a ring of these (one per shard in flight) so the D2H copy of
-    one shard overlaps the post of the next.
+    one shard overlaps the post of the next. Buffers are not cleared between shards: the
+    windows' cores cover a shard, and a clipped edge shard is read back as ``[:h, :w]``.
     """
 
     def __init__(self, shard: tuple[int, int], tile: int, max_batch: int, stream=0) -> None:

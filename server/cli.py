@@ -735,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="torch: cuda")
     s.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
     bench_common(s)
-    s.set_defaults(func=cmd_bench_segment)
+    s.set_defaults(func=cmd_bench_segment, batch=None)  # segloop's own default batch
     s = b.add_parser("triton", help="Triton ensemble vs embedded runtime, one run")
     s.add_argument("--size", type=parse_size, default=(2048, 2048))
     s.add_argument("--triton-shm", choices=["auto", "system", "none"], default="auto")

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,26 @@ import numpy as np
 import psutil
 
 from segloop.bench.monai import half_predictor, monai_segment, ort_predictor
+from segloop.bench.zero_model import identity_model
 from segloop.io.ome_zarr import remove_store
 from segloop.io.source import open_image
-from segloop.pipeline.segment import SegmentOptions, default_model, normalisation_for, segment
+from segloop.kernels.pre import normalise_windows
+from segloop.pipeline.read import ShardReader
+from segloop.pipeline.segment import (
+    SegmentOptions,
+    batches,
+    default_batch,
+    default_model,
+    normalisation_for,
+    segment,
+)
+from segloop.pipeline.stages import StageStats
 from segloop.pipeline.tiling import TileGrid
 from segloop.runtimes import create_runtime, device_options
 from segloop.synth import write_ome_tiff
+
+#: MONAI's sw_batch_size: four 608² windows per call, as its users run it
+MONAI_BATCH = 4
 
 
 def cpu_busy_s() -> float:
@@ -59,26 +74,35 @@ def machine() -> dict[str, Any]:
 
 
 def _model_only(rt, src, grid: TileGrid, batch: int) -> Callable[[], float]:
+    """The runtime alone on the pipeline's own batches (same windows, halo included),
+    normalised in memory beforehand."""
     norm = normalisation_for(rt.card, src)
-    from segloop.kernels.pre import normalise_into
-
-    tiles = [t for sy, sx in grid.shards() for t in grid.tiles(sy, sx)]
-    batches = []
-    for i in range(0, len(tiles), batch):
-        chunk = tiles[i : i + batch]
-        arr = np.empty((len(chunk), 3, grid.window, grid.window), np.float32)
-        for j, t in enumerate(chunk):
-            r0, r1, c0, c1, rows, cols = grid.window_indices(t)
-            normalise_into(src.read(r0, r1, c0, c1), rows, cols, norm, arr[j])
-        batches.append(arr)
+    arrays = []
+    for work in ShardReader(src, grid, list(grid.shards()), 1, StageStats("read")):
+        for idx in batches(work, batch):
+            rows = np.stack([work.maps[i][0] for i in idx])
+            cols = np.stack([work.maps[i][1] for i in idx])
+            arr = np.empty((len(idx), 3, rows.shape[1], cols.shape[1]), np.float32)
+            normalise_windows(work.region, rows, cols, norm, arr)
+            arrays.append(arr)
 
     def run() -> float:
         t0 = time.perf_counter()
-        for arr in batches:
+        for arr in arrays:
             rt.run(arr)
         return time.perf_counter() - t0
 
     return run
+
+
+def store_bytes(path: Path) -> int:
+    """Bytes of every file under a store."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def per_mpx(stages: dict[str, Any], pixels: int) -> dict[str, float]:
+    """Busy seconds of each stage per output Mpx (writers summed over their threads)."""
+    return {k: round(v["busy_s"] / (pixels / 1e6), 4) for k, v in stages.items()}
 
 
 def child_peak_rss_mb(args: list[str]) -> float:
@@ -104,7 +128,7 @@ def monai_peak_rss_mb(image: Path, out: Path, tile: int, batch: int, threads: in
 def run_bench(
     size: int,
     tile: int = 512,
-    batch: int = 4,
+    batch: int | None = None,
     threads: int = 2,
     runtime: str = "onnx",
     device: str = "cpu",
@@ -132,18 +156,30 @@ def run_bench(
         model = default_model()
         rt = create_runtime(runtime, model, threads, **on_gpu)
         grid = TileGrid.create(size, size, tile, rt.card["halo"], rt.card["input"]["multiple_of"])
+        batch = batch or default_batch(grid)
         opts = SegmentOptions(
             runtime=runtime, model=model, tile=tile, batch=batch, threads=threads,
             overwrite=True, runtime_options=on_gpu,
         )  # fmt: skip
         model_only = _model_only(rt, src, grid, batch)
+        # host ceiling: the same job with a model that costs nothing (bench/zero_model.py),
+        # always ONNX Runtime on the CPU: what the pipeline around any model can feed
+        zero_opts = replace(
+            opts, runtime="onnx", model=identity_model(model, tmp / "zero.onnx"),
+            runtime_options={},
+        )  # fmt: skip
         predictor = ort_predictor(rt)
         module = half_predictor(rt.model) if on_gpu else load_unet(model, len(rt.card["classes"]))
         px = size * size
-        times: dict[str, list[float]] = {"e2e": [], "model": [], "monai": []}
+        times: dict[str, list[float]] = {"e2e": [], "model": [], "monai": [], "ceiling": []}
         busy0, own0 = cpu_busy_s(), sum(psutil.Process().cpu_times()[:2])
         segment(image, tmp / "warm.zarr", opts)  # JIT + page cache warm-up, not timed
+        segment(image, tmp / "warm.zarr", zero_opts)
         for r in range(rounds):
+            log(f"round {r + 1}/{rounds}: host ceiling (zero-cost model) …")
+            t0 = time.perf_counter()
+            ceiling = segment(image, tmp / "ceiling.zarr", zero_opts)
+            times["ceiling"].append(time.perf_counter() - t0)
             log(f"round {r + 1}/{rounds}: end-to-end …")
             t0 = time.perf_counter()
             summary = segment(image, tmp / "e2e.zarr", opts)
@@ -151,24 +187,32 @@ def run_bench(
             log(f"round {r + 1}/{rounds}: model-only …")
             times["model"].append(model_only())
             log(f"round {r + 1}/{rounds}: MONAI sliding window (same runtime session) …")
-            times["monai"].append(monai_segment(predictor, src, grid, batch, tmp / "monai.zarr"))
+            times["monai"].append(
+                monai_segment(predictor, src, grid, MONAI_BATCH, tmp / "monai.zarr")
+            )
         log("MONAI sliding window with the torch module …")
-        monai_torch_s = monai_segment(module, src, grid, batch, tmp / "monai_t.zarr", device)
+        monai_torch_s = monai_segment(module, src, grid, MONAI_BATCH, tmp / "monai_t.zarr", device)
+        source_bytes = image.stat().st_size
+        store_ratio = store_bytes(tmp / "e2e.zarr") / source_bytes
+        log("store size with the image copied (--copy-image, zero-cost model) …")
+        segment(image, tmp / "copy.zarr", replace(zero_opts, copy_image=True))
+        copy_ratio = store_bytes(tmp / "copy.zarr") / source_bytes
         busy1, own1 = cpu_busy_s(), sum(psutil.Process().cpu_times()[:2])
         rt.close()
         rss_mb = rss_monai = None
         if rss:
             log("peak RSS of each pipeline in its own process …")
             rss_mb = segloop_peak_rss_mb(image, tmp / "rss.zarr", tile, batch, threads)
-            rss_monai = monai_peak_rss_mb(image, tmp / "rss_monai.zarr", tile, batch, threads)
+            rss_monai = monai_peak_rss_mb(image, tmp / "rss_monai.zarr", tile, MONAI_BATCH, threads)
     best = {k: min(v) for k, v in times.items()}
-    e2e, mo, mon = (px / 1e6 / best[k] for k in ("e2e", "model", "monai"))
+    e2e, mo, mon, ceil = (px / 1e6 / best[k] for k in ("e2e", "model", "monai", "ceiling"))
+    cores = len(os.sched_getaffinity(0))
     result: dict[str, Any] = {
         "benchmark": "segment",
         "size": size,
         "tile": grid.tile,
         "halo": grid.halo,
-        "window": grid.window,
+        "window": summary["stats"]["window"],
         "batch": batch,
         "threads": threads,
         "runtime": runtime,
@@ -181,6 +225,16 @@ def run_bench(
         "vs_monai": round(e2e / mon, 3),
         "monai_torch_mpx_s": round(px / 1e6 / monai_torch_s, 3),
         "vs_monai_torch": round(e2e / (px / 1e6 / monai_torch_s), 3),
+        "host_ceiling_mpx_s": round(ceil, 3),
+        "host_ceiling_mpx_s_per_core": round(ceil / cores, 3),
+        "host_ceiling_how": "the same segment job with the model replaced by an ONNX Identity "
+        "graph carrying the shipped model card (segloop.bench.zero_model), ONNX Runtime, CPU",
+        "stage_busy_s_per_mpx_host_ceiling": per_mpx(ceiling["stats"]["stages"], px),
+        "stage_busy_s_per_mpx": per_mpx(summary["stats"]["stages"], px),
+        "halo_overhead": summary["stats"]["halo_overhead"],
+        "image_mode": summary["image"]["mode"],
+        "store_bytes_per_source_byte": round(store_ratio, 3),
+        "store_bytes_per_source_byte_copy_image": round(copy_ratio, 3),
         "peak_rss_mb": rss_mb,
         "monai_peak_rss_mb": rss_monai,
         "stages_last_run": summary["stats"]["stages"],
@@ -270,7 +324,16 @@ def _save(result: dict[str, Any], folder: Path) -> None:
             result["monai_torch_mpx_s"],
             f"{1 / result['vs_monai_torch']:.2f}",
         ),
+        (
+            "host ceiling (zero-cost model)",
+            result["host_ceiling_mpx_s"],
+            f"{result['host_ceiling_mpx_s'] / result['end_to_end_mpx_s']:.2f}",
+        ),
     ]
+    stages = "\n".join(
+        f"| {k} | {v} | {result['stage_busy_s_per_mpx'].get(k, '')} |"
+        for k, v in result["stage_busy_s_per_mpx_host_ceiling"].items()
+    )
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
     m = result["machine"]
     (folder / f"{name}.md").write_text(
@@ -288,4 +351,12 @@ def _save(result: dict[str, Any], folder: Path) -> None:
             else ".\n"
         )
         + (f"\nGPU: {result['gpu']} ({result['device']}).\n" if result["gpu"] else "")
+        + f"\nHost ceiling {result['host_ceiling_mpx_s']} Mpx/s "
+        f"({result['host_ceiling_mpx_s_per_core']} per core): {result['host_ceiling_how']}. "
+        f"Halo overhead (model input px ÷ output px) {result['halo_overhead']}, window "
+        f"{result['window']}. Store ÷ source file: {result['store_bytes_per_source_byte']} "
+        f"(image {result['image_mode']}), {result['store_bytes_per_source_byte_copy_image']} "
+        "with --copy-image.\n\n"
+        "| stage | busy s per output Mpx, zero-cost model | with the model |\n|---|---|---|\n"
+        f"{stages}\n"
     )

@@ -168,7 +168,12 @@ def _prepare_output(out: Location, params: dict, overwrite: bool) -> tuple[str, 
     return ("complete" if record.get("status") == "complete" else "resume"), record
 
 
-def _batches(work: ShardWork, size: int) -> Iterator[list[int]]:
+def default_batch(grid: TileGrid) -> int:
+    """Windows per model call when ``--batch`` is not given: ≈ ``BATCH_PIXELS`` of input."""
+    return max(1, BATCH_PIXELS // (grid.window_core + 2 * grid.halo) ** 2)
+
+
+def batches(work: ShardWork, size: int) -> Iterator[list[int]]:
     """Window indices of one shard in batches of at most ``size`` same-shape windows."""
     group: list[int] = []
     for i, w in enumerate(work.windows):
@@ -200,10 +205,10 @@ def _run_stages(
     norm = normalisation_for(rt.card, src)
     halo = grid.halo
     remote = isinstance(rt, TileRuntime)  # pre + network + post run on a server
-    batch = opts.batch or max(1, BATCH_PIXELS // (grid.window_core + 2 * halo) ** 2)
+    batch = opts.batch or default_batch(grid)
 
     def pre(work: ShardWork) -> Iterator[tuple]:
-        for idx in _batches(work, batch):
+        for idx in batches(work, batch):
             rows = np.stack([work.maps[i][0] for i in idx])
             cols = np.stack([work.maps[i][1] for i in idx])
             if remote:  # uint8 windows on the wire: gather the reflect-padded windows only
