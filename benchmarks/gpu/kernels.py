@@ -114,8 +114,8 @@ def main() -> None:
         **{f"{k}_gb_s": v for k, v in rates.items()},
         "pre_vs_copy": float(f"{rates['pre'] / rates['copy']:.3g}"),
         "post_vs_copy": float(f"{rates['post'] / rates['copy']:.3g}"),
-        "pre_mpx_s": round(b * s * s / pre_s / 1e6, 3),
-        "post_mpx_s": round(b * core * core / post_s / 1e6, 3),
+        "pre_mpx_s": float(f"{b * s * s / pre_s / 1e6:.4g}"),
+        "post_mpx_s": float(f"{b * core * core / post_s / 1e6:.4g}"),
     }
     write_phase(args.out, "kernels", result)
 
