@@ -456,7 +456,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from segloop.review.app import run
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    run(args.stores, args.host, args.port, log=log, tile_pack=not args.no_tile_pack)
+    run(
+        args.stores,
+        args.host,
+        args.port,
+        log=log,
+        tile_pack=not args.no_tile_pack,
+        images=args.image,
+    )
     return 0
 
 
@@ -770,7 +777,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--no-tile-pack",
         action="store_true",
-        help="do not encode the image tiles ahead into STORE/review-tiles.sqlite",
+        help="do not encode the tiles ahead into the tile pack ($SEGLOOP_CACHE/tile-packs/)",
+    )
+    s.add_argument(
+        "--image",
+        action="append",
+        metavar="PATH",
+        help="the input a store reads its image from, moved since `segloop segment` (checked "
+        "by fingerprint, then kept in the store's segloop.json); once per store, in order",
     )
     s.set_defaults(func=cmd_serve)
 

@@ -32,6 +32,8 @@ from segloop.review.db import BUSY_S, ROLES, Busy, Full, ReviewDB, require_intac
 from segloop.review.edits import Edit
 from segloop.review.handlers import json_error
 from segloop.review.image import ReviewImage
+from segloop.review.source_image import image_mode, relocate, verify_source
+from segloop.review.tile_pack import remove_legacy
 
 UI_DIR = Path(__file__).resolve().parents[2] / "review_ui"
 REVOKE_POLL_S = 1.0  # how often open WebSockets are checked against revoked users
@@ -273,15 +275,20 @@ def openapi_spec() -> dict:
     }
 
 
-def create_app(stores: list[Path], tile_pack: bool = True) -> web.Application:
+def create_app(stores: list[Path], tile_pack: bool = True, log=None) -> web.Application:
     """One app serving the given stores (image name = store folder name without .zarr);
-    ``tile_pack``: encode every tile as segmented once, in the background (``tile_pack.py``)."""
+    ``tile_pack``: encode every tile as segmented once, in the background (``tile_pack.py``,
+    in the cache folder; a cache folder that cannot be written: no pack, a warning)."""
     images = {}
     for store in stores:
         name = store.name.removesuffix(".zarr")
         images[name] = img = ReviewImage(store, name)
+        remove_legacy(store)  # a pack inside the store (older segloop): the cache has it now
         if tile_pack:
-            img.pack = tiles.tile_pack(img)
+            try:
+                img.pack = tiles.tile_pack(img)
+            except (OSError, sqlite3.Error) as exc:
+                (log or print)(f"{name}: no tile pack ({exc}); tiles are encoded on demand")
     raster.warm_up()  # compiling holds the GIL: before serving, not during the first edit
     app = web.Application(middlewares=[guard], client_max_size=handlers.MAX_BODY)
     app.on_response_prepare.append(security_headers)
@@ -371,6 +378,9 @@ def open_stores(paths: list[Path]) -> list[Path]:
             raise UserError(f"{p} is not finished; run `segloop segment` again to complete it")
         require_intact(p)  # PRAGMA quick_check of review.sqlite
         _check_zarr(p)
+        image = image_mode(record)
+        if image["mode"] == "source":
+            verify_source(p, image)  # moved or changed: one line naming --image
     names = [p.name.removesuffix(".zarr") for p in paths]
     if len(set(names)) != len(names):
         raise UserError("two stores have the same name; rename one folder")
@@ -385,22 +395,43 @@ def _check_zarr(store: Path) -> None:
     from segloop.errors import UserError
     from segloop.io.ome_zarr import array_path, read_record
 
-    levels = int(read_record(store)["grid"]["levels"])
+    record = read_record(store)
+    levels = int(record["grid"]["levels"])
+    layers = ("segmentation", "confidence")
+    if image_mode(record)["mode"] == "copy":
+        layers = ("image", *layers)
     try:
         root = zarr.open_group(store, mode="r")
-        for layer in ("image", "segmentation", "confidence"):
+        for layer in layers:
             for level in range(levels):
                 zarr.open_array(root.store, path=array_path(layer, level), mode="r")
     except Exception as exc:  # any damage: one clear line
         raise UserError(f"{store}: the zarr metadata is damaged ({exc})") from None
 
 
-def run(stores: list[Path], host: str, port: int, log=print, tile_pack: bool = True) -> None:
-    """Serve until Ctrl-C. With no users yet, create an admin and print its login URL."""
+def run(
+    stores: list[Path],
+    host: str,
+    port: int,
+    log=print,
+    tile_pack: bool = True,
+    images: list[str] | None = None,
+) -> None:
+    """Serve until Ctrl-C. With no users yet, create an admin and print its login URL.
+    ``images``: the moved inputs of source-mode stores, one per store in order
+    (``--image``; checked by fingerprint, then written into each run record)."""
     import socket
 
     from segloop.errors import UserError
 
+    if images:
+        if len(images) != len(stores):
+            raise UserError(
+                f"--image given {len(images)}× for {len(stores)} stores; give one per store, "
+                "in the same order"
+            )
+        for store, image in zip(stores, images, strict=True):
+            relocate(store, image, log)
     open_stores(stores)
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -413,7 +444,7 @@ def run(stores: list[Path], host: str, port: int, log=print, tile_pack: bool = T
     db = ReviewDB(stores[0])
     first = None if db.users() else db.add_user("admin", "admin")
     db.close()
-    app = create_app(stores, tile_pack)
+    app = create_app(stores, tile_pack, log)
     url = f"http://{host}:{port}/"
     log(f"serving {', '.join(app['images'])} on {url}")
     for img in app["images"].values():

@@ -35,6 +35,7 @@ from segloop.errors import UserError
 from segloop.io.ome_zarr import array_path, read_record
 from segloop.review.db import DB_NAME, FINAL_STATES, DeltaReader, ReviewDB, require_intact
 from segloop.review.edits import rewind
+from segloop.review.source_image import StoreImage
 
 FORMAT = "segloop-corrections"
 FORMAT_VERSION = 1
@@ -82,12 +83,17 @@ def export_corrections(
     if not (store / DB_NAME).exists():
         raise UserError(f"{store} has no review database yet: nothing was reviewed")
     require_intact(store)
-    _prepare(out, overwrite)
-    db = ReviewDB(store)
+    shape = zarr.open_array(store / array_path("segmentation", 0), mode="r").shape
+    image = StoreImage(store, record, shape)  # the copy, or the verified input in place
     try:
-        return _export(db, store, record, out, approved_only, since)
+        _prepare(out, overwrite)
+        db = ReviewDB(store)
+        try:
+            return _export(db, store, record, out, approved_only, since, image)
+        finally:
+            db.close()
     finally:
-        db.close()
+        image.close()
 
 
 def _export(
@@ -97,12 +103,14 @@ def _export(
     out: Path,
     approved_only: bool,
     since: float | None,
+    image: StoreImage,
 ) -> dict[str, Any]:
-    """The export, reading one delta at a time (``DeltaReader``)."""
+    """The export, reading one delta at a time (``DeltaReader``); ``image``: the store's
+    image layer (``source_image``)."""
     states, edits = _rows(db)
     deltas = DeltaReader(db)
     root = zarr.open_group(store, mode="r")
-    seg, img = root[array_path("segmentation", 0)], root[array_path("image", 0)]
+    seg = root[array_path("segmentation", 0)]
     versions = root["tiles/model_version"][...]
     tile = record["grid"]["tile"]
     h, w = seg.shape
@@ -129,7 +137,7 @@ def _export(
         name = f"tiles/t{ty:05d}_{tx:05d}.npz"
         np.savez_compressed(
             out / name,
-            image=np.moveaxis(img[:, y0:y1, x0:x1], 0, -1),
+            image=np.moveaxis(image.read(0, (y0, y1, x0, x1)), 0, -1),
             prediction=prediction,
             corrected=corrected,
             changed=changed,

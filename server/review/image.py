@@ -39,6 +39,7 @@ from segloop.review.edits import (
     unpack,
     validate,
 )
+from segloop.review.source_image import StoreImage
 from segloop.review.tile_pack import TilePack
 
 SEG = "segmentation"
@@ -62,6 +63,8 @@ class NoSuchEdit(Exception):
 
 class ReviewImage:
     def __init__(self, path: Path, name: str) -> None:
+        """Opens the store (and, in source mode, its verified input: ``UserError`` when it
+        moved or changed)."""
         record = read_record(path)
         if record is None or record.get("status") != "complete":
             raise ValueError(f"{path} is not a finished segloop store")
@@ -75,6 +78,8 @@ class ReviewImage:
         ome = self.root["labels/segmentation"].attrs["ome"]["image-label"]
         self.colors = [c["rgba"] for c in ome["colors"]]
         self.shape = tuple(self.array(SEG, 0).shape)
+        #: the image layer: the store's copy or the input read in place (``source_image``)
+        self.image = StoreImage(path, record, self.shape)
         self.db = ReviewDB(path)
         self.versions = self.db.all_versions()  # (layer, level, cy, cx) → version
         # part of every ETag: tiles of another store (or a re-segmented one) never match
@@ -117,8 +122,10 @@ class ReviewImage:
 
     def chunk_written(self, layer: str, level: int, cy: int, cx: int) -> bool:
         """Whether the shard file holding this chunk exists (else it is all fill value)."""
+        if layer == "image":
+            return self.image.written(level, cy, cx)
         per = self.shard // self.tile
-        key = [*(["0"] if layer == "image" else []), str(cy // per), str(cx // per)]
+        key = [str(cy // per), str(cx // per)]
         return (self.path / array_path(layer, level) / "c").joinpath(*key).exists()
 
     def version(self, layer: str, level: int, cy: int, cx: int) -> int:
@@ -130,8 +137,11 @@ class ReviewImage:
         return cy * t, min(h, (cy + 1) * t), cx * t, min(w, (cx + 1) * t)
 
     def read_chunk(self, layer: str, level: int, cy: int, cx: int) -> np.ndarray:
+        """(h, w) labels / confidence, (C, h, w) image in the source dtype."""
         if layer == SEG:
             return self.chunks.get((level, cy, cx))
+        if layer == "image":
+            return self.image.read(level, self.chunk_box(level, cy, cx))
         y0, y1, x0, x1 = self.chunk_box(level, cy, cx)
         return self.array(layer, level)[..., y0:y1, x0:x1]  # never edited: no lock
 
@@ -484,6 +494,7 @@ class ReviewImage:
         self.writer.shutdown(wait=True)
         self.chunks.close()
         self.db.close()
+        self.image.close()
         self.lock.__exit__()
 
 

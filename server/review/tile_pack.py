@@ -1,20 +1,24 @@
-"""Tiles encoded once and kept beside the store (``review-tiles.sqlite``).
+"""Tiles encoded once and kept in the user's cache folder (``pack_path``).
 
 The image and confidence layers never change under review, and segmentation chunks change
 only where someone edits, so every tile as the store was segmented (version 0) is encoded
-once — image in WebP and JPEG, labels and confidence in PNG — by a background thread that
+once — image in WebP and JPEG (unless the source's own JPEG tiles are passed through),
+labels and confidence in PNG — by a background thread that
 ``segloop serve`` starts, coarsest level first (what a viewer asks for first), pausing
 while requests wait for tiles encoded on demand (a lower OS priority instead would let it
 be descheduled while holding the GIL, stalling the server behind it). They are kept in an
-SQLite file next to ``review.sqlite``, one row per tile and format (the layout of
-MBTiles), so a restarted server answers them without decoding anything; edited chunks are
-encoded on demand. A pack made under other store
-parameters (``ReviewImage.tag``: a re-segmented store) is emptied and built again.
-Deleting the file is always safe.
+SQLite file, one row per tile and format (the layout of MBTiles), so a restarted server
+answers them without decoding anything; edited chunks are encoded on demand. The file
+lives in ``$SEGLOOP_CACHE`` (default ``$XDG_CACHE_HOME/segloop`` or
+``~/.cache/segloop``) under ``tile-packs/``, named after the store's resolved path: a
+cache, so the store costs only what it holds (an old store's ``review-tiles.sqlite`` is
+deleted at start). A pack made under other store parameters (``ReviewImage.tag``: a
+re-segmented store) is emptied and built again. Deleting the file is always safe.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import threading
@@ -22,7 +26,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-PACK_NAME = "review-tiles.sqlite"
+#: where older versions kept the pack: inside the store (deleted at start)
+LEGACY_NAME = "review-tiles.sqlite"
+CACHE_ENV = "SEGLOOP_CACHE"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tiles (
@@ -37,6 +43,33 @@ TileKey = tuple[int, int, int]  # level, ty, tx
 Render = Callable[[int, int, int], dict[tuple[str, str], bytes]]
 
 
+def cache_dir() -> Path:
+    """``$SEGLOOP_CACHE``, else ``$XDG_CACHE_HOME/segloop``, else ``~/.cache/segloop``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "segloop"
+
+
+def pack_path(store: Path) -> Path:
+    """The tile pack of ``store``: ``<cache>/tile-packs/<name>-<hash of its path>.sqlite``
+    (a copied or moved store gets its own)."""
+    where = str(store.resolve())
+    digest = hashlib.sha256(where.encode()).hexdigest()[:16]
+    return cache_dir() / "tile-packs" / f"{store.name.removesuffix('.zarr')}-{digest}.sqlite"
+
+
+def remove_legacy(store: Path) -> bool:
+    """Delete a pack an older segloop left inside the store; True if there was one."""
+    found = False
+    for suffix in ("", "-wal", "-shm"):
+        p = store / (LEGACY_NAME + suffix)
+        if p.exists():
+            p.unlink()
+            found = True
+    return found
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -47,9 +80,18 @@ def _connect(path: Path) -> sqlite3.Connection:
 class TilePack:
     """``get`` from any thread; ``start`` builds the missing tiles in the background."""
 
-    def __init__(self, store: Path, tag: str, tiles: list[TileKey], formats: int):
-        """``formats``: how many (layer, format) rows one tile position has when done."""
-        self.path = store / PACK_NAME
+    def __init__(
+        self,
+        path: Path,
+        tag: str,
+        tiles: list[TileKey],
+        formats: int | Callable[[TileKey], int],
+    ):
+        """``path``: the SQLite file (its folder is made); ``formats``: how many (layer,
+        format) rows one tile position has when done (or a function of the position)."""
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        count = formats if callable(formats) else (lambda key: formats)
         self.tiles = sorted(tiles, key=lambda t: (-t[0], t[1], t[2]))  # coarsest level first
         self._conn = _connect(self.path)
         self._lock = threading.Lock()
@@ -60,10 +102,9 @@ class TilePack:
                 self._conn.execute("DELETE FROM tiles")
                 self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('tag', ?)", (tag,))
             have = self._conn.execute(
-                "SELECT level, ty, tx FROM tiles GROUP BY level, ty, tx HAVING count(*) = ?",
-                (formats,),
+                "SELECT level, ty, tx, count(*) FROM tiles GROUP BY level, ty, tx"
             ).fetchall()
-        self._done = {tuple(r) for r in have}
+        self._done = {(lv, ty, tx) for lv, ty, tx, n in have if n == count((lv, ty, tx))}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -6,7 +6,9 @@ match the current version are immutable for a year. Chunks in a shard file that 
 never written are answered from an encoded fill tile, without decoding. Encoded tiles are
 kept in memory (``EncodedTiles``, keyed by version, so an edit never serves a stale one),
 and every tile as segmented (version 0) in the store's tile pack
-(``segloop.review.tile_pack``), built in the background at start.
+(``segloop.review.tile_pack``), built in the background at start. Image tiles the source
+holds as JPEG of the tile size are passed through as stored (``source_image``), whatever
+the Accept header: served as JPEG, never packed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from aiohttp import web
 from PIL import Image
 
 from segloop.review.image import SEG, ReviewImage
-from segloop.review.tile_pack import TilePack
+from segloop.review.tile_pack import TilePack, pack_path
 
 LAYERS = ("image", SEG, "confidence")
 #: tiles need a token: browsers may keep them, shared caches must not
@@ -51,7 +53,8 @@ def describe(img: ReviewImage) -> dict:
         "classes": img.classes,
         "colors": img.colors,
         "model": {k: img.model.get(k) for k in ("name", "version", "sha256")},
-        "channels": int(img.array("image", 0).shape[0]),
+        "channels": img.image.channels,
+        "image": img.image.mode,  # copy: the store's own arrays; source: the input in place
         "versions": {"edited_chunks": edited},
         "tile_pack": img.pack.progress if img.pack is not None else None,
     }
@@ -196,21 +199,30 @@ PACKED = (("image", "webp"), ("image", "jpeg"), (SEG, "png"), ("confidence", "pn
 
 
 def tile_pack(img: ReviewImage) -> TilePack:
-    """The store's tile pack: every tile of every level in the ``PACKED`` formats."""
+    """The store's tile pack (in the cache folder): every tile of every level in the
+    ``PACKED`` formats, but for image tiles passed through from the source."""
     tiles = [
         (level, ty, tx)
         for level in range(img.levels)
         for ty in range(img.grid(level)[0])
         for tx in range(img.grid(level)[1])
     ]
-    return TilePack(img.path, img.tag, tiles, len(PACKED))
+    per_image = sum(1 for lr, _ in PACKED if lr == "image")
+
+    def formats(key: tuple[int, int, int]) -> int:
+        return len(PACKED) - (per_image if img.image.passthrough(*key) else 0)
+
+    return TilePack(pack_path(img.path), img.tag, tiles, formats)
 
 
 def render_packed(img: ReviewImage, level: int, ty: int, tx: int) -> dict[tuple[str, str], bytes]:
-    """One tile position in every ``PACKED`` format (one read per layer). The pack is read
-    only for chunks at version 0, so what it holds for an edited chunk is never served."""
+    """One tile position in every ``PACKED`` format (one read per layer), the image only
+    where it is not passed through. The pack is read only for chunks at version 0, so
+    what it holds for an edited chunk is never served."""
     out = {}
     for layer in ("image", SEG, "confidence"):
+        if layer == "image" and img.image.passthrough(level, ty, tx):
+            continue
         data = _chunk(img, layer, level, ty, tx)[1]
         for lr, f in PACKED:
             if lr == layer:
@@ -220,8 +232,9 @@ def render_packed(img: ReviewImage, level: int, ty: int, tx: int) -> dict[tuple[
 
 def _fill(img: ReviewImage, layer: str, b: tuple[int, int, int, int], fmt: str) -> bytes:
     h, w = b[1] - b[0], b[3] - b[2]
-    shape = (img.array("image", 0).shape[0], h, w) if layer == "image" else (h, w)
-    return _encode(img, layer, np.zeros(shape, img.array(layer, 0).dtype), fmt)
+    if layer == "image":
+        return _encode(img, layer, np.zeros((img.image.channels, h, w), img.image.dtype), fmt)
+    return _encode(img, layer, np.zeros((h, w), img.array(layer, 0).dtype), fmt)
 
 
 def _etag(img: ReviewImage, layer: str, level: int, ty: int, tx: int, v: int, fmt: str) -> str:
@@ -232,11 +245,18 @@ async def get_tile(request: web.Request) -> web.Response:
     img = image_of(request)
     layer, level, ty, tx = _parse(request, img)
     version = img.version(layer, level, ty, tx)
-    fmt = _format(request, layer)
+    passed = layer == "image" and img.image.passthrough(level, ty, tx)
+    fmt = "jpeg" if passed else _format(request, layer)
     etag = _etag(img, layer, level, ty, tx, version, fmt)
     asked = request.query.get("v")
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers=_headers(etag, asked == str(version)))
+    if passed:  # the source's own JPEG tile: one pread, no decode (``source_image``)
+        body = img.image.jpeg(level, ty, tx)
+        request.app["metrics"].tiles.labels(layer).inc()
+        return web.Response(
+            body=body, content_type=MIME[fmt], headers=_headers(etag, asked == str(version))
+        )
     cache: EncodedTiles = request.app["tile_cache"]
     key = (img.name, img.tag, layer, level, ty, tx, version, fmt)
     body = cache.get(key)
