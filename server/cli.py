@@ -579,6 +579,8 @@ def cmd_triton_serve(args: argparse.Namespace) -> int:
         explicit=args.model_control_mode == "explicit",
         load=args.load_model or ["segloop"],
         log_verbose=args.log_verbose,
+        host=args.host,
+        config_name=args.model_config_name,
     )
     return serve(opts, log=lambda s: _info(args, s))
 
@@ -851,6 +853,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="explicit mode: model to load at start (default: segloop)",
     )
     s.add_argument("--log-verbose", type=int, default=0)
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address HTTP, gRPC and metrics bind to (default: loopback only; 0.0.0.0 = all)",
+    )
+    s.add_argument(
+        "--model-config-name",
+        help="each model's configs/NAME.pbtxt instead of config.pbtxt (e.g. gpu)",
+    )
     common(s, json_flag=False)
     s.set_defaults(func=cmd_triton_serve)
     return p

@@ -53,7 +53,8 @@ class TileRuntime(ABC):
 
     @abstractmethod
     def submit(self, windows: np.ndarray) -> Future:
-        """(B, S, S, C) uint8 windows → Future of (labels, confidence), (B, S-2h, S-2h) uint8."""
+        """(B, Sh, Sw, C) uint8 windows → Future of (labels, confidence), each
+        (B, Sh − 2·halo, Sw − 2·halo) uint8."""
 
     @abstractmethod
     def close(self) -> None:

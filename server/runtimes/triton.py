@@ -37,12 +37,12 @@ def _is_local(url: str) -> bool:
 class _ShmSlot:
     """One system shared-memory region holding a request's input and both outputs."""
 
-    def __init__(self, shape: tuple[int, int, int, int], core: int) -> None:
+    def __init__(self, shape: tuple[int, int, int, int], core: tuple[int, int]) -> None:
         import tritonclient.utils.shared_memory as shm
 
         self.shape, self.core = shape, core
         self.in_bytes = int(np.prod(shape))
-        self.out_bytes = shape[0] * core * core
+        self.out_bytes = shape[0] * core[0] * core[1]
         self.size = self.in_bytes + 2 * self.out_bytes
         self.name = f"segloop_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self.key = "/" + self.name
@@ -58,7 +58,7 @@ class _ShmSlot:
         import tritonclient.utils.shared_memory as shm
 
         b = self.shape[0]
-        shape = (b, self.core, self.core)
+        shape = (b, *self.core)
         labels = shm.get_contents_as_numpy(self.handle, np.uint8, shape, self.in_bytes)
         conf = shm.get_contents_as_numpy(
             self.handle, np.uint8, shape, self.in_bytes + self.out_bytes
@@ -204,7 +204,7 @@ class TritonRuntime(TileRuntime):
         from tritonclient.grpc import InferInput, InferRequestedOutput
 
         client = self.clients[url]
-        core = windows.shape[1] - 2 * self.halo
+        core = (windows.shape[1] - 2 * self.halo, windows.shape[2] - 2 * self.halo)
         inp = InferInput("TILES", list(windows.shape), "UINT8")
         outs = [InferRequestedOutput("LABELS"), InferRequestedOutput("CONFIDENCE")]
         if not self.use_shm[url]:
@@ -222,7 +222,7 @@ class TritonRuntime(TileRuntime):
         finally:
             self._free.setdefault((slot.shape, slot.core), []).append(slot)
 
-    async def _slot(self, url: str, shape: tuple, core: int) -> _ShmSlot:
+    async def _slot(self, url: str, shape: tuple, core: tuple[int, int]) -> _ShmSlot:
         free = self._free.setdefault((tuple(shape), core), [])
         slot = free.pop() if free else None
         if slot is None:
