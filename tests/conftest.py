@@ -55,6 +55,15 @@ def read_store(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def segloop_cache(tmp_path_factory) -> Path:
+    """``$SEGLOOP_CACHE`` (review servers' tile packs) in a temporary folder, for this
+    process and the servers it starts, never the user's ``~/.cache``."""
+    d = tmp_path_factory.mktemp("segloop-cache")
+    os.environ["SEGLOOP_CACHE"] = str(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def slide(tmp_path_factory) -> tuple[Path, Path]:
     """1500×1300 H&E-like OME-TIFF (zlib, lossless) and its ground truth."""
@@ -75,7 +84,9 @@ TILE = 256
 
 @pytest.fixture(scope="session")
 def base_store(slide, tmp_path_factory) -> Path:
-    """The test slide segmented with tile 256; tests copy it before changing it."""
+    """The test slide segmented with tile 256; tests copy it before changing it. The slide
+    is a tiled pyramidal TIFF, so by default the store reads its image in place from it
+    (``"image": {"mode": "source"}``; its zlib tiles of 512² are decoded and re-encoded)."""
     out = tmp_path_factory.mktemp("review") / "slide.zarr"
     proc = run_cli("segment", slide[0], "-o", out, "--tile", str(TILE), "--quiet")
     assert proc.returncode == 0, proc.stderr

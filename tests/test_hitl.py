@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import tifffile
 import torch
 import zarr
 from onnx import numpy_helper
@@ -77,7 +78,7 @@ def test_segment_stores_tile_uncertainty_and_the_queue_follows_it(base_store, re
     assert reviewed["lease"]["tile"] == list(np.unravel_index(np.argmax(u), u.shape))
 
 
-def test_export_corrections_round_trip(base_store, reviewed, tmp_path):
+def test_export_corrections_round_trip(base_store, reviewed, slide, tmp_path):
     store, out = reviewed["store"], tmp_path / "corrections"
     proc = run_cli("export-corrections", store, out)
     assert proc.returncode == 0, proc.stderr
@@ -91,7 +92,9 @@ def test_export_corrections_round_trip(base_store, reviewed, tmp_path):
     assert items[(1, 1)]["editors"] == ["annotator", "reviewer"]
     assert all(it["model_version"] == 1 for it in items.values())
     before, now = labels(base_store), labels(store)
-    image = zarr.open_array(store / "0", mode="r")[...]
+    record = json.loads((store / "segloop.json").read_text())
+    assert record["image"]["mode"] == "source"  # exported from the input, read in place
+    image = np.moveaxis(tifffile.imread(slide[0]), -1, 0)
     for (ty, tx), it in items.items():
         with np.load(out / it["file"]) as z:
             np.testing.assert_array_equal(z["prediction"], _tile(before, ty, tx))

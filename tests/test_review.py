@@ -24,6 +24,7 @@ from PIL import Image
 
 from segloop.pipeline.pyramid import downsample_mode
 from segloop.review.edits import unpack
+from segloop.review.tile_pack import LEGACY_NAME, pack_path
 from segloop.triton.server import free_port
 from tests.conftest import TILE, assert_user_error, run_cli
 
@@ -41,6 +42,7 @@ class Server:
         port: int | None = None,
         no_tile_pack: bool = False,
         env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -55,6 +57,7 @@ class Server:
                 "--port",
                 str(self.port),
                 *flags,
+                *map(str, args),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -244,17 +247,24 @@ def test_tile_pack_serves_a_restarted_server_and_never_an_edited_chunk(base_stor
     ]
     on_demand = [call(env, "GET", p, headers=png).content for p in paths]
     env["server"].stop()
-    assert not (store / "review-tiles.sqlite").exists()
+    packed = pack_path(store)
+    assert not packed.exists()
+    (store / LEGACY_NAME).write_bytes(b"an older segloop's pack")
     env["server"] = Server(store)
+    assert not (store / LEGACY_NAME).exists()  # deleted: the pack lives in the cache now
     deadline = time.monotonic() + 60
     while (pack := call(env, "GET", "/api/images/slide").json()["tile_pack"])["tiles"] < pack["of"]:
         assert time.monotonic() < deadline, pack
         time.sleep(0.1)
     env["server"].stop()
-    with sqlite3.connect(store / "review-tiles.sqlite") as db:
+    assert packed.parent.parent == Path(os.environ["SEGLOOP_CACHE"])
+    assert not any(p.name.startswith("review-tiles") for p in store.iterdir())
+    with sqlite3.connect(packed) as db:
         rows = db.execute("SELECT count(*), count(DISTINCT layer || fmt) FROM tiles").fetchone()
-    assert rows == (4 * pack["of"], 4)  # image webp + jpeg, labels png, confidence png
-    with sqlite3.connect(store / "review-tiles.sqlite") as db:  # mark one packed tile
+    # the slide's zlib tiles are not passed through: image webp + jpeg, labels and
+    # confidence png at every position
+    assert rows == (4 * pack["of"], 4)
+    with sqlite3.connect(packed) as db:  # mark one packed tile
         db.execute(
             "UPDATE tiles SET data = ? WHERE level = 0 AND ty = 1 AND tx = 0 "
             "AND layer = 'confidence' AND fmt = 'png'",

@@ -73,9 +73,9 @@ def verify_source(store: Path | str, image: dict[str, Any], path: str | None = N
         ) from None
     if src.fingerprint != image["fingerprint"]:
         raise UserError(
-            f"{store}: {where} has changed since the store was segmented (fingerprint "
-            f"{src.fingerprint[:12]} ≠ {image['fingerprint'][:12]}); refusing to serve other "
-            f"pixels: {relocate_hint(store)} to the original image"
+            f"{store}: {where} is not the image the store was segmented from (changed or "
+            f"replaced: fingerprint {src.fingerprint[:12]}, expected "
+            f"{image['fingerprint'][:12]}); refusing to serve other pixels: " + relocate_hint(store)
         )
     return src
 
