@@ -80,6 +80,7 @@ def main() -> None:
         [sys.executable, "-m", "segloop", "serve", str(store), "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "SEGLOOP_CACHE": str(tmp / "cache")},  # its tile pack: here
     )
     base = f"http://127.0.0.1:{port}"
     while True:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
 import shutil
@@ -252,6 +253,8 @@ def run_serve_bench(
 
     with tempfile.TemporaryDirectory(prefix="segloop-bench-") as tmpdir:
         tmp = Path(tmpdir)
+        # the servers' tile packs (review/tile_pack.py) go with the rest, not into ~/.cache
+        os.environ["SEGLOOP_CACHE"] = str(tmp / "cache")
         image, store = tmp / "bench.ome.tif", tmp / "bench.zarr"
         log(f"generating and segmenting a {size}² slide …")
         write_ome_tiff(image, size, size, seed=11, tile=tile)
