@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import requests
 import tifffile
+import zarr
 from PIL import Image
 
 from segloop.synth import write_ome_tiff
@@ -28,16 +29,41 @@ BROWSER = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
 def jpeg_stores(tmp_path_factory) -> dict[str, Path]:
     """A 570×650 JPEG OME-TIFF in 256² tiles (levels 570×650 and 285×325; store level 2,
     143×163, is not in it) and two stores of it: default (read in place) and
-    ``--copy-image``."""
+    ``--copy-image``; the same pixels as an OME-Zarr 0.5 input (128² chunks, the same two
+    levels) and its store (read in place)."""
     d = tmp_path_factory.mktemp("image-layer")
     src = d / "jpeg.ome.tif"
     write_ome_tiff(src, 570, 650, seed=SLIDE_SEED, tile=TILE)
-    out = {"input": src}
-    for name, flags in (("source", ()), ("copy", ("--copy-image",))):
+    out = {"input": src, "zarr-input": d / "input.ome.zarr"}
+    g = zarr.open_group(out["zarr-input"], mode="w", zarr_format=3)
+    datasets = []
+    for k, level in enumerate(own_levels(src)):
+        g.create_array(str(k), data=np.moveaxis(level, -1, 0), chunks=(3, 128, 128))
+        scale = [1.0, 2.0**k, 2.0**k]
+        datasets.append(
+            {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+        )
+    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}]
+    axes.append({"name": "x", "type": "space"})
+    g.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": datasets}]}
+    for name, source, flags in (
+        ("source", src, ()),
+        ("copy", src, ("--copy-image",)),
+        ("zarr", out["zarr-input"], ()),
+    ):
         out[name] = d / f"{name}.zarr"
-        proc = run_cli("segment", src, "-o", out[name], "--tile", str(TILE), "--quiet", *flags)
+        proc = run_cli("segment", source, "-o", out[name], "--tile", str(TILE), "--quiet", *flags)
         assert proc.returncode == 0, proc.stderr
     return out
+
+
+def own_levels(source: Path) -> list[np.ndarray]:
+    """(h, w, C) of every level the input itself holds (tifffile / zarr, not segloop)."""
+    if source.is_dir():
+        g = zarr.open_group(source, mode="r")
+        return [np.moveaxis(g[str(k)][...], 0, -1) for k in range(len(list(g.array_keys())))]
+    with tifffile.TiffFile(source) as tif:
+        return [lv.asarray() for lv in tif.series[0].levels]
 
 
 def down(a: np.ndarray) -> np.ndarray:
@@ -53,8 +79,7 @@ def expected(source: Path, mode: str, levels: int) -> list[tuple[np.ndarray, boo
     """(pixels (h, w, C), one of the input's own levels) of every store level: a copy is
     the 2×2 mean pyramid of level 0; a store reading in place has the input's own levels,
     and the mean of the level below where the input has no level of that shape."""
-    with tifffile.TiffFile(source) as tif:
-        own = [lv.asarray() for lv in tif.series[0].levels]
+    own = own_levels(source)
     shapes = {a.shape[:2]: a for a in own}
     out = [(own[0], True)]
     for k in range(1, levels):
@@ -83,13 +108,15 @@ def decode(body: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-@pytest.mark.parametrize("kind", ["jpeg-source", "jpeg-copy", "zlib-source"])
+@pytest.mark.parametrize("kind", ["jpeg-source", "jpeg-copy", "zlib-source", "zarr-source"])
 def test_image_tiles_are_the_input_at_every_level(kind, jpeg_stores, base_store, slide, tmp_path):
     """Every tile of every level: lossless PNG equals the expected pixels exactly; what a
     browser gets is the input's JPEG bytes where they pass through (decoding to the input's
     tile), else WebP close to the same pixels."""
     if kind == "zlib-source":
         original, source = base_store, slide[0]
+    elif kind == "zarr-source":
+        original, source = jpeg_stores["zarr"], jpeg_stores["zarr-input"]
     else:
         original, source = jpeg_stores[kind.split("-")[1]], jpeg_stores["input"]
     store = tmp_path / "slide.zarr"
