@@ -193,6 +193,7 @@ def _segment_options(args: argparse.Namespace):
         raise UserError("--url is for --runtime triton")
     if args.device != "cpu":
         opts.runtime_options = device_options(args.runtime, args.device)
+        opts.device = args.device
     if args.threads:
         opts.threads = args.threads
     elif args.dask and args.dask.startswith("local:"):  # share the cores between workers
@@ -622,9 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--runtime", default="onnx", help="onnx (default), torch or triton")
         sp.add_argument(
             "--device",
-            choices=["cpu", "cuda"],
+            choices=["cpu", "cuda", "sim"],
             default="cpu",
-            help="torch: cuda = float16 on the GPU (not run on this project's machines yet)",
+            help="torch: cuda = the device-resident pipeline, float16 on the GPU (not run on "
+            "this project's machines yet); sim = the same pipeline in numba's CUDA "
+            "simulator (NUMBA_ENABLE_CUDASIM=1; CI rehearsal, slow)",
         )
         sp.add_argument(
             "--url", help="triton: gRPC HOST:PORT[,HOST:PORT…] (default localhost:8001)"

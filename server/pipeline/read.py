@@ -129,6 +129,8 @@ class ShardWork:
     maps: list[tuple[np.ndarray, np.ndarray]]
     labels: np.ndarray | None = None
     confidence: np.ndarray | None = None
+    #: (⌈H/tile⌉, ⌈W/tile⌉) float32 per-tile uncertainty, when computed on the device
+    uncertainty: np.ndarray | None = None
     pending: int = field(default=0)
 
     @property

@@ -76,6 +76,9 @@ class SegmentOptions:
     window: int | None = None  # inference window core (px); None: one per shard
     batch: int | None = None  # windows per model call; None: ≈ BATCH_PIXELS of input
     copy_image: bool | None = None  # None: copy unless the source is tiled and pyramidal
+    #: where pre and post run: "cpu" (numba twins), "cuda" (device pipeline, torch),
+    #: "sim" (the device pipeline in numba's CUDA simulator: CI rehearsal)
+    device: str = "cpu"
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     read_workers: int = 2
     write_workers: int | None = None  # None: one per core
@@ -108,7 +111,7 @@ def image_record(src: ImageSource, copied: bool) -> dict[str, Any]:
     }
 
 
-def _params(src: ImageSource, rt: Runtime, grid: TileGrid) -> dict[str, Any]:
+def _params(src: ImageSource, rt: Runtime, grid: TileGrid, device: str = "cpu") -> dict[str, Any]:
     """Everything that determines the output bits; a resumed run must match them."""
     return {
         "source": {
@@ -124,7 +127,7 @@ def _params(src: ImageSource, rt: Runtime, grid: TileGrid) -> dict[str, Any]:
         "halo": grid.halo,
         "shard": grid.shard,
         "window": grid.window_core,
-    }
+    } | ({"device": device} if device != "cpu" else {})
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -241,7 +244,19 @@ def _run_stages(
         work.pending -= len(idx)
         return [work] if work.pending == 0 else []
 
-    stages = [Stage("pre", pre), Stage("infer", infer), Stage("post", post), Stage("write", writer)]
+    on_device = opts.device != "cpu" and not remote and writer.select is None
+    if on_device:
+        from segloop.pipeline.device import DeviceStages
+
+        dev = DeviceStages(rt, grid, norm, batch, src.channels, src.dtype, opts.device)
+        stages = [*dev.stages(), Stage("write", writer)]
+    else:
+        stages = [
+            Stage("pre", pre),
+            Stage("infer", infer),
+            Stage("post", post),
+            Stage("write", writer),
+        ]
     read_stats = StageStats("read")
     reader = ShardReader(src, grid, shards, opts.read_workers, read_stats, parts)
     # big windows: fewer batches in flight (each holds its input and its logits)
@@ -274,6 +289,7 @@ def _run_stages(
         max_decodes_per_chunk=max(reader.cache.decodes.values(), default=0),
     )
     stats["info"] = {
+        "gpu_busy": dev.gpu_busy(wall) if on_device else None,
         "halo_overhead": reader.halo_overhead and round(reader.halo_overhead, 4),
         "batch": batch,
         "window": grid.window_core,
@@ -308,6 +324,7 @@ def _run_stats(wall: float, pixels: int, stages: dict, opts: SegmentOptions) -> 
         "batch": info.get("batch", opts.batch),
         "window": info.get("window"),
         "halo_overhead": info.get("halo_overhead"),
+        "gpu_busy": info.get("gpu_busy"),
         "cache_peak_blocks": info.get("cache_peak_blocks"),
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -338,7 +355,7 @@ def segment(
         opts.shard,
         opts.window,
     )
-    params = _params(src, rt, grid)
+    params = _params(src, rt, grid, opts.device)
     action, record = _prepare_output(out, params, opts.overwrite)
     if action == "complete":
         rt.close()

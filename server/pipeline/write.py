@@ -102,7 +102,9 @@ class ShardWriter:
             layers = {"image": work.image, **layers}
         for layer, data in layers.items():
             self.store.write(layer, 0, box, data)
-        doubt = tile_uncertainty(work.confidence, self.grid.tile)
+        doubt = work.uncertainty
+        if doubt is None:
+            doubt = tile_uncertainty(work.confidence, self.grid.tile)
         self.store.write_tiles("uncertainty", *key, doubt)
         per = self.grid.shard // self.grid.tile
         if self.versions is None:

@@ -62,7 +62,8 @@ class TileRuntime(ABC):
 
 
 def device_options(runtime: str, device: str) -> dict[str, str]:
-    """Runtime options for ``--device``: none on the CPU; ``cuda`` is for ``torch`` only
+    """Runtime options for ``--device``: none on the CPU; ``cuda`` (and ``sim``, its
+    rehearsal in numba's CUDA simulator with torch on the CPU) are for ``torch`` only
     (TensorRT is always on the GPU; ONNX Runtime and Triton pick their device elsewhere)."""
     if device == "cpu":
         return {}
@@ -71,6 +72,11 @@ def device_options(runtime: str, device: str) -> dict[str, str]:
             f"--device {device} runs --runtime torch (tensorrt is always on the GPU; onnx and "
             "triton choose their device elsewhere)"
         )
+    if device == "sim":
+        from segloop.pipeline.device import check_device
+
+        check_device(device)
+        return {}
     return {"device": device}
 
 
