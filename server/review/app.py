@@ -378,9 +378,6 @@ def open_stores(paths: list[Path]) -> list[Path]:
             raise UserError(f"{p} is not finished; run `segloop segment` again to complete it")
         require_intact(p)  # PRAGMA quick_check of review.sqlite
         _check_zarr(p)
-        image = image_mode(record)
-        if image["mode"] == "source":
-            verify_source(p, image)  # moved or changed: one line naming --image
     names = [p.name.removesuffix(".zarr") for p in paths]
     if len(set(names)) != len(names):
         raise UserError("two stores have the same name; rename one folder")
@@ -423,6 +420,7 @@ def run(
     import socket
 
     from segloop.errors import UserError
+    from segloop.io.ome_zarr import read_record
 
     if images:
         if len(images) != len(stores):
@@ -433,6 +431,10 @@ def run(
         for store, image in zip(stores, images, strict=True):
             relocate(store, image, log)
     open_stores(stores)
+    for store in stores:  # before any user is made: a refused start prints no token
+        image = image_mode(read_record(store))
+        if image["mode"] == "source":
+            verify_source(store, image)  # moved or changed: one line naming --image
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
