@@ -66,14 +66,21 @@ def test_tiff_jpeg_and_pyramid(tmp_path):
     assert np.array_equal(src.read(10, 90, 20, 200), ref[10:90, 20:200])
 
 
-def test_striped_full_width_uses_band_cache(tmp_path):
+def test_striped_full_width_decodes_each_strip_once(tmp_path):
+    """A full-width strip is one block of the job's cache: three regions across it
+    decode it once, and it is not a viewer-servable source (its store copies the image)."""
+    from segloop.pipeline.read import BlockCache
+
     img = rng.integers(0, 255, (600, 1500, 3), dtype=np.uint8)
     f = tmp_path / "s.tif"
     tifffile.imwrite(f, img, rowsperstrip=600, photometric="rgb", compression="zlib")
     src = open_image(f)
-    assert src._banded
-    for x0 in (0, 500, 1000):
-        assert np.array_equal(src.read(0, 300, x0, x0 + 500), img[:300, x0 : x0 + 500])
+    assert src.block_shape == (600, 1500) and not src.servable
+    boxes = [(0, 300, x0, x0 + 500) for x0 in (0, 500, 1000)]
+    cache = BlockCache(src, boxes)
+    for b in boxes:
+        assert np.array_equal(cache.read(b), img[:300, b[2] : b[3]])
+    assert dict(cache.decodes) == {(0, 0): 1}
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])

@@ -471,7 +471,11 @@ def test_non_square_windows_come_back_right(server, shape):
     assert labels.shape == conf.shape == (b, sh - 96, sw - 96)
     want_l, want_c = _embedded(windows, 48)
     np.testing.assert_array_equal(labels, want_l)
-    np.testing.assert_array_equal(conf, want_c)
+    # random-noise windows sit near rounding boundaries; ONNX Runtime inside the server
+    # (its own thread count, batches merged by the dynamic batcher) may round the last
+    # float bit differently: confidence within one step, on a handful of pixels at most
+    diff = np.abs(conf.astype(int) - want_c)
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-4
 
 
 @pytest.mark.parametrize(

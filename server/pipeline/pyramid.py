@@ -9,6 +9,7 @@ Labels: 2×2 mode, ties to the top-left pixel (nearest) — never an average of 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -16,24 +17,36 @@ from segloop.io.ome_zarr import OutputStore
 from segloop.kernels.pyramid import downsample_mean, downsample_mode
 from segloop.pipeline.manifest import Key, Manifest
 
+Box = tuple[int, int, int, int]  # (y0, y1, x0, x1) at one level
+Quarter = dict[str, np.ndarray]  # layer → a child shard downsampled once
+
 
 class PyramidBuilder:
     """Builds every level-k shard once its level-(k−1) children are all finished.
 
-    Thread-safe: writers call ``shard_done`` from a pool. A finished shard handed in with
-    its arrays is downsampled in memory at once (a quarter of its parent); the parent is
-    written by the thread that completes its last child, from the quarters, reading from
-    the store only the children finished by an earlier run. Memory: the quarters of the
+    Thread-safe: writers call ``shard_done`` from a pool, each finished shard with its
+    quarter (its arrays downsampled once, in memory); the parent is written (by
+    ``write_level``: in this process, or by a writer process) when its last child is in,
+    from the quarters, reading from the store only the children finished by an earlier
+    run. Memory: the quarters of the
     parents still waiting for children (one band of shards per level).
     """
 
-    def __init__(self, store: OutputStore, manifest: Manifest) -> None:
+    def __init__(
+        self,
+        store: OutputStore,
+        manifest: Manifest,
+        write_level: Callable[[int, Box, dict[str, np.ndarray]], Quarter | None] | None = None,
+    ) -> None:
+        """write_level(level, box, arrays) writes a finished parent and returns its own
+        quarter (None at the top); default: in this thread (``write_level`` below)."""
         self.store = store
         self.grid = store.grid
         self.manifest = manifest
         self.layers = store.layers
+        self.write_level = write_level or (lambda lv, b, a: write_level_local(store, lv, b, a))
         self._lock = threading.Lock()
-        self._quarters: dict[Key, dict[Key, dict[str, np.ndarray]]] = {}
+        self._quarters: dict[Key, dict[Key, Quarter]] = {}
         self._claimed: set[Key] = set()
 
     def _children(self, level: int, sy: int, sx: int) -> list[Key]:
@@ -57,13 +70,12 @@ class PyramidBuilder:
         if layers is None:
             self.manifest.add((level, sy, sx))
 
-    def shard_done(self, key: Key, data: dict[str, np.ndarray] | None = None) -> None:
-        """Call after ``key`` was written and listed, with its arrays (layer → (…, h, w))
-        when at hand: builds the parents it completes."""
+    def shard_done(self, key: Key, quarter: Quarter | None = None) -> None:
+        """Call after ``key`` was written and listed, with its quarter (its arrays
+        downsampled once, ``quarter_of``) when at hand: builds the parents it completes."""
         while key[0] + 1 < self.grid.levels:
             level, sy, sx = key
             parent = (level + 1, sy // 2, sx // 2)
-            quarter = None if data is None else {k: _down(k, a) for k, a in data.items()}
             with self._lock:
                 if parent in self.manifest or parent in self._claimed:
                     return  # a sibling's thread builds it (reading this child from the store)
@@ -76,8 +88,7 @@ class PyramidBuilder:
                 quarters = self._quarters.pop(parent, {})
             data = self._assemble(parent, children, quarters)
             box = self.grid.shard_box(*parent[1:], level=parent[0])
-            for layer, a in data.items():
-                self.store.write(layer, parent[0], box, a)
+            quarter = self.write_level(parent[0], box, data)
             with self._lock:
                 self.manifest.add(parent)
             key = parent
@@ -119,6 +130,20 @@ class PyramidBuilder:
             shards = {(sy // 2, sx // 2) for sy, sx in shards}
             for sy, sx in sorted(shards):
                 self._build(level, sy, sx, layers)
+
+
+def quarter_of(arrays: dict[str, np.ndarray]) -> Quarter:
+    """A finished shard's arrays one pyramid step down (its quarter of the parent)."""
+    return {layer: _down(layer, a) for layer, a in arrays.items()}
+
+
+def write_level_local(
+    store: OutputStore, level: int, box: Box, arrays: dict[str, np.ndarray]
+) -> Quarter | None:
+    """Write one shard's ``arrays`` at ``level``; its quarter, or None at the top level."""
+    for layer, a in arrays.items():
+        store.write(layer, level, box, a)
+    return quarter_of(arrays) if level + 1 < store.grid.levels else None
 
 
 def _down(layer: str, a: np.ndarray) -> np.ndarray:

@@ -82,6 +82,7 @@ class SegmentOptions:
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     read_workers: int = 2
     write_workers: int | None = None  # None: one per core
+    write_processes: bool | None = None  # None: processes for jobs of ≥ 8 shards
     runtime_options: dict[str, Any] = field(default_factory=dict)  # e.g. triton url
     overwrite: bool = False
 
@@ -283,7 +284,7 @@ def _run_stages(
         raise UserError(f"cannot write {out}: {exc}; run the same command to resume") from exc
     wall = time.perf_counter() - t0
     stats = {s.name: s.as_dict() for s in [read_stats] + [st.stats for st in stages[:-1]]}
-    stats["write"] = {**writer.stats.as_dict(), "workers": writer.workers}
+    stats["write"] = {**writer.stats.as_dict(), **writer.describe()}
     stats["read"].update(
         decoded_chunks=len(reader.cache.decodes),
         max_decodes_per_chunk=max(reader.cache.decodes.values(), default=0),
@@ -386,8 +387,11 @@ def segment(
     version = card.get("version") or 0
     try:
         if cluster is None:
-            writer = ShardWriter(store, advance, version, manifest, workers=opts.write_workers)
             todo = [key for key in grid.shards() if (0, *key) not in manifest]
+            writer = ShardWriter(
+                store, advance, version, manifest, workers=opts.write_workers,
+                processes=opts.write_processes, expect=len(todo),
+            )  # fmt: skip
             wall, stages = _run_stages(
                 src, rt, grid, opts, todo, writer, out, finish=writer.pyramid.complete
             )

@@ -1,43 +1,88 @@
-"""The write stage: finished shards → the store, on a pool of writer threads.
+"""The write stage: finished shards → the store, on a pool of writers.
 
-Each shard is handed to the pool once, whole (zarr shards must have exactly one writer);
-the codecs (Blosc/zstd) release the GIL, so shards compress on every core. A writer
-writes the shard's layers and per-tile arrays, lists it in the manifest (resume) and
-hands its arrays to the pyramid, which builds a parent as soon as its last child is in.
+Each shard is handed to the pool once, whole (zarr shards must have exactly one writer).
+A writer writes the shard's layers and per-tile arrays and returns its quarter (the
+arrays downsampled once); the shard is then listed in the manifest (resume) and the
+pyramid writes a parent as soon as its last child is in.
+
+Two pools: **threads** for small jobs (no start-up cost), **processes** otherwise. The
+codecs release the GIL, but zarr-python's per-chunk asyncio bookkeeping does not and all
+of it runs on one event-loop thread per process: measured here, two writer threads wrote
+16 shards no faster than one (3.1 s each), so writers on every core means a zarr per
+process. A process gets the shard's arrays pickled (≈ 2 bytes per pixel, plus the image
+when the store copies it).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
 from segloop.io.ome_zarr import OutputStore
 from segloop.pipeline.manifest import Manifest
-from segloop.pipeline.pyramid import PyramidBuilder
+from segloop.pipeline.pyramid import Box, PyramidBuilder, Quarter, write_level_local
 from segloop.pipeline.read import ShardWork
 from segloop.pipeline.stages import StageStats
-from segloop.pipeline.tiling import Tile
+from segloop.pipeline.tiling import Tile, TileGrid
 from segloop.pipeline.uncertainty import tile_uncertainty
 
 TileKey = tuple[int, int]  # (ty, tx) level-0 tile = chunk
+#: jobs of at least this many shards write with processes (below: threads)
+PROCESS_SHARDS = 8
+
+_STORE: OutputStore | None = None  # a writer process's own handle on the store
 
 
 def tile_key(t: Tile, tile: int) -> TileKey:
     return t.y0 // tile, t.x0 // tile
 
 
+def _open_in_process(where: str, grid: TileGrid, channels: int, dtype: str) -> None:
+    global _STORE
+    _STORE = OutputStore(where, grid, channels, np.dtype(dtype))
+
+
+def _write_level_in_process(level: int, box: Box, arrays: dict[str, np.ndarray]):
+    return write_level_local(_STORE, level, box, arrays)
+
+
+def _write_shard(
+    store: OutputStore,
+    key: tuple[int, int],
+    box: Box,
+    arrays: dict[str, np.ndarray],
+    tiles: dict[str, np.ndarray],
+) -> Quarter | None:
+    """Level 0 of one shard plus its per-tile arrays; returns its quarter."""
+    for name, values in tiles.items():
+        store.write_tiles(name, *key, values)
+    return write_level_local(store, 0, box, arrays)
+
+
+def _write_shard_in_process(key, box, arrays, tiles) -> tuple[Quarter | None, float]:
+    t0 = time.perf_counter()
+    quarter = _write_shard(_STORE, key, box, arrays, tiles)
+    return quarter, time.perf_counter() - t0
+
+
 class ShardWriter:
-    """Writes finished ``ShardWork`` items on ``workers`` threads (at most 2 × workers
-    shards queued). A full run (``select`` None) writes every layer the store holds; with
-    a ``manifest`` it lists each shard there and builds the pyramid as it goes.
-    Re-segmenting ``select`` tiles pastes them over the shard's current labels and
+    """Writes finished ``ShardWork`` items on ``workers`` threads or processes (at most
+    2 × workers shards queued). A full run (``select`` None) writes every layer the store
+    holds; with a ``manifest`` it lists each shard there and builds the pyramid as it
+    goes. Re-segmenting ``select`` tiles pastes them over the shard's current labels and
     confidence. Written level-0 shards are collected in ``rewritten``; ``stats`` sums the
-    writers' busy time (so it may exceed the wall time)."""
+    writers' busy time (so it may exceed the wall time).
+
+    processes: None = processes for jobs of ≥ ``PROCESS_SHARDS`` shards (``expect``).
+    """
 
     def __init__(
         self,
@@ -47,18 +92,41 @@ class ShardWriter:
         manifest: Manifest | None = None,
         select: set[TileKey] | None = None,
         workers: int | None = None,
+        processes: bool | None = None,
+        expect: int = 0,
     ) -> None:
         self.store, self.grid, self.manifest = store, store.grid, manifest
-        self.pyramid = PyramidBuilder(store, manifest) if manifest is not None else None
         self.progress, self.model_version, self.select = progress, model_version, select
         self.versions = None if select is None else store.read_tiles("model_version")
         self.rewritten: set[tuple[int, int]] = set()
         self.stats = StageStats("write")
         self.workers = workers or len(os.sched_getaffinity(0))
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="segloop-write")
+        if processes is None:
+            processes = expect >= PROCESS_SHARDS and self.workers > 1
+        self.processes = processes
+        self._pool: Executor
+        if processes:
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("forkserver"),
+                initializer=_open_in_process,
+                initargs=(str(store.path), store.grid, store.channels, store.dtype.str),
+            )
+            write_level = self._write_level_remote
+        else:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="segloop-write")
+            write_level = None
+        self.pyramid = (
+            PyramidBuilder(store, manifest, write_level) if manifest is not None else None
+        )
         self._slots = threading.Semaphore(2 * self.workers)
         self._lock = threading.Lock()
         self._errors: list[BaseException] = []
+        self._done: queue.Queue = queue.Queue()
+        self._finisher = threading.Thread(
+            target=self._finish_loop, name="segloop-finish", daemon=True
+        )
+        self._finisher.start()
 
     def buffers(self, work: ShardWork) -> None:
         """Give ``work`` its label and confidence buffers (the stored ones when only some
@@ -72,67 +140,95 @@ class ShardWriter:
             work.confidence = self.store.read("confidence", 0, work.box)
 
     def __call__(self, work: ShardWork) -> list:
-        """Stage function: queue ``work`` for a writer thread (blocks while 2 × workers
-        shards wait)."""
+        """Stage function: queue ``work`` for a writer (blocks while 2 × workers shards
+        wait)."""
         self._raise()
+        arrays = {"segmentation": work.labels, "confidence": work.confidence}
+        if self.select is None and "image" in self.store.layers:
+            arrays = {"image": np.ascontiguousarray(work.image), **arrays}
+        tiles = self._tiles(work)
         self._slots.acquire()
-        self._pool.submit(self._write, work).add_done_callback(self._done)
+        if self.processes:
+            fut = self._pool.submit(_write_shard_in_process, work.key, work.box, arrays, tiles)
+        else:
+            fut = self._pool.submit(self._write_here, work.key, work.box, arrays, tiles)
+        fut.add_done_callback(lambda f: self._done.put((work, f)))
         return []
 
-    def _done(self, fut: Future) -> None:
-        self._slots.release()
-        if fut.exception() is not None:
-            with self._lock:
-                self._errors.append(fut.exception())
+    def _write_here(self, key, box, arrays, tiles) -> tuple[Quarter | None, float]:
+        t0 = time.perf_counter()
+        quarter = _write_shard(self.store, key, box, arrays, tiles)
+        return quarter, time.perf_counter() - t0
+
+    def _write_level_remote(self, level: int, box: Box, arrays: dict[str, np.ndarray]):
+        return self._pool.submit(_write_level_in_process, level, box, arrays).result()
+
+    def _tiles(self, work: ShardWork) -> dict[str, np.ndarray]:
+        """The shard's per-tile uncertainty and model versions."""
+        doubt = work.uncertainty
+        if doubt is None:
+            doubt = tile_uncertainty(work.confidence, self.grid.tile)
+        key, per = work.key, self.grid.shard // self.grid.tile
+        if self.versions is None:
+            versions = np.full(doubt.shape, self.model_version, np.uint16)
+        else:
+            for t in self.grid.tiles(*key):
+                if tile_key(t, self.grid.tile) in self.select:
+                    self.versions[tile_key(t, self.grid.tile)] = self.model_version
+            versions = self.versions[
+                key[0] * per : (key[0] + 1) * per, key[1] * per : (key[1] + 1) * per
+            ].copy()
+        return {"uncertainty": doubt, "model_version": versions}
+
+    def _finish_loop(self) -> None:
+        """After each write: manifest, pyramid, progress (one thread: the pyramid's
+        parent writes wait on the pool, which a pool callback must never do)."""
+        while (item := self._done.get()) is not None:
+            work, fut = item
+            try:
+                quarter, busy = fut.result()
+                self._finished(work, quarter, busy)
+            except BaseException as exc:
+                with self._lock:
+                    self._errors.append(exc)
+            finally:
+                self._slots.release()
+
+    def _finished(self, work: ShardWork, quarter: Quarter | None, busy: float) -> None:
+        key = work.key
+        self.rewritten.add(key)
+        t0 = time.perf_counter()
+        if self.manifest is not None:
+            self.manifest.add((0, *key))
+            self.pyramid.shard_done((0, *key), quarter)
+        y0, y1, x0, x1 = work.box
+        self.stats.busy_s += busy + time.perf_counter() - t0
+        self.stats.items += 1
+        self.progress(
+            (y1 - y0) * (x1 - x0)
+            if self.select is None
+            else sum(
+                t.h * t.w
+                for t in self.grid.tiles(*key)
+                if tile_key(t, self.grid.tile) in self.select
+            )
+        )
 
     def _raise(self) -> None:
         if self._errors:
             raise self._errors[0]
 
     def close(self) -> None:
-        """Wait for every queued shard; re-raise the first writer error."""
-        self._pool.shutdown(wait=True)
+        """Wait for every queued shard and the pyramid above them; re-raise the first
+        writer error."""
+        try:
+            for _ in range(2 * self.workers):  # every queued write has been finished
+                self._slots.acquire()
+            self._done.put(None)
+            self._finisher.join()
+        finally:
+            self._pool.shutdown(wait=True)
         self._raise()
 
-    def _write(self, work: ShardWork) -> None:
-        t0 = time.perf_counter()
-        key, box = work.key, work.box
-        layers = {"segmentation": work.labels, "confidence": work.confidence}
-        if self.select is None and "image" in self.store.layers:
-            layers = {"image": work.image, **layers}
-        for layer, data in layers.items():
-            self.store.write(layer, 0, box, data)
-        doubt = work.uncertainty
-        if doubt is None:
-            doubt = tile_uncertainty(work.confidence, self.grid.tile)
-        self.store.write_tiles("uncertainty", *key, doubt)
-        per = self.grid.shard // self.grid.tile
-        if self.versions is None:
-            versions = np.full(doubt.shape, self.model_version, np.uint16)
-        else:
-            with self._lock:
-                for t in self.grid.tiles(*key):
-                    if tile_key(t, self.grid.tile) in self.select:
-                        self.versions[tile_key(t, self.grid.tile)] = self.model_version
-                versions = self.versions[
-                    key[0] * per : (key[0] + 1) * per, key[1] * per : (key[1] + 1) * per
-                ].copy()
-        self.store.write_tiles("model_version", *key, versions)
-        with self._lock:
-            self.rewritten.add(key)
-        if self.manifest is not None:
-            self.manifest.add((0, *key))
-            self.pyramid.shard_done((0, *key), layers)
-        y0, y1, x0, x1 = box
-        with self._lock:
-            self.stats.busy_s += time.perf_counter() - t0
-            self.stats.items += 1
-            self.progress(
-                (y1 - y0) * (x1 - x0)
-                if self.select is None
-                else sum(
-                    t.h * t.w
-                    for t in self.grid.tiles(*key)
-                    if tile_key(t, self.grid.tile) in self.select
-                )
-            )
+    def describe(self) -> dict[str, Any]:
+        return {"workers": self.workers, "processes": self.processes}
