@@ -185,6 +185,7 @@ def _segment_options(args: argparse.Namespace):
         batch=args.batch,
         copy_image=args.copy_image,
         write_workers=args.writers,
+        write_processes=args.writer_processes,
         overwrite=args.overwrite,
     )
     if args.runtime == "triton":
@@ -667,8 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
             "in place",
         )
         sp.add_argument("--threads", type=int, help="runtime threads (default: all cores)")
+        sp.add_argument("--writers", type=int, help="writers, one shard each (default: all cores)")
         sp.add_argument(
-            "--writers", type=int, help="writer threads, one shard each (default: all cores)"
+            "--writer-processes",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="writers as processes (default: for jobs of 8 shards or more; else threads)",
         )
         sp.add_argument("--overwrite", action="store_true", help="replace existing stores")
         sp.add_argument(

@@ -5,12 +5,14 @@ A writer writes the shard's layers and per-tile arrays and returns its quarter (
 arrays downsampled once); the shard is then listed in the manifest (resume) and the
 pyramid writes a parent as soon as its last child is in.
 
-Two pools: **threads** for small jobs (no start-up cost), **processes** otherwise. The
-codecs release the GIL, but zarr-python's per-chunk asyncio bookkeeping does not and all
-of it runs on one event-loop thread per process: measured here, two writer threads wrote
-16 shards no faster than one (3.1 s each), so writers on every core means a zarr per
-process. A process gets the shard's arrays pickled (≈ 2 bytes per pixel, plus the image
-when the store copies it).
+Two pools: **threads**, or **processes** for big jobs on many cores. The codecs release
+the GIL, but zarr-python's per-chunk asyncio bookkeeping does not and all of it runs on
+one event-loop thread per process: measured here, two writer threads alone wrote 16
+shards no faster than one (3.1 s each), so writers on every core of a big host means a
+zarr per process. A process gets the shard's arrays pickled (≈ 2 bytes per pixel, plus
+the image when the store copies it). On 2 cores threads won in the pipeline (8192²,
+zero-cost model: 13–15.5 vs 9–10 Mpx/s), since decode, pre and post release the GIL
+while two more processes only compete for the cores.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from segloop.pipeline.tiling import Tile, TileGrid
 from segloop.pipeline.uncertainty import tile_uncertainty
 
 TileKey = tuple[int, int]  # (ty, tx) level-0 tile = chunk
-#: jobs of at least this many shards write with processes (below: threads)
-PROCESS_SHARDS = 8
+#: writer processes (instead of threads) for jobs of at least this many shards on hosts of
+#: at least this many cores: on 2 cores threads measured faster (the pipeline's other
+#: stages release the GIL; two more processes only compete for the cores)
+PROCESS_SHARDS, PROCESS_CORES = 8, 4
 
 _STORE: OutputStore | None = None  # a writer process's own handle on the store
 
@@ -81,7 +85,8 @@ class ShardWriter:
     confidence. Written level-0 shards are collected in ``rewritten``; ``stats`` sums the
     writers' busy time (so it may exceed the wall time).
 
-    processes: None = processes for jobs of ≥ ``PROCESS_SHARDS`` shards (``expect``).
+    processes: None = processes for jobs of ≥ ``PROCESS_SHARDS`` shards (``expect``) with
+    ≥ ``PROCESS_CORES`` writers and cores.
     """
 
     def __init__(
@@ -102,7 +107,8 @@ class ShardWriter:
         self.stats = StageStats("write")
         self.workers = workers or len(os.sched_getaffinity(0))
         if processes is None:
-            processes = expect >= PROCESS_SHARDS and self.workers > 1
+            cores = len(os.sched_getaffinity(0))
+            processes = expect >= PROCESS_SHARDS and min(cores, self.workers) >= PROCESS_CORES
         self.processes = processes
         self._pool: Executor
         if processes:
