@@ -497,6 +497,20 @@ def cmd_users(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """One line per problem on stdout; exit 1 if any, 0 if the store is intact."""
+    from segloop.review.check import check_store
+
+    report = check_store(args.store)
+    for line in report.problems:
+        print(f"{args.store}: {line}")
+    for line in report.notes:
+        _info(args, f"note: {line}")
+    verdict = f"{len(report.problems)} problems" if report.problems else "intact"
+    _info(args, f"{args.store}: {verdict} ({report.arrays} arrays, {report.shards} shards read)")
+    return 1 if report.problems else 0
+
+
 def cmd_export_corrections(args: argparse.Namespace) -> int:
     from segloop.review.export import export_corrections
 
@@ -805,6 +819,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", type=Path, required=True, help="the store whose users to manage")
     common(s, json_flag=False)
     s.set_defaults(func=cmd_users)
+
+    s = sub.add_parser(
+        "check", help="full integrity check of a store: database, zarr metadata, every chunk"
+    )
+    s.add_argument("store", type=Path, help="a segloop store")
+    common(s, json_flag=False)
+    s.set_defaults(func=cmd_check)
 
     s = sub.add_parser(
         "export-corrections", help="reviewed tiles of a store → training pairs (npz + index)"

@@ -28,6 +28,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from segloop.review import handlers, raster, tiles
+from segloop.review.check import DamagedChunk
 from segloop.review.db import BUSY_S, ROLES, Busy, Full, ReviewDB, require_intact, translate
 from segloop.review.edits import Edit
 from segloop.review.handlers import json_error
@@ -158,6 +159,9 @@ def _as_http(request: web.Request, exc: Exception) -> web.HTTPException:
         return json_error(503, str(exc), headers={"Retry-After": retry}, retry_after=BUSY_S)
     if isinstance(exc, Full):
         return json_error(507, str(exc))
+    if isinstance(exc, DamagedChunk):  # the store, not the request: say which file
+        request.app.logger.error("%s: %s", request.path, exc)
+        return json_error(500, str(exc), damaged=True)
     # an unexpected bug: a JSON 500 and the log, no traceback out
     request.app.logger.error("error in %s", request.path, exc_info=exc)
     return json_error(500, type(exc).__name__)

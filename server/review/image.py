@@ -27,6 +27,7 @@ import zarr
 from segloop.io.ome_zarr import StoreLock, array_path, read_record
 from segloop.pipeline.pyramid import downsample_mode
 from segloop.review import db as review_db
+from segloop.review.check import DamagedChunk, damaged
 from segloop.review.chunks import ChunkCache, Key
 from segloop.review.db import Full, ReviewDB
 from segloop.review.edits import (
@@ -140,10 +141,13 @@ class ReviewImage:
         """(h, w) labels / confidence, (C, h, w) image in the source dtype."""
         if layer == SEG:
             return self.chunks.get((level, cy, cx))
-        if layer == "image":
-            return self.image.read(level, self.chunk_box(level, cy, cx))
-        y0, y1, x0, x1 = self.chunk_box(level, cy, cx)
-        return self.array(layer, level)[..., y0:y1, x0:x1]  # never edited: no lock
+        box = self.chunk_box(level, cy, cx)
+        try:
+            if layer == "image":
+                return self.image.read(level, box)
+            return self.array(layer, level)[..., box[0] : box[1], box[2] : box[3]]  # no lock
+        except Exception as exc:
+            raise self._damaged(layer, level, cy, cx, exc) from exc
 
     def read_versioned(self, layer: str, level: int, cy: int, cx: int) -> tuple[int, np.ndarray]:
         """(version, chunk) of one moment, never a new chunk under an old version."""
@@ -163,7 +167,23 @@ class ReviewImage:
         level, cy, cx = key
         y0, y1, x0, x1 = self.chunk_box(level, cy, cx)
         with self.shard_lock(level, cy, cx):
-            return self.array(SEG, level)[y0:y1, x0:x1]
+            try:
+                return self.array(SEG, level)[y0:y1, x0:x1]
+            except Exception as exc:
+                raise self._damaged(SEG, level, cy, cx, exc) from exc
+
+    def _damaged(self, layer: str, level: int, cy: int, cx: int, exc: Exception) -> Exception:
+        """A zarr read that failed → ``DamagedChunk`` naming the shard file (``exc`` itself
+        where it is not a decoding failure: a locked or full disk stays what it is)."""
+        if isinstance(exc, (OSError, DamagedChunk)):
+            return exc
+        if layer == "image" and self.image.mode != "copy":
+            return exc  # the input read in place: its reader's own error
+        per = self.shard // self.tile
+        key = (cy // per, cx // per)
+        return damaged(
+            self.path, array_path(layer, level), (0, *key) if layer == "image" else key, exc
+        )
 
     def _write_seg(self, level: int, chunks: dict[Key, np.ndarray]) -> None:
         """Write label chunks of one level, one zarr write per shard (the box around the

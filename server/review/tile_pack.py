@@ -26,6 +26,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from segloop.review.check import DamagedChunk
+
 #: where older versions kept the pack: inside the store (deleted at start)
 LEGACY_NAME = "review-tiles.sqlite"
 CACHE_ENV = "SEGLOOP_CACHE"
@@ -140,7 +142,10 @@ class TilePack:
                 self._stop.wait(0.01)
             if self._stop.is_set():
                 return []
-            return [(*key, *lf, data) for lf, data in render(*key).items()]
+            try:
+                return [(*key, *lf, data) for lf, data in render(*key).items()]
+            except DamagedChunk:  # left out: served live, where it answers its clear error
+                return []
 
         conn = _connect(self.path)
         workers = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="segloop-pack")
