@@ -26,6 +26,7 @@ VARIANTS = {
     "window-512-shard-1024": ["--window", "512", "--shard", "1024"],
     "shard-512-writers-1": ["--shard", "512", "--writers", "1"],
     "shard-256-writers-3": ["--shard", "256", "--writers", "3", "--batch", "1"],
+    "writer-processes": ["--shard", "256", "--writers", "2", "--writer-processes"],
 }
 
 
@@ -52,6 +53,12 @@ def test_same_bits_for_every_window_shard_and_writer_count(variants):
             if key[0].isdigit() and key not in got:
                 continue  # a shard size changes nothing but the image copy's layout
             np.testing.assert_array_equal(got[key], ref[key], err_msg=f"{name}: {key}")
+
+
+def test_writer_processes_were_used(variants):
+    write = json.loads((variants["writer-processes"] / "segloop.json").read_text())["stats"]
+    assert write["stages"]["write"]["processes"] is True
+    assert write["stages"]["write"]["items"] == 36  # 6 × 6 shards of 256²
 
 
 def test_halo_overhead_is_reported_and_falls_with_the_window(variants):

@@ -211,9 +211,11 @@ def test_already_complete_and_changed_parameters(stores, slide):
     assert (store / "segloop.json").read_text() == before
 
 
-def test_sigkill_then_resume_is_bit_identical(slide, tmp_path):
-    """Kill -9 after the first finished shard; the same command resumes; same bits."""
-    args = [slide[0], "--tile", "256", "--shard", "256", "--batch", "2"]
+@pytest.mark.parametrize("writers", ["--no-writer-processes", "--writer-processes"])
+def test_sigkill_then_resume_is_bit_identical(slide, tmp_path, writers):
+    """Kill -9 after the first finished shard; the same command resumes; same bits
+    (writer threads, or writer processes that die with the job)."""
+    args = [slide[0], "--tile", "256", "--shard", "256", "--batch", "2", writers]
     ref = tmp_path / "ref.zarr"
     assert run_cli("segment", args[0], "-o", ref, *args[1:], "--quiet").returncode == 0
 
