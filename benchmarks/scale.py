@@ -1,0 +1,169 @@
+"""A 100k × 80k slide end to end, run (not extrapolated): make, segment, serve.
+
+1. Makes a pyramidal JPEG BigTIFF cheaply: one 512² H&E tile from ``segloop synth``,
+   JPEG-encoded once per level and written as pre-compressed tiles (tifffile), levels
+   until the image fits a tile. The same for a 10k² reference.
+2. Segments both through the CLI with the zero-cost model (``segloop.bench.zero_model``:
+   the host pipeline's ceiling) in fresh processes: wall time, Mpx/s, peak RSS, store size.
+3. Serves the big store (``segloop serve``): first-tile latency of image, labels and
+   confidence tiles at level 0 and at the top, and the tile pack's progress in a window.
+
+    python benchmarks/scale.py [--height 80000 --width 100000] [--save benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import requests
+import tifffile
+
+from segloop.bench.segment import machine, store_bytes
+from segloop.bench.serve import _server
+from segloop.bench.zero_model import identity_model
+from segloop.pipeline.segment import default_model
+from segloop.review.db import ReviewDB
+from segloop.synth import write_ome_tiff
+
+TILE = 512
+
+
+def make_slide(path: Path, height: int, width: int, tmp: Path) -> None:
+    """Pyramidal JPEG BigTIFF of one repeated tile (level k: the tile downsampled k times)."""
+    seed = tmp / "seed.ome.tif"
+    if not seed.exists():
+        write_ome_tiff(seed, 4 * TILE, 4 * TILE, seed=7)
+    block = tifffile.imread(seed)[TILE : 2 * TILE, TILE : 2 * TILE]
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        h, w, level, img = height, width, 0, block
+        levels = 1
+        while max(-(-height >> levels), -(-width >> levels)) > TILE:
+            levels += 1
+        while level < levels:
+            data = imagecodecs.jpeg_encode(img, level=90)
+            n = -(-h // TILE) * -(-w // TILE)
+            opts = dict(tile=(TILE, TILE), compression="jpeg", photometric="rgb")
+            if level == 0:
+                opts["subifds"] = levels - 1
+            else:
+                opts["subfiletype"] = 1
+            tw.write(iter([data] * n), shape=(h, w, 3), dtype=np.uint8, **opts)
+            img = np.ascontiguousarray(img[::2, ::2].repeat(2, 0).repeat(2, 1))
+            h, w, level = -(-h // 2), -(-w // 2), level + 1
+
+
+def segment(image: Path, out: Path, model: Path) -> dict:
+    cmd = [sys.executable, "-m", "segloop", "segment", str(image), "-o", str(out)]
+    proc = subprocess.run(
+        [*cmd, "--model", str(model), "--json", "--overwrite"], capture_output=True, text=True
+    )
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def serve(store: Path, pack_window_s: float) -> dict:
+    db = ReviewDB(store)
+    token = db.add_user("scale", "reviewer")
+    db.close()
+    headers = {"Authorization": f"Bearer {token}", "Accept": "image/webp,*/*"}
+    cmd = [sys.executable, "-m", "segloop", "serve", str(store), "--port", "{port}"]
+    out: dict = {}
+    t_start = time.perf_counter()
+    with _server(cmd, "/api/health") as base:
+        out["server_ready_s"] = round(time.perf_counter() - t_start, 2)
+        name = requests.get(base + "/api/images", headers=headers, timeout=30).json()
+        name = name[0]["name"] if isinstance(name, list) else next(iter(name))
+        meta = requests.get(f"{base}/api/images/{name}", headers=headers, timeout=30).json()
+        top = len(meta["level_shapes"]) - 1
+        h0, w0 = meta["level_shapes"][0]
+        middle = (h0 // TILE // 2, w0 // TILE // 2)
+        first: dict[str, float] = {}
+        for layer in ("image", "segmentation", "confidence"):
+            for level, (ty, tx) in ((0, middle), (top, (0, 0))):
+                url = f"{base}/api/images/{name}/tiles/{layer}/{level}/{ty}/{tx}"
+                t0 = time.perf_counter()
+                r = requests.get(url, headers=headers, timeout=60)
+                r.raise_for_status()
+                first[f"{layer}/{level}"] = round((time.perf_counter() - t0) * 1000, 1)
+        out["first_tile_ms"] = first
+        t0 = time.perf_counter()
+        pack0 = requests.get(f"{base}/api/images/{name}", headers=headers).json()["tile_pack"]
+        if pack0 is None:
+            return out
+        while time.perf_counter() - t0 < pack_window_s:
+            pack = requests.get(f"{base}/api/images/{name}", headers=headers).json()
+            if pack["tile_pack"]["tiles"] >= pack["tile_pack"]["of"]:
+                break
+            time.sleep(1)
+        pack = pack["tile_pack"]
+        dt = time.perf_counter() - t0
+        out["tile_pack"] = {
+            "tiles_done": pack["tiles"],
+            "of": pack["of"],
+            "window_s": round(dt, 1),
+            "tiles_per_s": round((pack["tiles"] - pack0["tiles"]) / dt, 1),
+        }
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--height", type=int, default=80_000)
+    p.add_argument("--width", type=int, default=100_000)
+    p.add_argument("--reference", type=int, default=10_000)
+    p.add_argument("--pack-window", type=float, default=60.0)
+    p.add_argument("--save", type=Path)
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="segloop-scale-", dir=os.environ.get("TMPDIR")) as d:
+        tmp = Path(d)
+        os.environ["SEGLOOP_CACHE"] = str(tmp / "cache")
+        zero = identity_model(default_model(), tmp / "zero.onnx")
+        result: dict = {"benchmark": "scale", "machine": machine(), "runs": {}}
+        for h, w in ((a.reference, a.reference), (a.height, a.width)):
+            image, store = tmp / f"s{h}x{w}.tif", tmp / f"s{h}x{w}.zarr"
+            t0 = time.perf_counter()
+            make_slide(image, h, w, tmp)
+            made = time.perf_counter() - t0
+            print(f"{h}×{w}: made in {made:.0f} s, segmenting …", file=sys.stderr)
+            s = segment(image, store, zero)["stats"]
+            run = {
+                "height": h,
+                "width": w,
+                "make_s": round(made, 1),
+                "source_bytes": image.stat().st_size,
+                "wall_s": s["wall_s"],
+                "mpx_s": s["mpx_s"],
+                "peak_rss_mb": s["peak_rss_mb"],
+                "store_bytes": store_bytes(store),
+                "stages": s["stages"],
+            }
+            run["store_bytes_per_source_byte"] = round(run["store_bytes"] / run["source_bytes"], 3)
+            if (h, w) == (a.height, a.width):
+                print("serving …", file=sys.stderr)
+                run["serve"] = serve(store, a.pack_window)
+            result["runs"][f"{h}x{w}"] = run
+            print(json.dumps(run), file=sys.stderr)
+        ref, big = (result["runs"][k] for k in result["runs"])
+        result["peak_rss_ratio_big_vs_reference"] = round(
+            big["peak_rss_mb"] / ref["peak_rss_mb"], 3
+        )
+        result["date"] = time.strftime("%Y-%m-%d")
+    print(json.dumps(result, indent=2))
+    if a.save:
+        a.save.mkdir(parents=True, exist_ok=True)
+        name = f"scale_{a.width}x{a.height}_cpu{result['machine']['cores']}"
+        (a.save / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
