@@ -6,10 +6,11 @@ level once (cold: a fresh server, each a zarr read + encode), then all again wit
 browser cache (server-cached: the server's encoded-tile cache answers), then all again
 with ``If-None-Match`` (304s); then one client sends 200-point strokes of radius 40 (edit
 round trip: validation, rasterising, SQLite commit with fsync; the shards are rewritten
-behind the answer). Where ``wrk`` is on PATH, the cached and 304 passes are also driven by
-it (a C client on one thread, cycling through the same URLs for 5 s): the aiohttp client
-costs the shared cores about as much as the server does, so wrk shows the server's own
-latency.
+behind the answer), then the largest polygon and stroke the per-edit budget allows
+(``review/worst.py``) while another asks ``/api/health`` back to back. Where ``wrk`` is on
+PATH, the cached and 304 passes are also driven by it (a C client on one thread, cycling
+through the same URLs for 5 s): the aiohttp client costs the shared cores about as much as
+the server does, so wrk shows the server's own latency.
 Client and server share the machine's cores, so the numbers include the client's cost.
 """
 
@@ -106,6 +107,64 @@ async def _edits(base: str, token: str, shape: tuple[int, int], n: int) -> list[
                     raise RuntimeError(f"edit: HTTP {r.status}")
             lat.append(time.perf_counter() - t0)
     return lat
+
+
+async def _worst_edits(
+    base: str, token: str, shape: tuple[int, int], tile: int, rounds: int
+) -> dict[str, Any]:
+    """The largest allowed polygon and stroke (``review/worst.py``), ``rounds`` of each in
+    turn from one client, while another asks ``/api/health`` back to back: each edit's
+    latency, and the health latencies of the requests sent while an edit was in flight."""
+    import aiohttp
+
+    from segloop.review.worst import rows_swept, worst_polygon, worst_stroke
+
+    bodies = {"polygon": worst_polygon(shape, tile), "stroke": worst_stroke(shape, tile)}
+    lat: dict[str, list[float]] = {name: [] for name in bodies}
+    during: list[float] = []
+    busy = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def ping(s: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            await busy.wait()
+            t0 = time.perf_counter()  # sent while an edit is in flight: counted
+            async with s.get(base + "/api/health") as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"health: HTTP {r.status}")
+            if not stop.is_set():
+                during.append(time.perf_counter() - t0)
+
+    auth = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as pinger, aiohttp.ClientSession(headers=auth) as s:
+        task = asyncio.create_task(ping(pinger))
+        for _ in range(rounds):
+            for name, body in bodies.items():
+                busy.set()
+                t0 = time.perf_counter()
+                async with s.post(base + "/api/images/bench/edits", json=body) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"worst {name}: HTTP {r.status} {await r.text()}")
+                lat[name].append(time.perf_counter() - t0)
+                busy.clear()
+                body["label"] = 3 - body["label"]  # 1 ↔ 2: the next one changes pixels
+        stop.set()
+        busy.set()
+        await task
+    return {
+        **{
+            name: {
+                **_pct(lat[name]),
+                "points": len(body["points"]),
+                "rows_swept": rows_swept(body),
+                **({"radius": body["radius"]} if "radius" in body else {}),
+            }
+            for name, body in bodies.items()
+        },
+        "health_during": _pct(during) if during else None,
+    }
 
 
 _WRK_SCRIPT = """
@@ -246,6 +305,7 @@ def run_serve_bench(
     edits: int = 50,
     large_image: str | None = None,
     rounds: int = 2,
+    worst_rounds: int = 3,
     save: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -298,6 +358,8 @@ def run_serve_bench(
                 }
             log(f"{edits} edits (200 points, radius 40) …")
             edit_lat = asyncio.run(_edits(base, token, tuple(meta["shape"]), edits))
+            log(f"the largest allowed polygon and stroke, {worst_rounds} each, health meanwhile …")
+            worst = asyncio.run(_worst_edits(base, token, tuple(meta["shape"]), tile, worst_rounds))
         versus = None
         if large_image:
             versus = _vs_large_image(
@@ -314,6 +376,7 @@ def run_serve_bench(
         "server_cached_tiles": _summary(cached, cached_s),
         "not_modified": _summary(hit, hit_s),
         "edit_round_trip": _pct(edit_lat),
+        "worst_case_edit": worst,
         "wrk": by_wrk,
         "vs_large_image": versus,
         "machine": machine(),
@@ -358,6 +421,29 @@ def _markdown(r: dict[str, Any]) -> str:
     for name, v, target in rows:
         rate = v.get("tiles_s", v.get("requests_s", ""))
         out.append(f"| {name} | {v['p50_ms']} | {v['p99_ms']} | {rate} | {target} |")
+    worst = r.get("worst_case_edit")
+    if worst:
+        health = worst["health_during"]
+        out += [
+            "",
+            "Worst-case edits (the largest the per-edit budget allows, `review/worst.py`), "
+            "one client, while another asks `/api/health` back to back:",
+            "",
+            "| edit | points | rows swept | p50 ms | p99 ms | n |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in ("polygon", "stroke"):
+            v = worst[name]
+            out.append(
+                f"| {name} | {v['points']} | {v['rows_swept']} | {v['p50_ms']} | "
+                f"{v['p99_ms']} | {v['n']} |"
+            )
+        if health:
+            out += [
+                "",
+                f"`/api/health` meanwhile: p50 {health['p50_ms']} ms, p99 {health['p99_ms']} "
+                f"ms ({health['n']} requests; target p99 < 100).",
+            ]
     vs = r.get("vs_large_image")
     if vs:
         out += [
