@@ -22,6 +22,11 @@ function takeToken() {
   return sessionStorage.getItem("segloop-token");
 }
 
+// the image's API prefix: its name URL-encoded (a store folder may be named "a#b" or "x?y")
+function imagePath() {
+  return `/api/images/${encodeURIComponent(state.image)}`;
+}
+
 async function api(method, path, body) {
   const r = await fetch(path, {
     method,
@@ -47,7 +52,7 @@ function tileSource(layer) {
       const k = maxLevel - level;
       const v = layer === "segmentation" ? state.versions[`${k}/${y}/${x}`] : 0;
       const q = v === undefined ? "" : `?v=${v}`;
-      return `/api/images/${state.image}/tiles/${layer}/${k}/${y}/${x}${q}`;
+      return `${imagePath()}/tiles/${layer}/${k}/${y}/${x}${q}`;
     },
   };
 }
@@ -176,7 +181,7 @@ async function deliver(entry, released, stored = Promise.resolve()) {
       const edit = { ...entry.edit, base: baseFor(entry.edit) };
       try {
         const t0 = performance.now();
-        const out = await api("POST", `/api/images/${state.image}/edits`, edit);
+        const out = await api("POST", `${imagePath()}/edits`, edit);
         if (released !== undefined) {
           state.acks.push(performance.now() - released);
           state.posts.push(performance.now() - t0);
@@ -279,7 +284,7 @@ function setTool(tool) {
 
 // --- review ----------------------------------------------------------------------------
 async function nextTile() {
-  const out = await api("POST", `/api/images/${state.image}/queue/next`);
+  const out = await api("POST", `${imagePath()}/queue/next`);
   if (!out.tile) { status("queue empty"); return; }
   state.lease = out.tile;
   const [ty, tx] = out.tile;
@@ -292,7 +297,7 @@ async function nextTile() {
 async function review(stateName, extra = {}) {
   if (!state.lease) { status("take a tile first (N)"); return; }
   const [ty, tx] = state.lease;
-  await api("PUT", `/api/images/${state.image}/review/${ty}/${tx}`, { state: stateName, ...extra });
+  await api("PUT", `${imagePath()}/review/${ty}/${tx}`, { state: stateName, ...extra });
   status(`tile ${ty},${tx}: ${stateName}`);
   loadCoverage();
 }
@@ -306,7 +311,7 @@ const STATE_COLOURS = {
 };
 
 async function loadCoverage() {
-  const cov = await api("GET", `/api/images/${state.image}/coverage`);
+  const cov = await api("GET", `${imagePath()}/coverage`);
   const canvas = document.getElementById("coverage");
   const [ny, nx] = [cov.grid.length, cov.grid[0].length];
   const cell = Math.max(1, Math.floor(160 / Math.max(ny, nx)));
@@ -325,7 +330,7 @@ async function loadCoverage() {
 // the coarsest image tile, fetched once the view shows its first tile (off the critical path)
 async function loadOverviewImage() {
   const top = state.meta.levels - 1;
-  const r = await fetch(`/api/images/${state.image}/tiles/image/${top}/0/0?v=0`,
+  const r = await fetch(`${imagePath()}/tiles/image/${top}/0/0?v=0`,
     { headers: { Authorization: `Bearer ${state.token}` } });
   if (r.ok) state.overview = await createImageBitmap(await r.blob());
   drawOverview();
@@ -364,7 +369,7 @@ let editsTimer = null;
 function loadEdits() {
   clearTimeout(editsTimer);
   editsTimer = setTimeout(async () => {
-    const rows = await api("GET", `/api/images/${state.image}/edits?limit=25`);
+    const rows = await api("GET", `${imagePath()}/edits?limit=25`);
     const list = document.getElementById("edit-list");
     list.replaceChildren();
     const expert = ["reviewer", "admin"].includes(state.user.role);
@@ -380,7 +385,7 @@ function loadEdits() {
           b.textContent = decision;
           b.dataset.testid = `${decision}-${r.id}`;
           b.onclick = async () => {
-            const out = await api("POST", `/api/images/${state.image}/edits/${r.id}/decision`, { decision });
+            const out = await api("POST", `${imagePath()}/edits/${r.id}/decision`, { decision });
             refreshOverlay(out.revert?.pyramid || {});
             status(`edit ${r.id} ${out.status}`);
             loadEdits();
@@ -395,7 +400,7 @@ function loadEdits() {
 
 async function undoRedo(op) {
   try {
-    const out = await api("POST", `/api/images/${state.image}/${op}`);
+    const out = await api("POST", `${imagePath()}/${op}`);
     refreshOverlay(out.pyramid || {});
     status(`${op} done`);
   } catch (e) { status(e.message); }
@@ -404,7 +409,7 @@ async function undoRedo(op) {
 // --- live updates ------------------------------------------------------------------------
 function listen() {
   const proto = location.protocol === "https:" ? "wss" : "ws";
-  const ws = new WebSocket(`${proto}://${location.host}/api/images/${state.image}/live?token=${state.token}`);
+  const ws = new WebSocket(`${proto}://${location.host}${imagePath()}/live?token=${encodeURIComponent(state.token)}`);
   ws.onopen = () => flushOutbox();  // (re)connected: send what a lost connection held back
   ws.onmessage = (m) => {
     const event = JSON.parse(m.data);
@@ -434,7 +439,7 @@ async function start() {
   state.meta = images.find((i) => i.name === wanted) || images[0];
   state.image = state.meta.name;
   const versions = state.meta.versions.edited_chunks
-    ? api("GET", `/api/images/${state.image}/versions`) : {};
+    ? api("GET", `${imagePath()}/versions`) : {};
   const parsed = new Promise((resolve) => (document.readyState === "loading"
     ? document.addEventListener("DOMContentLoaded", resolve) : resolve()));
   [state.user, state.versions] = await Promise.all([user, versions, opened, parsed]);

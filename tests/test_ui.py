@@ -280,3 +280,35 @@ def test_overlay_opacity_slider(browser, site):
     opacity = page.evaluate("state.seg.getOpacity()")
     assert opacity == 0
     page.close()
+
+
+def test_store_name_with_hash_and_space_is_url_encoded(browser, site, tmp_path):
+    """A store folder named ``a#b c.zarr``: tiles, the WebSocket and an edit all reach the
+    image (unencoded, ``#`` would cut the WebSocket URL into a fragment)."""
+    store = tmp_path / "a#b c.zarr"
+    shutil.copytree(site["store"], store)
+    server = Server(store)
+    try:
+        fetched: list[str] = []
+        page = browser.new_page(viewport=VIEWPORT)
+        page.on("response", lambda r: fetched.append(r.url) if "/tiles/" in r.url else None)
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{server.base}/?token={site['tokens']['reviewer']}")
+        page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+        page.wait_for_function("state.ws && state.ws.readyState === WebSocket.OPEN")
+        wait_tiles(page)
+        assert any("/api/images/a%23b%20c/tiles/segmentation/" in u for u in fetched), fetched
+        page.get_by_test_id("tool-brush").click()
+        box = page.get_by_test_id("viewer").bounding_box()
+        x0, y0 = box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5
+        page.mouse.move(x0, y0)
+        page.mouse.down()
+        page.mouse.move(x0 + 20, y0 + 5)
+        page.mouse.up()
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('saved')")
+        assert errors == []
+        page.close()
+    finally:
+        server.stop()
