@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from segloop.io.source import open_image
+from segloop.io.formats import open_image
 from segloop.pipeline.read import BlockCache, plan_windows
 from segloop.pipeline.tiling import TileGrid
 from segloop.synth import write_ome_tiff

@@ -8,7 +8,7 @@ import tifffile
 import zarr
 from PIL import Image
 
-from segloop.io.source import open_image
+from segloop.io.formats import open_image
 
 rng = np.random.default_rng(0)
 H, W = 301, 257  # odd sizes on purpose

@@ -26,7 +26,7 @@ import make_image
 from common import rehearsal, write_phase
 
 from segloop.bench.monai import half_predictor, monai_segment
-from segloop.io.source import open_image
+from segloop.io.formats import open_image
 from segloop.model.card import read_card
 from segloop.pipeline.segment import default_model
 from segloop.pipeline.tiling import TileGrid

@@ -81,7 +81,7 @@ def ort_predictor(rt) -> Callable:
 def main() -> None:
     import torch
 
-    from segloop.io.source import open_image
+    from segloop.io.formats import open_image
     from segloop.pipeline.segment import default_model
     from segloop.runtimes import create_runtime
 

@@ -30,14 +30,13 @@ import psutil
 
 from segloop.bench.monai import half_predictor, monai_segment, ort_predictor
 from segloop.bench.zero_model import identity_model
+from segloop.io.formats import open_image
 from segloop.io.ome_zarr import remove_store
-from segloop.io.source import open_image
 from segloop.kernels.pre import normalise_windows
-from segloop.pipeline.read import ShardReader
+from segloop.pipeline.read import ShardReader, batches
 from segloop.pipeline.segment import (
+    BATCH_PIXELS,
     SegmentOptions,
-    batches,
-    default_batch,
     default_model,
     normalisation_for,
     segment,
@@ -156,7 +155,7 @@ def run_bench(
         model = default_model()
         rt = create_runtime(runtime, model, threads, **on_gpu)
         grid = TileGrid.create(size, size, tile, rt.card["halo"], rt.card["input"]["multiple_of"])
-        batch = batch or default_batch(grid)
+        batch = batch or grid.default_batch(BATCH_PIXELS)
         opts = SegmentOptions(
             runtime=runtime, model=model, tile=tile, batch=batch, threads=threads,
             overwrite=True, runtime_options=on_gpu,

@@ -30,7 +30,7 @@ def _request_overhead_ms(
     image: Path, url: str, tile: int, batch: int, threads: int, shm: str, n: int = 10
 ) -> dict[str, float]:
     """Median ms for one batch: ensemble call vs in-process pre + run + post."""
-    from segloop.io.source import open_image
+    from segloop.io.formats import open_image
 
     src = open_image(image)
     local = create_runtime("onnx", default_model(), threads)

@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from segloop.errors import UserError
-from segloop.io.location import Location, is_url
 
 CHANNEL_AXES = ("C", "S")
-TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTIFF
 
 
 class ImageSource:
@@ -145,35 +143,3 @@ def stream_fingerprint(f, size: int) -> str:
 def file_fingerprint(path: Path) -> str:
     with path.open("rb") as f:
         return stream_fingerprint(f, path.stat().st_size)
-
-
-def open_image(path: str | Path) -> ImageSource:
-    """Open TIFF/OME-TIFF, OME-Zarr/zarr or PNG/JPEG for region reads."""
-    from segloop.io import pillow, tiff, zarr_source
-
-    if is_url(path):  # object storage: OME-Zarr / zarr or TIFF, through fsspec
-        loc = Location(path)
-        if any(loc.exists(m) for m in ("zarr.json", ".zarray", ".zgroup")):
-            return zarr_source.open_zarr(loc)
-        if not loc.exists():
-            raise UserError(f"input not found: {path}")
-        with loc.fs.open(loc.url, "rb") as f:
-            if f.read(4) not in TIFF_MAGIC:
-                raise UserError(f"{path}: remote inputs must be TIFF/OME-TIFF or (OME-)Zarr")
-        return tiff.open_tiff(loc)
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"input not found: {p}")
-    if p.is_dir():
-        if any((p / m).exists() for m in ("zarr.json", ".zarray", ".zgroup")):
-            return zarr_source.open_zarr(p)
-        raise UserError(f"{p} is a directory but not a zarr store; give an image file or .zarr")
-    if p.stat().st_size == 0:
-        raise UserError(f"{p} is an empty file")
-    with p.open("rb") as f:
-        magic = f.read(8)
-    if magic[:4] in TIFF_MAGIC:
-        return tiff.open_tiff(p)
-    if magic.startswith(b"\x89PNG") or magic.startswith(b"\xff\xd8\xff"):
-        return pillow.open_pillow(p)
-    raise UserError(f"{p} is not a supported image (TIFF, OME-TIFF, OME-Zarr, zarr, PNG, JPEG)")

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from distributed import Client
 
     from segloop.io.ome_zarr import OutputStore
+    from segloop.pipeline.job import SegmentOptions
     from segloop.pipeline.manifest import Manifest
-    from segloop.pipeline.segment import SegmentOptions
     from segloop.pipeline.tiling import TileGrid
 
 _OPEN: dict[tuple, tuple] = {}  # per worker process: (image, model options) → (src, rt)
@@ -57,12 +57,12 @@ def connect(scheduler: str) -> Client:
 
 
 def _opened(input_path: Path | str, opts: SegmentOptions) -> tuple:
-    from segloop.pipeline.segment import _open_runtime
+    from segloop.pipeline.job import open_runtime
 
     key = (str(input_path), opts.runtime, str(opts.model), opts.threads, repr(opts.runtime_options))
     with _OPEN_LOCK:
         if key not in _OPEN:
-            _OPEN[key] = _open_runtime(input_path, opts)
+            _OPEN[key] = open_runtime(input_path, opts)
         return _OPEN[key]
 
 
@@ -76,13 +76,13 @@ def segment_band(
 ) -> dict[str, Any]:
     """Worker side: segment ``shards`` (level 0 + per-tile arrays) into the store ``out``."""
     from segloop.io.ome_zarr import OutputStore
-    from segloop.pipeline.segment import _run_stages
+    from segloop.pipeline.job import run_stages
     from segloop.pipeline.write import ShardWriter
 
     src, rt = _opened(input_path, opts)
     store = OutputStore(out, grid, src.channels, src.dtype)
     writer = ShardWriter(store, lambda n: None, model_version, workers=opts.write_workers)
-    wall, _ = _run_stages(src, rt, grid, opts, shards, writer, out)
+    wall, _ = run_stages(src, rt, grid, opts, shards, writer, out)
     return {"shards": sorted(writer.rewritten), "wall_s": wall, "pid": os.getpid()}
 
 

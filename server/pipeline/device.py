@@ -25,7 +25,6 @@ streams/events are the simulator's (its timings are not real: GPU busy is None).
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -33,23 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from segloop.errors import UserError
 from segloop.kernels.pre import Normalisation
-from segloop.pipeline.read import ShardWork
+from segloop.pipeline.read import ShardWork, batches
 from segloop.pipeline.stages import Stage
 from segloop.pipeline.tiling import TileGrid
 
 #: shards in flight on the device (upload of n+1 ‖ compute of n ‖ download of n−1)
 RING = 3
-
-
-def check_device(device: str) -> None:
-    """Refuse ``device`` with one line when this machine cannot run it."""
-    if device == "sim" and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-        raise UserError(
-            "--device sim runs the CUDA kernels in numba's simulator: set "
-            "NUMBA_ENABLE_CUDASIM=1 (a CI rehearsal; slow, use small images)"
-        )
 
 
 @dataclass
@@ -131,7 +120,6 @@ class DeviceStages:
 
     def device(self, item: tuple) -> list:
         from segloop.kernels.pre_cuda import WindowNormaliser
-        from segloop.pipeline.segment import batches
 
         work, slot = item
         h, w = work.box[1] - work.box[0], work.box[3] - work.box[2]

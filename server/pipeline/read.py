@@ -141,6 +141,19 @@ class ShardWork:
         return np.moveaxis(self.region[y0 - r0 : y1 - r0, x0 - c0 : x1 - c0], -1, 0)
 
 
+def batches(work: ShardWork, size: int) -> Iterator[list[int]]:
+    """Window indices of one shard in batches of at most ``size`` same-shape windows."""
+    group: list[int] = []
+    for i, w in enumerate(work.windows):
+        first = work.windows[group[0]] if group else None
+        if group and (len(group) == size or (w.sh, w.sw) != (first.sh, first.sw)):
+            yield group
+            group = []
+        group.append(i)
+    if group:
+        yield group
+
+
 def plan_windows(
     grid: TileGrid, key: tuple[int, int], boxes: list[Box] | None = None
 ) -> tuple[list[Window], Box, list[tuple[np.ndarray, np.ndarray]]]:

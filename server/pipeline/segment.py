@@ -1,23 +1,18 @@
 """``segment``: image → OME-Zarr labels + confidence, tile by tile, stages overlapped;
 ``resegment``: the same for the tiles of an existing store that no human touched.
 
-read (decoder pool) → pre (normalise + batch) → infer (runtime) → post (crop, argmax,
-confidence) → write (shard assembly, manifest, pyramid). Peak memory is bounded by the
-queue depths and the shards in flight, not by the image size.
+Here: deciding what to do with the output (create, resume, complete), the run record
+and the store's metadata; the stages themselves run in ``job.run_stages``. Peak memory
+is bounded by the queue depths and the shards in flight, not by the image size.
 """
 
 from __future__ import annotations
 
-import errno
-import gc
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from segloop import __version__
 from segloop.errors import UserError
@@ -30,71 +25,34 @@ from segloop.io.ome_zarr import (
     remove_store,
     write_record,
 )
-from segloop.io.source import ImageSource, open_image
-from segloop.kernels.post import windows_into
-from segloop.kernels.pre import Normalisation, normalise_windows
+from segloop.io.source import ImageSource
+from segloop.pipeline.job import (
+    BATCH_PIXELS,
+    DEFAULT_MODEL_REPOSITORY,
+    ProgressFn,
+    SegmentOptions,
+    default_model,
+    normalisation_for,
+    open_runtime,
+    run_stages,
+    run_stats,
+)
 from segloop.pipeline.manifest import Manifest
 from segloop.pipeline.pyramid import PyramidBuilder
-from segloop.pipeline.read import ShardReader, ShardWork
-from segloop.pipeline.stages import Pipeline, Stage, StageStats, peak_rss_mb
 from segloop.pipeline.tiling import TileGrid
 from segloop.pipeline.write import ShardWriter
-from segloop.runtimes import Runtime, TileRuntime, create_runtime
+from segloop.runtimes import Runtime
 
-DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
-
-ProgressFn = Callable[[int, int], None]  # (pixels done, pixels total)
-#: default batch: as many windows as make ≈ 1.5 Mpx of model input (4 × 608²)
-BATCH_PIXELS = 4 * 608 * 608
-
-
-def default_model() -> Path:
-    """Newest version of ``segloop_unet`` in ``$SEGLOOP_MODEL_REPOSITORY`` or the repo's."""
-    repo = Path(os.environ.get("SEGLOOP_MODEL_REPOSITORY", DEFAULT_MODEL_REPOSITORY))
-    versions = sorted(
-        (
-            int(p.name)
-            for p in (repo / "segloop_unet").glob("[0-9]*")
-            if (p / "model.onnx").exists()
-        ),
-        reverse=True,
-    )
-    if not versions:
-        raise UserError(
-            f"no model found under {repo}/segloop_unet/<version>/model.onnx; "
-            "pass --model or run `segloop train`"
-        )
-    return repo / "segloop_unet" / str(versions[0]) / "model.onnx"
-
-
-@dataclass
-class SegmentOptions:
-    runtime: str = "onnx"
-    model: Path | None = None
-    tile: int = 512
-    shard: int | None = None
-    window: int | None = None  # inference window core (px); None: one per shard
-    batch: int | None = None  # windows per model call; None: ≈ BATCH_PIXELS of input
-    copy_image: bool | None = None  # None: copy unless the source is tiled and pyramidal
-    #: where pre and post run: "cpu" (numba twins), "cuda" (device pipeline, torch),
-    #: "sim" (the device pipeline in numba's CUDA simulator: CI rehearsal)
-    device: str = "cpu"
-    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
-    read_workers: int = 2
-    write_workers: int | None = None  # None: one per core
-    write_processes: bool | None = None  # None: processes for jobs of ≥ 8 shards
-    runtime_options: dict[str, Any] = field(default_factory=dict)  # e.g. triton url
-    overwrite: bool = False
-
-
-def normalisation_for(card: dict, src: ImageSource) -> Normalisation:
-    inp = card["input"]
-    return Normalisation(
-        mean=tuple(inp["mean"]),
-        std=tuple(inp["std"]),
-        channels=(0, 0, 0) if src.channels == 1 else (0, 1, 2),
-        max_value=255.0 if src.dtype == np.uint8 else 65535.0,
-    )
+#: the public face of a job: options, the default model, and the two entry points
+__all__ = [
+    "BATCH_PIXELS",
+    "DEFAULT_MODEL_REPOSITORY",
+    "SegmentOptions",
+    "default_model",
+    "normalisation_for",
+    "resegment",
+    "segment",
+]
 
 
 def image_record(src: ImageSource, copied: bool) -> dict[str, Any]:
@@ -172,165 +130,6 @@ def _prepare_output(out: Location, params: dict, overwrite: bool) -> tuple[str, 
     return ("complete" if record.get("status") == "complete" else "resume"), record
 
 
-def default_batch(grid: TileGrid) -> int:
-    """Windows per model call when ``--batch`` is not given: ≈ ``BATCH_PIXELS`` of input."""
-    return max(1, BATCH_PIXELS // (grid.window_core + 2 * grid.halo) ** 2)
-
-
-def batches(work: ShardWork, size: int) -> Iterator[list[int]]:
-    """Window indices of one shard in batches of at most ``size`` same-shape windows."""
-    group: list[int] = []
-    for i, w in enumerate(work.windows):
-        if group and (
-            len(group) == size
-            or (w.sh, w.sw) != (work.windows[group[0]].sh, work.windows[group[0]].sw)
-        ):
-            yield group
-            group = []
-        group.append(i)
-    if group:
-        yield group
-
-
-def _run_stages(
-    src: ImageSource,
-    rt: Runtime | TileRuntime,
-    grid: TileGrid,
-    opts: SegmentOptions,
-    shards: list[tuple[int, int]],
-    writer: ShardWriter,
-    out: Path | Location,
-    finish: Callable[[], None] = lambda: None,
-    parts: dict[tuple[int, int], list[tuple[int, int, int, int]]] | None = None,
-) -> tuple[float, dict[str, Any]]:
-    """read → pre → infer → post → write over ``shards`` (only the sub-boxes ``parts``
-    of a shard, when given), then ``finish()`` (pyramid); (wall seconds, stage stats).
-    Disk errors become a UserError."""
-    norm = normalisation_for(rt.card, src)
-    halo = grid.halo
-    remote = isinstance(rt, TileRuntime)  # pre + network + post run on a server
-    batch = opts.batch or default_batch(grid)
-
-    def pre(work: ShardWork) -> Iterator[tuple]:
-        for idx in batches(work, batch):
-            rows = np.stack([work.maps[i][0] for i in idx])
-            cols = np.stack([work.maps[i][1] for i in idx])
-            if remote:  # uint8 windows on the wire: gather the reflect-padded windows only
-                arr = work.region[rows[:, :, None], cols[:, None, :]]
-            else:
-                arr = np.empty((len(idx), 3, rows.shape[1], cols.shape[1]), np.float32)
-                normalise_windows(work.region, rows, cols, norm, arr)
-            yield work, idx, arr
-
-    def infer(item: tuple) -> list:
-        work, idx, arr = item
-        return [(work, idx, rt.submit(arr) if remote else rt.run(arr))]
-
-    def post(item: tuple) -> list:
-        work, idx, out = item
-        if work.labels is None:
-            writer.buffers(work)
-            work.pending = len(work.windows)
-        wins = [work.windows[i] for i in idx]
-        y0, x0 = work.box[0], work.box[2]
-        origins = np.array([(w.y0 - y0, w.x0 - x0) for w in wins], np.intp)
-        sizes = np.array([(w.h, w.w) for w in wins], np.intp)
-        if remote:
-            labels, conf = out.result()
-            for (oy, ox), (h, w), lab, cf in zip(origins, sizes, labels, conf, strict=True):
-                work.labels[oy : oy + h, ox : ox + w] = lab[:h, :w]
-                work.confidence[oy : oy + h, ox : ox + w] = cf[:h, :w]
-        else:
-            windows_into(out, halo, origins, sizes, work.labels, work.confidence)
-        work.pending -= len(idx)
-        return [work] if work.pending == 0 else []
-
-    on_device = opts.device != "cpu" and not remote and writer.select is None
-    if on_device:
-        from segloop.pipeline.device import DeviceStages
-
-        dev = DeviceStages(rt, grid, norm, batch, src.channels, src.dtype, opts.device)
-        stages = [*dev.stages(), Stage("write", writer)]
-    else:
-        stages = [
-            Stage("pre", pre),
-            Stage("infer", infer),
-            Stage("post", post),
-            Stage("write", writer),
-        ]
-    read_stats = StageStats("read")
-    reader = ShardReader(src, grid, shards, opts.read_workers, read_stats, parts)
-    # big windows: fewer batches in flight (each holds its input and its logits)
-    depth = getattr(
-        rt, "in_flight", 4 if batch * (grid.window_core + 2 * halo) ** 2 <= BATCH_PIXELS else 2
-    )
-    # the heap of long-lived objects (numba, ORT, numpy, torch…) does not change during a
-    # job: freeze it, or every gen-2 collection triggered by zarr's asyncio churn walks it
-    # all while holding the GIL (measured: most of the write time)
-    gc.freeze()
-    t0 = time.perf_counter()
-    try:
-        try:
-            Pipeline(stages, depth=depth).run(iter(reader), StageStats("feed"))
-        finally:
-            writer.close()
-        finish()
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(
-                f"disk full while writing {out}; free space and run the same "
-                "command again to resume"
-            ) from exc
-        raise UserError(f"cannot write {out}: {exc}; run the same command to resume") from exc
-    wall = time.perf_counter() - t0
-    stats = {s.name: s.as_dict() for s in [read_stats] + [st.stats for st in stages[:-1]]}
-    stats["write"] = {**writer.stats.as_dict(), **writer.describe()}
-    stats["read"].update(
-        decoded_chunks=len(reader.cache.decodes),
-        max_decodes_per_chunk=max(reader.cache.decodes.values(), default=0),
-    )
-    stats["info"] = {
-        "gpu_busy": dev.gpu_busy(wall) if on_device else None,
-        "halo_overhead": reader.halo_overhead and round(reader.halo_overhead, 4),
-        "batch": batch,
-        "window": grid.window_core,
-        "cache_peak_blocks": getattr(reader.cache, "peak_blocks", 0),
-    }
-    return wall, stats
-
-
-def _open_runtime(input_path: Path | str, opts: SegmentOptions) -> tuple[ImageSource, Runtime]:
-    src = open_image(input_path)
-    rt = create_runtime(
-        opts.runtime, opts.model or default_model(), opts.threads, **opts.runtime_options
-    )
-    if isinstance(rt, TileRuntime) and src.dtype != np.uint8:
-        rt.close()
-        raise UserError(
-            f"{input_path}: --runtime {opts.runtime} sends uint8 tiles; this image "
-            f"is {src.dtype}: use --runtime onnx or convert it to uint8"
-        )
-    return src, rt
-
-
-def _run_stats(wall: float, pixels: int, stages: dict, opts: SegmentOptions) -> dict[str, Any]:
-    stages = dict(stages)
-    info = stages.pop("info", {})
-    return {
-        "wall_s": round(wall, 3),
-        "pixels": pixels,
-        "mpx_s": round(pixels / 1e6 / wall, 3) if wall > 0 else None,
-        "stages": stages,
-        "threads": opts.threads,
-        "batch": info.get("batch", opts.batch),
-        "window": info.get("window"),
-        "halo_overhead": info.get("halo_overhead"),
-        "gpu_busy": info.get("gpu_busy"),
-        "cache_peak_blocks": info.get("cache_peak_blocks"),
-        "peak_rss_mb": peak_rss_mb(),
-    }
-
-
 def segment(
     input_path: Path | str,
     out: Path | str | Location,
@@ -345,7 +144,7 @@ def segment(
     ``distributed.Client``) the shards are segmented by its workers (``cluster.py``).
     """
     out = Location.of(out)
-    src, rt = _open_runtime(input_path, opts)
+    src, rt = open_runtime(input_path, opts)
     card = rt.card
     grid = TileGrid.create(
         src.height,
@@ -392,7 +191,7 @@ def segment(
                 store, advance, version, manifest, workers=opts.write_workers,
                 processes=opts.write_processes, expect=len(todo),
             )  # fmt: skip
-            wall, stages = _run_stages(
+            wall, stages = run_stages(
                 src, rt, grid, opts, todo, writer, out, finish=writer.pyramid.complete
             )
         else:
@@ -406,7 +205,7 @@ def segment(
         manifest.close()
         rt.close()
     store.write_ome_metadata(card["classes"], card["colors"])
-    stats = {**_run_stats(wall, total - done_px, stages, opts), "resumed": action == "resume"}
+    stats = {**run_stats(wall, total - done_px, stages, opts), "resumed": action == "resume"}
     if cluster is not None:
         stats["cluster"] = tasks
     record = {
@@ -454,7 +253,7 @@ def resegment(
             "existing store (segment it first)"
         )
     with StoreLock(out):
-        src, rt = _open_runtime(input_path, opts)
+        src, rt = open_runtime(input_path, opts)
         try:
             if src.fingerprint != record["params"]["source"]["fingerprint"]:
                 raise UserError(
@@ -499,7 +298,7 @@ def resegment(
             }
             record.setdefault("history", []).append(entry)
             write_record(out, record)
-            wall, stages = _run_stages(
+            wall, stages = run_stages(
                 src,
                 rt,
                 grid,
@@ -514,6 +313,6 @@ def resegment(
             rt.close()
         ReviewDB.bump_versions(out, select, grid.levels)
         record["generation"] = record.get("generation", 0) + 1
-        entry.update(status="complete", stats=_run_stats(wall, total, stages, opts))
+        entry.update(status="complete", stats=run_stats(wall, total, stages, opts))
         write_record(out, record)
     return {"output": str(out), "status": "complete", **entry}

@@ -84,6 +84,10 @@ class TileGrid:
             window = None
         return cls(height, width, tile, halo, shard, window, multiple)
 
+    def default_batch(self, pixels: int) -> int:
+        """Windows per model call that make about ``pixels`` of model input (≥ 1)."""
+        return max(1, pixels // (self.window_core + 2 * self.halo) ** 2)
+
     @property
     def window_core(self) -> int:
         """Core side of an interior inference window (px)."""

@@ -31,9 +31,10 @@ import numpy as np
 import zarr
 
 from segloop.errors import UserError
+from segloop.io.formats import TIFF_MAGIC, open_image
 from segloop.io.location import Location, is_url
 from segloop.io.ome_zarr import StoreLock, array_path, read_record, write_record
-from segloop.io.source import TIFF_MAGIC, ImageSource, open_image
+from segloop.io.source import ImageSource
 from segloop.kernels.pyramid import downsample_mean
 
 JPEG = 7  # TIFF compression tag value

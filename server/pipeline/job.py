@@ -1,0 +1,194 @@
+"""One job's machinery, shared by ``segment`` (this process) and ``cluster`` (Dask
+workers): its options, the model and runtime it opens, and ``run_stages``, which drives
+read → (host or device stage set) → write over a list of shards.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segloop.errors import UserError
+from segloop.io.formats import open_image
+from segloop.io.location import Location
+from segloop.io.source import ImageSource
+from segloop.kernels.pre import Normalisation
+from segloop.pipeline.host import HostStages
+from segloop.pipeline.read import ShardReader
+from segloop.pipeline.stages import Pipeline, Stage, StageStats, peak_rss_mb
+from segloop.pipeline.tiling import TileGrid
+from segloop.pipeline.write import ShardWriter
+from segloop.runtimes import Runtime, TileRuntime, create_runtime
+
+DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+
+ProgressFn = Callable[[int, int], None]  # (pixels done, pixels total)
+#: default batch: as many windows as make ≈ 1.5 Mpx of model input (4 × 608²)
+BATCH_PIXELS = 4 * 608 * 608
+
+
+def default_model() -> Path:
+    """Newest version of ``segloop_unet`` in ``$SEGLOOP_MODEL_REPOSITORY`` or the repo's."""
+    repo = Path(os.environ.get("SEGLOOP_MODEL_REPOSITORY", DEFAULT_MODEL_REPOSITORY))
+    versions = sorted(
+        (
+            int(p.name)
+            for p in (repo / "segloop_unet").glob("[0-9]*")
+            if (p / "model.onnx").exists()
+        ),
+        reverse=True,
+    )
+    if not versions:
+        raise UserError(
+            f"no model found under {repo}/segloop_unet/<version>/model.onnx; "
+            "pass --model or run `segloop train`"
+        )
+    return repo / "segloop_unet" / str(versions[0]) / "model.onnx"
+
+
+@dataclass
+class SegmentOptions:
+    runtime: str = "onnx"
+    model: Path | None = None
+    tile: int = 512
+    shard: int | None = None
+    window: int | None = None  # inference window core (px); None: one per shard
+    batch: int | None = None  # windows per model call; None: ≈ BATCH_PIXELS of input
+    copy_image: bool | None = None  # None: copy unless the source is tiled and pyramidal
+    #: where pre and post run: "cpu" (numba twins), "cuda" (device pipeline, torch),
+    #: "sim" (the device pipeline in numba's CUDA simulator: CI rehearsal)
+    device: str = "cpu"
+    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    read_workers: int = 2
+    write_workers: int | None = None  # None: one per core
+    write_processes: bool | None = None  # None: processes for jobs of ≥ 8 shards
+    runtime_options: dict[str, Any] = field(default_factory=dict)  # e.g. triton url
+    overwrite: bool = False
+
+
+def normalisation_for(card: dict, src: ImageSource) -> Normalisation:
+    inp = card["input"]
+    return Normalisation(
+        mean=tuple(inp["mean"]),
+        std=tuple(inp["std"]),
+        channels=(0, 0, 0) if src.channels == 1 else (0, 1, 2),
+        max_value=255.0 if src.dtype == np.uint8 else 65535.0,
+    )
+
+
+def run_stages(
+    src: ImageSource,
+    rt: Runtime | TileRuntime,
+    grid: TileGrid,
+    opts: SegmentOptions,
+    shards: list[tuple[int, int]],
+    writer: ShardWriter,
+    out: Path | Location,
+    finish: Callable[[], None] = lambda: None,
+    parts: dict[tuple[int, int], list[tuple[int, int, int, int]]] | None = None,
+) -> tuple[float, dict[str, Any]]:
+    """read → pre → infer → post → write over ``shards`` (only the sub-boxes ``parts``
+    of a shard, when given), then ``finish()`` (pyramid); (wall seconds, stage stats).
+    Disk errors become a UserError."""
+    norm = normalisation_for(rt.card, src)
+    batch = opts.batch or grid.default_batch(BATCH_PIXELS)
+    if opts.device != "cpu" and not isinstance(rt, TileRuntime) and writer.select is None:
+        from segloop.pipeline.device import DeviceStages  # imports torch and numba.cuda
+
+        chain = DeviceStages(rt, grid, norm, batch, src.channels, src.dtype, opts.device)
+    else:
+        chain = HostStages(rt, grid, norm, batch, writer.buffers)
+    stages = [*chain.stages(), Stage("write", writer)]
+    read_stats = StageStats("read")
+    reader = ShardReader(src, grid, shards, opts.read_workers, read_stats, parts)
+    # big windows: fewer batches in flight (each holds its input and its logits)
+    depth = getattr(
+        rt, "in_flight", 4 if batch * (grid.window_core + 2 * grid.halo) ** 2 <= BATCH_PIXELS else 2
+    )
+    # the heap of long-lived objects (numba, ORT, numpy, torch…) does not change during a
+    # job: freeze it, or every gen-2 collection triggered by zarr's asyncio churn walks it
+    # all while holding the GIL (measured: most of the write time)
+    gc.freeze()
+    t0 = time.perf_counter()
+    try:
+        try:
+            Pipeline(stages, depth=depth).run(iter(reader), StageStats("feed"))
+        finally:
+            writer.close()
+        finish()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"disk full while writing {out}; free space and run the same "
+                "command again to resume"
+            ) from exc
+        raise UserError(f"cannot write {out}: {exc}; run the same command to resume") from exc
+    wall = time.perf_counter() - t0
+    stats = {s.name: s.as_dict() for s in [read_stats] + [st.stats for st in stages[:-1]]}
+    stats["write"] = {**writer.stats.as_dict(), **writer.describe()}
+    stats["read"].update(
+        decoded_chunks=len(reader.cache.decodes),
+        max_decodes_per_chunk=max(reader.cache.decodes.values(), default=0),
+    )
+    stats["info"] = {
+        "gpu_busy": chain.gpu_busy(wall),
+        "halo_overhead": reader.halo_overhead and round(reader.halo_overhead, 4),
+        "batch": batch,
+        "window": grid.window_core,
+        "cache_peak_blocks": getattr(reader.cache, "peak_blocks", 0),
+    }
+    return wall, stats
+
+
+def _open_runtime(input_path: Path | str, opts: SegmentOptions) -> tuple[ImageSource, Runtime]:
+    src = open_image(input_path)
+    rt = create_runtime(
+        opts.runtime, opts.model or default_model(), opts.threads, **opts.runtime_options
+    )
+    if isinstance(rt, TileRuntime) and src.dtype != np.uint8:
+        rt.close()
+        raise UserError(
+            f"{input_path}: --runtime {opts.runtime} sends uint8 tiles; this image "
+            f"is {src.dtype}: use --runtime onnx or convert it to uint8"
+        )
+    return src, rt
+
+
+def open_runtime(input_path: Path | str, opts: SegmentOptions) -> tuple[ImageSource, Runtime]:
+    src = open_image(input_path)
+    rt = create_runtime(
+        opts.runtime, opts.model or default_model(), opts.threads, **opts.runtime_options
+    )
+    if isinstance(rt, TileRuntime) and src.dtype != np.uint8:
+        rt.close()
+        raise UserError(
+            f"{input_path}: --runtime {opts.runtime} sends uint8 tiles; this image "
+            f"is {src.dtype}: use --runtime onnx or convert it to uint8"
+        )
+    return src, rt
+
+
+def run_stats(wall: float, pixels: int, stages: dict, opts: SegmentOptions) -> dict[str, Any]:
+    stages = dict(stages)
+    info = stages.pop("info", {})
+    return {
+        "wall_s": round(wall, 3),
+        "pixels": pixels,
+        "mpx_s": round(pixels / 1e6 / wall, 3) if wall > 0 else None,
+        "stages": stages,
+        "threads": opts.threads,
+        "batch": info.get("batch", opts.batch),
+        "window": info.get("window"),
+        "halo_overhead": info.get("halo_overhead"),
+        "gpu_busy": info.get("gpu_busy"),
+        "cache_peak_blocks": info.get("cache_peak_blocks"),
+        "peak_rss_mb": peak_rss_mb(),
+    }
