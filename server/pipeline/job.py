@@ -148,21 +148,8 @@ def run_stages(
     return wall, stats
 
 
-def _open_runtime(input_path: Path | str, opts: SegmentOptions) -> tuple[ImageSource, Runtime]:
-    src = open_image(input_path)
-    rt = create_runtime(
-        opts.runtime, opts.model or default_model(), opts.threads, **opts.runtime_options
-    )
-    if isinstance(rt, TileRuntime) and src.dtype != np.uint8:
-        rt.close()
-        raise UserError(
-            f"{input_path}: --runtime {opts.runtime} sends uint8 tiles; this image "
-            f"is {src.dtype}: use --runtime onnx or convert it to uint8"
-        )
-    return src, rt
-
-
 def open_runtime(input_path: Path | str, opts: SegmentOptions) -> tuple[ImageSource, Runtime]:
+    """The job's image (for region reads) and runtime; uint8-only runtimes refuse uint16."""
     src = open_image(input_path)
     rt = create_runtime(
         opts.runtime, opts.model or default_model(), opts.threads, **opts.runtime_options
