@@ -11,7 +11,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ShardingCodec
 
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import TILE, assert_user_error, run_cli
 from tests.test_review import Server, add_user, call, wait_applied
 
 SEG0 = "labels/segmentation/0"
@@ -160,3 +160,24 @@ def test_truncated_segmentation_shard_is_a_clear_json_error(store):
     proc = run_cli("check", store)
     assert proc.returncode == 1
     assert any(f"{SEG0}/c/0/0" in ln and "truncated" in ln for ln in proc.stdout.splitlines())
+
+
+def test_damaged_image_copy_shard_is_caught_not_served(slide, tmp_path):
+    """A store with a copy of the image: one flipped byte in an image shard fails its
+    checksum, so the tile is a JSON error naming the file (it was served silently)."""
+    store = tmp_path / "copy.zarr"
+    proc = run_cli("segment", slide[0], "-o", store, "--tile", str(TILE), "--copy-image", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    _flip_inner_byte(_shard(store, "0", "0/0/0"))
+    proc = run_cli("check", store)
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and "0/c/0/0/0" in lines[0] and "crc32c" in lines[0], lines
+    env = {"tokens": {"reviewer": add_user(store, "reviewer", "reviewer")}}
+    env["server"] = server = Server(store, no_tile_pack=True)
+    try:
+        r = call(env, "GET", "/api/images/copy/tiles/image/0/0/0", headers={"Accept": "image/png"})
+        assert r.status_code == 500 and "0/c/0/0/0" in r.json()["error"], r.text
+        assert call(env, "GET", "/api/images/copy/tiles/segmentation/0/0/0").status_code == 200
+    finally:
+        server.stop()
