@@ -71,9 +71,10 @@ def _write_shard(
     return write_level_local(store, 0, box, arrays)
 
 
-def _write_shard_in_process(key, box, arrays, tiles) -> tuple[Quarter | None, float]:
+def _timed_write(key, box, arrays, tiles, store=None) -> tuple[Quarter | None, float]:
+    """``_write_shard`` on ``store`` (None: this writer process's own), with its seconds."""
     t0 = time.perf_counter()
-    quarter = _write_shard(_STORE, key, box, arrays, tiles)
+    quarter = _write_shard(store or _STORE, key, box, arrays, tiles)
     return quarter, time.perf_counter() - t0
 
 
@@ -154,17 +155,10 @@ class ShardWriter:
             arrays = {"image": np.ascontiguousarray(work.image), **arrays}
         tiles = self._tiles(work)
         self._slots.acquire()
-        if self.processes:
-            fut = self._pool.submit(_write_shard_in_process, work.key, work.box, arrays, tiles)
-        else:
-            fut = self._pool.submit(self._write_here, work.key, work.box, arrays, tiles)
+        store = None if self.processes else self.store  # a process has its own handle
+        fut = self._pool.submit(_timed_write, work.key, work.box, arrays, tiles, store)
         fut.add_done_callback(lambda f: self._done.put((work, f)))
         return []
-
-    def _write_here(self, key, box, arrays, tiles) -> tuple[Quarter | None, float]:
-        t0 = time.perf_counter()
-        quarter = _write_shard(self.store, key, box, arrays, tiles)
-        return quarter, time.perf_counter() - t0
 
     def _write_level_remote(self, level: int, box: Box, arrays: dict[str, np.ndarray]):
         return self._pool.submit(_write_level_in_process, level, box, arrays).result()
