@@ -12,6 +12,8 @@ WORKDIR /opt/src
 COPY pyproject.toml constraints.txt README.md ./
 COPY server/ server/
 COPY kernels/ kernels/
+COPY model_repository/ model_repository/
+COPY review_ui/ review_ui/
 RUN python3 -m venv "$VIRTUAL_ENV" \
     && pip install --no-cache-dir -c constraints.txt . "tensorrt-cu12==10.8.*" cupy-cuda12x
 

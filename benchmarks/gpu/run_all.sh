@@ -22,7 +22,8 @@
 # benchmarks/gpu/wheels/ (made by wheels.sh where PyPI is reachable, ~12 MB, carried),
 # installed only when they do not import, with `pip --target` into a scratch folder on
 # PYTHONPATH, never over the image's packages. segloop itself is put on PYTHONPATH as a
-# folder of links to this checkout (server/ → segloop, kernels/ → segloop.kernels).
+# folder of links to this checkout (server/segloop/ → segloop, kernels/segloop/kernels/ →
+# segloop.kernels).
 #
 # --rehearse: CPU torch (float32), numba's CUDA simulator for the kernels, a 512² end to
 # end after a 256² warm-up, a 256² MONAI run; OUT defaults to a new temporary folder and
@@ -83,8 +84,8 @@ if [ ${#installed[@]} -gt 0 ]; then
     "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
         --disable-pip-version-check --target "$SITE" "${installed[@]}" || exit 2
 fi
-for entry in "$ROOT"/server/*; do ln -s "$entry" "$SITE/segloop/$(basename "$entry")"; done
-ln -s "$ROOT/kernels" "$SITE/segloop/kernels"
+for entry in "$ROOT"/server/segloop/*; do ln -s "$entry" "$SITE/segloop/$(basename "$entry")"; done
+ln -s "$ROOT/kernels/segloop/kernels" "$SITE/segloop/kernels"
 export PYTHONPATH=$SITE:$ROOT/benchmarks/gpu${PYTHONPATH:+:$PYTHONPATH}
 export SEGLOOP_WHEELS_INSTALLED="${installed[*]##*/}"
 

@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 import psutil
 
+from segloop.assets import shipped
 from segloop.bench.segment import cpu_busy_s, machine
+from segloop.errors import UserError
 from segloop.pipeline.segment import SegmentOptions, segment
 from segloop.review.db import ReviewDB
 from segloop.synth import write_ome_tiff
@@ -252,7 +254,9 @@ def _vs_large_image(
 ) -> dict[str, Any]:  # fmt: skip
     """The image layer through segloop (tile pack built; and without one) and through
     large_image, A/B/C, fresh servers."""
-    script = str(Path(__file__).resolve().parents[2] / "benchmarks" / "large_image_server.py")
+    script = shipped("benchmarks") / "large_image_server.py"
+    if not script.is_file():
+        raise UserError(f"--vs-large-image needs a source checkout ({script} is missing)")
     tile, levels = meta["tile"], meta["levels"]
     tiles = [
         (k, ty, tx)
@@ -270,7 +274,7 @@ def _vs_large_image(
         for name, cmd, health, urls, headers in (
             ("segloop", serve_cmd, "/api/health", ours, auth),
             ("segloop_no_pack", [*serve_cmd, "--no-tile-pack"], "/api/health", ours, auth),
-            ("large_image", [python, script, str(image), "{port}"], "/health", theirs, {}),
+            ("large_image", [python, str(script), str(image), "{port}"], "/health", theirs, {}),
         ):
             log(f"round {r + 1}/{rounds}: {name}, {len(urls)} image tiles, cold then again …")
             with _server(cmd, health) as base:

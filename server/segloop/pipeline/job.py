@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from segloop.assets import model_repository
 from segloop.errors import UserError
 from segloop.io.formats import open_image
 from segloop.io.location import Location
@@ -28,16 +29,14 @@ from segloop.pipeline.tiling import TileGrid
 from segloop.pipeline.write import ShardWriter
 from segloop.runtimes import Runtime, TileRuntime, create_runtime
 
-DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
-
 ProgressFn = Callable[[int, int], None]  # (pixels done, pixels total)
 #: default batch: as many windows as make ≈ 1.5 Mpx of model input (4 × 608²)
 BATCH_PIXELS = 4 * 608 * 608
 
 
 def default_model() -> Path:
-    """Newest version of ``segloop_unet`` in ``$SEGLOOP_MODEL_REPOSITORY`` or the repo's."""
-    repo = Path(os.environ.get("SEGLOOP_MODEL_REPOSITORY", DEFAULT_MODEL_REPOSITORY))
+    """Newest version of ``segloop_unet`` in ``$SEGLOOP_MODEL_REPOSITORY`` or the shipped one."""
+    repo = model_repository()
     versions = sorted(
         (
             int(p.name)

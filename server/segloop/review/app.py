@@ -27,6 +27,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from segloop.assets import OSD_DIR, UI_DIR
 from segloop.review import handlers, raster, tiles
 from segloop.review.check import DamagedChunk
 from segloop.review.db import BUSY_S, ROLES, Busy, Full, ReviewDB, require_intact, translate
@@ -36,9 +37,7 @@ from segloop.review.image import ReviewImage
 from segloop.review.source_image import image_mode, relocate, verify_source
 from segloop.review.tile_pack import remove_legacy
 
-UI_DIR = Path(__file__).resolve().parents[2] / "review_ui"
 REVOKE_POLL_S = 1.0  # how often open WebSockets are checked against revoked users
-OSD_DIR = UI_DIR / "node_modules" / "openseadragon" / "build" / "openseadragon"
 
 #: (method, path, handler, minimum role or None for public)
 ROUTES = [

@@ -22,14 +22,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from segloop.assets import model_repository
 from segloop.errors import UserError
-
-DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
 
 @dataclass
 class ServerOptions:
-    model_repository: Path = DEFAULT_REPOSITORY
+    model_repository: Path = field(default_factory=model_repository)
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002

@@ -28,7 +28,6 @@ from segloop.io.ome_zarr import (
 from segloop.io.source import ImageSource
 from segloop.pipeline.job import (
     BATCH_PIXELS,
-    DEFAULT_MODEL_REPOSITORY,
     ProgressFn,
     SegmentOptions,
     default_model,
@@ -46,7 +45,6 @@ from segloop.runtimes import Runtime
 #: the public face of a job: options, the default model, and the two entry points
 __all__ = [
     "BATCH_PIXELS",
-    "DEFAULT_MODEL_REPOSITORY",
     "SegmentOptions",
     "default_model",
     "normalisation_for",

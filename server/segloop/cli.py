@@ -585,10 +585,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_triton_serve(args: argparse.Namespace) -> int:
-    from segloop.triton.server import DEFAULT_REPOSITORY, ServerOptions, serve
+    from segloop.assets import model_repository
+    from segloop.triton.server import ServerOptions, serve
 
     opts = ServerOptions(
-        model_repository=args.model_repository or DEFAULT_REPOSITORY,
+        model_repository=args.model_repository or model_repository(),
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
