@@ -3,10 +3,10 @@
 #
 #   bash benchmarks/triton/perf_analyzer.sh [--window 608] [--batch 4] [--max-concurrency 8]
 #
-# Sets up the working perf_analyzer (the PyPI `perf-analyzer` package is a placeholder on
-# this glibc; the binary inside the tritonclient 2.51 wheel works with Debian's libb64 and
-# libcudart from the nvidia-cuda-runtime-cu12 wheel) in its own venv (it pins numpy<2),
-# starts the server from the project venv, sweeps client concurrency over gRPC with random
+# Sets up the working perf_analyzer with `make perf-analyzer` (the PyPI `perf-analyzer`
+# package is a placeholder on this glibc; the binary inside the tritonclient 2.51 wheel
+# works with Debian's libb64 and libcudart from the nvidia-cuda-runtime-cu12 wheel, in its
+# own venv, as it pins numpy<2), starts the server from the project venv, sweeps client concurrency over gRPC with random
 # uint8 windows, and writes CSV + a throughput/latency PNG to benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,18 +20,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 PV=.venv-perf
-if [ ! -x "$PV/bin/perf_analyzer" ]; then
-    python3 -m venv "$PV"
-    "$PV/bin/pip" install --quiet tritonclient==2.51.0 nvidia-cuda-runtime-cu12 matplotlib
-fi
-if ! ldconfig -p | grep -q libb64.so.0d; then
-    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-        apt-get install -y -q libb64-0d >/dev/null
-    else
-        echo "perf_analyzer.sh: needs Debian's libb64-0d (sudo apt-get install libb64-0d)" >&2
-        exit 1
-    fi
-fi
+make -s perf-analyzer
 CUDART=$("$PV/bin/python" -c 'import nvidia.cuda_runtime, os; print(os.path.join(nvidia.cuda_runtime.__path__[0], "lib"))')
 make -s install
 free_port() { .venv/bin/python -c 'from segloop.triton.server import free_port; print(free_port())'; }

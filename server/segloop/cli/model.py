@@ -1,0 +1,96 @@
+"""``train`` and ``finetune``: the models segloop makes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from segloop.cli.common import common, emit_json
+from segloop.errors import UserError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from segloop.model.card import model_card, write_card_markdown
+    from segloop.model.train import export_onnx, train
+
+    out: Path = args.output
+    if (out / "model.onnx").exists() and not args.overwrite:
+        raise UserError(f"{out}/model.onnx exists; pass --overwrite or choose another folder")
+    model, info = train(
+        steps=args.steps, batch=args.batch, seed=args.seed, log=lambda s: info(args, s)
+    )
+    card = model_card(model, info, version=args.version)
+    export_onnx(model, out / "model.onnx", card)
+    write_card_markdown(card, out / "MODEL_CARD.md")
+    info(args, f"wrote {out}/model.onnx; held-out IoU {info['held_out_iou']}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from segloop.model.finetune import finetune, publish
+    from segloop.pipeline.segment import default_model
+
+    if args.epochs < 1:
+        raise UserError("--epochs must be at least 1")
+    if not 0 <= args.replay < 1:
+        raise UserError("--replay must be in [0, 1)")
+    if not 0 < args.lr < 1:
+        raise UserError("--lr must be in (0, 1)")
+    model_path = args.model or default_model()
+    repository = args.repository or model_path.parents[2]
+    model, info = finetune(
+        model_path,
+        args.corrections,
+        epochs=args.epochs,
+        replay=args.replay,
+        lr=args.lr,
+        seed=args.seed,
+        log=lambda s: info(args, s),
+    )
+    onnx_path = publish(model, info, repository)
+    version = int(onnx_path.parent.name)
+    if args.triton:
+        from segloop.triton.server import load_version
+
+        load_version(args.triton, "segloop_unet", version)
+        info(args, f"{args.triton}: segloop_unet v{version} loaded")
+    if args.json:
+        emit_json(
+            {
+                "event": "done",
+                "model": str(onnx_path),
+                "version": version,
+                "before": info["before"],
+                "after": info["after"],
+            }
+        )
+    else:
+        info(args, f"wrote {onnx_path} (v{version}); after: {info['after']}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``train`` and ``finetune``."""
+    s = sub.add_parser("train", help="train the UNet on synthetic data and export ONNX")
+    s.add_argument("output", type=Path, help="version folder, e.g. model_repository/segloop_unet/2")
+    s.add_argument("--steps", type=int, default=700)
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--version", type=int, default=1)
+    s.add_argument("--overwrite", action="store_true")
+    common(s, json_flag=False)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("finetune", help="fine-tune on exported corrections → next model version")
+    s.add_argument("--model", type=Path, help="ONNX to start from (default: newest version)")
+    s.add_argument("--corrections", type=Path, required=True, help="export-corrections folder")
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument(
+        "--replay", type=float, default=0.75, help="share of synthetic in-distribution patches"
+    )
+    s.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (one-cycle)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--repository", type=Path, help="model repository (default: the --model's own)")
+    s.add_argument("--triton", metavar="URL", help="then load it on this Triton (gRPC HOST:PORT)")
+    common(s)
+    s.set_defaults(func=cmd_finetune)
