@@ -38,11 +38,13 @@ import zarr
 from scipy import ndimage
 from skimage import measure
 
+from segloop.bench.process import ServerProcess
 from segloop.scores import iou
 from segloop.synth import render
 from segloop.triton.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+SEGLOOP = [sys.executable, "-m", "segloop"]
 MIN_AREA = 16  # px: smaller wrong regions are not worth a stroke
 # outline = the 0.75 iso-line of the region's mask (¼ px inside its edge), simplified to
 # 0.3 px: a careful tracer; how close the corrected tiles come to the truth is reported
@@ -52,37 +54,10 @@ ORDER = (0, 1, 2)  # paint background, then tissue, then nuclei (each fixes hole
 
 
 def cli(*args: str, env: dict) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "segloop", *args], env=env, capture_output=True, text=True
-    )
+    proc = subprocess.run([*SEGLOOP, *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"segloop {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return proc.stdout
-
-
-class Process:
-    """A long-running segloop command (review server, Triton), stopped on exit."""
-
-    def __init__(self, args: list[str], env: dict, ready_url: str, log: Path) -> None:
-        self.log = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "segloop", *args], env=env, stdout=self.log, stderr=self.log
-        )
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if requests.get(ready_url, timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{args[0]} did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-        self.log.close()
 
 
 def polygons(mask: np.ndarray) -> list[list[tuple[int, int]]]:
@@ -240,14 +215,8 @@ def main() -> None:
     t0 = time.time()
     token = cli("users", "add", "expert", "--role", "reviewer", "--store", str(store),
                 "--quiet", env=env).strip().splitlines()[-1]  # fmt: skip
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = Process(["serve", str(store), "--port", str(port)], env, f"{base}/api/health",
-                     work / "serve.log")  # fmt: skip
-    try:
-        reviewed = review_tiles(base, token, "slide", truth, args.k)
-    finally:
-        server.stop()
+    with ServerProcess([*SEGLOOP, "serve", str(store), "--port", "{port}"], env=env) as server:
+        reviewed = review_tiles(server.base, token, "slide", truth, args.k)
     lap("review", t0)
 
     t = args.tile
@@ -264,14 +233,14 @@ def main() -> None:
     corrections = work / "corrections"
     cli("export-corrections", str(store), str(corrections), "--overwrite", "--quiet", env=env)
     lap("export", t0)
-    ports = [free_port() for _ in range(3)]
-    triton = Process(
-        ["triton", "serve", "--model-repository", str(repo), "--model-control-mode", "explicit",
-         "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
-         "--metrics-port", str(ports[2])],
-        env, f"http://localhost:{ports[0]}/v2/models/segloop/ready", work / "triton.log",
+    ports = [free_port() for _ in range(2)]
+    triton = ServerProcess(
+        [*SEGLOOP, "triton", "serve", "--model-repository", str(repo), "--model-control-mode",
+         "explicit", "--http-port", "{port}", "--grpc-port", str(ports[0]),
+         "--metrics-port", str(ports[1])],
+        "/v2/models/segloop/ready", env=env, timeout_s=240,
     )  # fmt: skip
-    url = f"localhost:{ports[1]}"
+    url = f"localhost:{ports[0]}"
     try:
         t0 = time.time()
         done = json.loads(
@@ -284,7 +253,7 @@ def main() -> None:
             "--runtime", "triton", "--url", url, "--quiet", env=env)  # fmt: skip
         lap("resegment_v2_triton", t0)
     finally:
-        triton.stop()
+        triton.close()
     root = zarr.open_group(store, mode="r")
     labels_v2 = root["labels/segmentation/0"][...]
     versions = root["tiles/model_version"][...]

@@ -27,8 +27,8 @@ import numpy as np
 import requests
 import tifffile
 
+from segloop.bench.process import ServerProcess
 from segloop.bench.segment import machine, store_bytes
-from segloop.bench.serve import _server
 from segloop.bench.zero_model import identity_model
 from segloop.pipeline.segment import default_model
 from segloop.review.db import ReviewDB
@@ -79,7 +79,8 @@ def serve(store: Path, pack_window_s: float) -> dict:
     cmd = [sys.executable, "-m", "segloop", "serve", str(store), "--port", "{port}"]
     out: dict = {}
     t_start = time.perf_counter()
-    with _server(cmd, "/api/health") as base:
+    with ServerProcess(cmd) as srv:
+        base = srv.base
         out["server_ready_s"] = round(time.perf_counter() - t_start, 2)
         name = requests.get(base + "/api/images", headers=headers, timeout=30).json()
         name = name[0]["name"] if isinstance(name, list) else next(iter(name))

@@ -26,8 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,12 @@ import numpy as np
 import psutil
 
 from segloop.assets import shipped
+from segloop.bench.process import ServerProcess
 from segloop.bench.segment import cpu_busy_s, machine
 from segloop.errors import UserError
 from segloop.pipeline.segment import SegmentOptions, segment
 from segloop.review.db import ReviewDB
 from segloop.synth import write_ome_tiff
-from segloop.triton.server import free_port
 
 
 def _pct(values: list[float]) -> dict[str, float]:
@@ -222,32 +221,6 @@ def _wrk(
     }
 
 
-@contextmanager
-def _server(cmd: list[str], health: str) -> Iterator[str]:
-    """Run a server process on a free port (``{port}`` in ``cmd``); yields its base URL."""
-    import requests
-
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [c.replace("{port}", str(port)) for c in cmd], stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(base + health, timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.1)
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd[1]} did not start")
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
 def _vs_large_image(
     python: str, image: Path, serve_cmd: list[str], token: str, meta: dict, clients: int,
     rounds: int, log: Callable[[str], None],
@@ -277,7 +250,8 @@ def _vs_large_image(
             ("large_image", [python, str(script), str(image), "{port}"], "/health", theirs, {}),
         ):
             log(f"round {r + 1}/{rounds}: {name}, {len(urls)} image tiles, cold then again …")
-            with _server(cmd, health) as base:
+            with ServerProcess(cmd, health) as srv:
+                base = srv.base
                 for phase in ("cold", "again"):
                     lat, _, sec = asyncio.run(_load(base, headers, urls, clients, None))
                     result = _summary(lat, sec)
@@ -328,7 +302,8 @@ def run_serve_bench(
         db.close()
         serve_cmd = [sys.executable, "-m", "segloop", "serve", str(store), "--port", "{port}"]
         headers = {"Authorization": f"Bearer {token}", "Accept": "image/webp,*/*"}
-        with _server([*serve_cmd, "--no-tile-pack"], "/api/health") as base:
+        with ServerProcess([*serve_cmd, "--no-tile-pack"], "/api/health") as srv:
+            base = srv.base
             meta = requests.get(base + "/api/images/bench", timeout=10, headers=headers).json()
             urls = [
                 f"/api/images/bench/tiles/{layer}/{k}/{ty}/{tx}"
@@ -340,7 +315,8 @@ def run_serve_bench(
             random.Random(1).shuffle(urls)
             log(f"{len(urls)} tiles, first touch (no tile pack), {clients} clients …")
             first, _, first_s = asyncio.run(_load(base, headers, urls, clients, None))
-        with _server(serve_cmd, "/api/health") as base:
+        with ServerProcess(serve_cmd, "/api/health") as srv:
+            base = srv.base
             t0 = time.perf_counter()
             while True:  # the server encodes the image tiles in the background
                 pack = requests.get(base + "/api/images/bench", headers=headers).json()
@@ -349,7 +325,8 @@ def run_serve_bench(
                 time.sleep(0.05)
             pack_s = time.perf_counter() - t0
         log(f"tile pack built in {pack_s:.1f} s; a fresh server: cold, cached, 304 …")
-        with _server(serve_cmd, "/api/health") as base:
+        with ServerProcess(serve_cmd, "/api/health") as srv:
+            base = srv.base
             cold, etags, cold_s = asyncio.run(_load(base, headers, urls, clients, None))
             cached, _, cached_s = asyncio.run(_load(base, headers, urls, clients, None))
             hit, _, hit_s = asyncio.run(_load(base, headers, urls, clients, etags))
