@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -13,13 +12,9 @@ from segloop.errors import UserError
 
 
 def _segment_options(args: argparse.Namespace):
-    from segloop.io.location import OPTIONS_ENV, storage_options
+    from segloop.io.location import parse_storage_options
     from segloop.pipeline.segment import SegmentOptions
     from segloop.runtimes import device_options
-
-    if args.storage_options:  # read by every Location, in this process and its workers
-        os.environ[OPTIONS_ENV] = args.storage_options
-        storage_options()  # fail early on bad JSON
 
     opts = SegmentOptions(
         runtime=args.runtime,
@@ -32,6 +27,7 @@ def _segment_options(args: argparse.Namespace):
         write_workers=args.writers,
         write_processes=args.writer_processes,
         overwrite=args.overwrite,
+        storage_options=parse_storage_options(args.storage_options),
     )
     if args.runtime == "triton":
         opts.runtime_options = {"url": args.url or "localhost:8001", "shm": args.triton_shm}

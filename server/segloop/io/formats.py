@@ -7,6 +7,7 @@ TIFF / BigTIFF / OME-TIFF → ``tiff``; OME-Zarr / zarr → ``zarr_source``; PNG
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from segloop.errors import UserError
 from segloop.io import pillow, tiff, zarr_source
@@ -16,10 +17,11 @@ from segloop.io.source import ImageSource
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTIFF
 
 
-def open_image(path: str | Path) -> ImageSource:
-    """Open TIFF/OME-TIFF, OME-Zarr/zarr or PNG/JPEG for region reads."""
+def open_image(path: str | Path, storage_options: dict[str, Any] | None = None) -> ImageSource:
+    """Open TIFF/OME-TIFF, OME-Zarr/zarr or PNG/JPEG for region reads (``storage_options``:
+    fsspec options for a URL)."""
     if is_url(path):  # object storage: OME-Zarr / zarr or TIFF, through fsspec
-        loc = Location(path)
+        loc = Location(path, storage_options)
         if any(loc.exists(m) for m in ("zarr.json", ".zarray", ".zgroup")):
             return zarr_source.open_zarr(loc)
         if not loc.exists():

@@ -18,33 +18,36 @@ from typing import Any
 
 from segloop.errors import UserError
 
-OPTIONS_ENV = "SEGLOOP_STORAGE_OPTIONS"
-
 
 def is_url(where: str | Path) -> bool:
     return "://" in str(where) and not str(where).startswith("file://")
 
 
-def storage_options() -> dict[str, Any]:
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    """``--storage-options`` JSON (fsspec options, e.g. ``endpoint_url``) → dict."""
     try:
-        return json.loads(os.environ.get(OPTIONS_ENV) or "{}")
+        options = json.loads(text or "{}")
     except ValueError:
-        raise UserError(f"${OPTIONS_ENV} / --storage-options is not valid JSON") from None
+        raise UserError("--storage-options is not valid JSON") from None
+    if not isinstance(options, dict):
+        raise UserError('--storage-options must be a JSON object, e.g. {"endpoint_url": "…"}')
+    return options
 
 
 class Location:
     """A local folder/file (``path``) or a remote one (``url`` + ``fs``); picklable, so
-    Dask tasks receive it as it is."""
+    Dask tasks receive it as it is, fsspec ``options`` included."""
 
     def __init__(self, where: str | Path, options: dict[str, Any] | None = None) -> None:
         self.local = not is_url(where)
         self.url = str(where).rstrip("/")
         self.path = Path(str(where).removeprefix("file://")) if self.local else None
-        self.options = storage_options() if options is None else options
+        self.options = options or {}
 
     @classmethod
-    def of(cls, where: str | Path | Location) -> Location:
-        return where if isinstance(where, Location) else cls(where)
+    def of(cls, where: str | Path | Location, options: dict[str, Any] | None = None) -> Location:
+        """``where`` itself if it is a Location, else a new one with ``options``."""
+        return where if isinstance(where, Location) else cls(where, options)
 
     def __str__(self) -> str:
         return str(self.path) if self.local else self.url

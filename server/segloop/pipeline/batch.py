@@ -81,7 +81,7 @@ def run_batch(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UserError(f"several inputs would write {dupes[0]}; rename them or split the batch")
-    out_dir = Location.of(out_dir)
+    out_dir = Location.of(out_dir, opts.storage_options)
     if not out_dir.exists():
         out_dir.makedirs()
     workers = max(1, concurrency) if cluster is not None else 1

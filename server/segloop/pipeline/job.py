@@ -70,6 +70,8 @@ class SegmentOptions:
     write_workers: int | None = None  # None: one per core
     write_processes: bool | None = None  # None: processes for jobs of ≥ 8 shards
     runtime_options: dict[str, Any] = field(default_factory=dict)  # e.g. triton url
+    #: fsspec options for s3://… inputs and stores (``--storage-options``), e.g. endpoint_url
+    storage_options: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
 
 
@@ -149,7 +151,7 @@ def run_stages(
 
 def open_runtime(input_path: Path | str, opts: SegmentOptions) -> tuple[ImageSource, Runtime]:
     """The job's image (for region reads) and runtime; uint8-only runtimes refuse uint16."""
-    src = open_image(input_path)
+    src = open_image(input_path, opts.storage_options)
     rt = create_runtime(
         opts.runtime, opts.model or default_model(), opts.threads, **opts.runtime_options
     )

@@ -141,7 +141,7 @@ def segment(
     as it is (summary ``status: already-complete``). With a Dask ``cluster`` (a
     ``distributed.Client``) the shards are segmented by its workers (``cluster.py``).
     """
-    out = Location.of(out)
+    out = Location.of(out, opts.storage_options)
     src, rt = open_runtime(input_path, opts)
     card = rt.card
     grid = TileGrid.create(

@@ -88,15 +88,6 @@ def _check_port_free(port: int, flag: str, host: str = "127.0.0.1") -> None:
             raise UserError(f"port {port} is already in use; choose another with {flag}") from exc
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when its parent dies, even by SIGKILL (Linux),
-    so a killed `segloop triton serve` does not leave tritonserver running."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
