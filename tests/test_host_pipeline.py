@@ -15,8 +15,8 @@ import tifffile
 
 from segloop.io.formats import open_image
 from segloop.pipeline.read import BlockCache, plan_windows
-from segloop.pipeline.tiling import TileGrid
 from segloop.synth import write_ome_tiff
+from segloop.tiling import TileGrid
 from tests.conftest import read_store, run_cli
 
 VARIANTS = {

@@ -29,8 +29,8 @@ from segloop.bench.monai import half_predictor, monai_segment
 from segloop.io.formats import open_image
 from segloop.model.card import read_card
 from segloop.pipeline.segment import default_model
-from segloop.pipeline.tiling import TileGrid
 from segloop.runtimes.torch import load_unet
+from segloop.tiling import TileGrid
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from segloop.io.ome_zarr import OutputStore, remove_store
 from segloop.io.source import ImageSource
 from segloop.kernels.post import labels_confidence
 from segloop.pipeline.stages import peak_rss_mb
-from segloop.pipeline.tiling import TileGrid
+from segloop.tiling import TileGrid
 
 
 def monai_segment(

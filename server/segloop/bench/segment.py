@@ -42,9 +42,9 @@ from segloop.pipeline.segment import (
     segment,
 )
 from segloop.pipeline.stages import StageStats
-from segloop.pipeline.tiling import TileGrid
 from segloop.runtimes import create_runtime, device_options
 from segloop.synth import write_ome_tiff
+from segloop.tiling import TileGrid
 
 #: MONAI's sw_batch_size: four 608² windows per call, as its users run it
 MONAI_BATCH = 4

@@ -20,9 +20,9 @@ from segloop.bench.segment import cpu_busy_s, machine
 from segloop.kernels.post import labels_confidence
 from segloop.kernels.pre import normalise_into
 from segloop.pipeline.segment import SegmentOptions, default_model, normalisation_for, segment
-from segloop.pipeline.tiling import TileGrid
 from segloop.runtimes import create_runtime
 from segloop.synth import write_ome_tiff
+from segloop.tiling import TileGrid
 from segloop.triton.server import ServerOptions, TritonServer, free_port
 
 

@@ -28,7 +28,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from segloop.errors import UserError
 from segloop.io.location import Location
-from segloop.pipeline.tiling import TileGrid
+from segloop.tiling import TileGrid
 
 RECORD = "segloop.json"
 LAYERS = ("image", "segmentation", "confidence")

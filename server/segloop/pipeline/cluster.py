@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from segloop.io.ome_zarr import OutputStore
     from segloop.pipeline.job import SegmentOptions
     from segloop.pipeline.manifest import Manifest
-    from segloop.pipeline.tiling import TileGrid
+    from segloop.tiling import TileGrid
 
 _OPEN: dict[tuple, tuple] = {}  # per worker process: (image, model options) → (src, rt)
 _OPEN_LOCK = threading.Lock()

@@ -35,7 +35,7 @@ import numpy as np
 from segloop.kernels.pre import Normalisation
 from segloop.pipeline.read import ShardWork, batches
 from segloop.pipeline.stages import Stage
-from segloop.pipeline.tiling import TileGrid
+from segloop.tiling import TileGrid
 
 #: shards in flight on the device (upload of n+1 ‖ compute of n ‖ download of n−1)
 RING = 3

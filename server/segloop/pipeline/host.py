@@ -19,8 +19,8 @@ from segloop.kernels.post import windows_into
 from segloop.kernels.pre import Normalisation, normalise_windows
 from segloop.pipeline.read import ShardWork, batches
 from segloop.pipeline.stages import Stage
-from segloop.pipeline.tiling import TileGrid
 from segloop.runtimes import Runtime, TileRuntime
+from segloop.tiling import TileGrid
 
 
 class HostStages:

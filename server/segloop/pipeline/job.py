@@ -25,9 +25,9 @@ from segloop.kernels.pre import Normalisation
 from segloop.pipeline.host import HostStages
 from segloop.pipeline.read import ShardReader
 from segloop.pipeline.stages import Pipeline, Stage, StageStats, peak_rss_mb
-from segloop.pipeline.tiling import TileGrid
 from segloop.pipeline.write import ShardWriter
 from segloop.runtimes import Runtime, TileRuntime, create_runtime
+from segloop.tiling import TileGrid
 
 ProgressFn = Callable[[int, int], None]  # (pixels done, pixels total)
 #: default batch: as many windows as make ≈ 1.5 Mpx of model input (4 × 608²)

@@ -21,7 +21,7 @@ import numpy as np
 
 from segloop.io.source import ImageSource
 from segloop.pipeline.stages import StageStats
-from segloop.pipeline.tiling import TileGrid, Window
+from segloop.tiling import TileGrid, Window
 
 Box = tuple[int, int, int, int]  # (y0, y1, x0, x1), level-0 pixels
 #: smallest cache block side (px): tiny source tiles or strips are decoded in groups

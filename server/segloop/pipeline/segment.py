@@ -38,9 +38,10 @@ from segloop.pipeline.job import (
 )
 from segloop.pipeline.manifest import Manifest
 from segloop.pipeline.pyramid import PyramidBuilder
-from segloop.pipeline.tiling import TileGrid
+from segloop.pipeline.resolution import model_mpp, pixel_size_record
 from segloop.pipeline.write import ShardWriter
 from segloop.runtimes import Runtime
+from segloop.tiling import TileGrid
 
 #: the public face of a job: options, the default model, and the two entry points
 __all__ = [
@@ -77,6 +78,9 @@ def _params(src: ImageSource, rt: Runtime, grid: TileGrid, device: str = "cpu") 
             "shape": [src.height, src.width],
             "channels": src.channels,
             "dtype": str(src.dtype),
+            "mpp": list(src.mpp) if src.mpp else None,
+            "level": src.source_level,
+            "resampled": src.resampled,
         },
         "model": {"sha256": rt.card["sha256"], "version": rt.card.get("version")},
         "runtime": rt.name,
@@ -160,12 +164,16 @@ def segment(
         return {**(record or {}), "status": "already-complete", "output": str(out)}
     if action == "create":
         copy = opts.copy_image if opts.copy_image is not None else not src.servable
+        # another level than the slide's level 0: a viewer reading the slide in place
+        # would show the wrong pixels, so the store holds the image it was segmented from
+        copy = copy or bool(src.source_level or src.resampled)
         store = OutputStore.create(out, grid, src.channels, src.dtype, copy)
         record = {
             "segloop_version": __version__,
             "status": "running",
             "params": params,
             "image": image_record(src, copy),
+            "pixel_size": pixel_size_record(src, model_mpp(card)),
             "model": {
                 k: card[k]
                 for k in ("name", "version", "classes", "sha256", "receptive_radius", "halo")
@@ -202,7 +210,7 @@ def segment(
     finally:
         manifest.close()
         rt.close()
-    store.write_ome_metadata(card["classes"], card["colors"])
+    store.write_ome_metadata(card["classes"], card["colors"], src.mpp)
     stats = {**run_stats(wall, total - done_px, stages, opts), "resumed": action == "resume"}
     if cluster is not None:
         stats["cluster"] = tasks

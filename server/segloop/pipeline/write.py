@@ -33,8 +33,8 @@ from segloop.pipeline.manifest import Manifest
 from segloop.pipeline.pyramid import Box, PyramidBuilder, Quarter, write_level_local
 from segloop.pipeline.read import ShardWork
 from segloop.pipeline.stages import StageStats
-from segloop.pipeline.tiling import Tile, TileGrid
 from segloop.pipeline.uncertainty import tile_uncertainty
+from segloop.tiling import Tile, TileGrid
 
 TileKey = tuple[int, int]  # (ty, tx) level-0 tile = chunk
 #: writer processes (instead of threads) for jobs of at least this many shards on hosts of
