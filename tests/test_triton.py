@@ -392,7 +392,7 @@ def test_tensorrt_plan_build(tmp_path):
         reason="TensorRT cannot be installed on these machines; "
         "the plan is built only in the GPU container (Dockerfile)",
     )
-    from segloop.triton.engines import build_missing
+    from segloop.runtimes.tensorrt_plans import build_missing
 
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "model_repository/segloop_unet", repo / "segloop_unet")

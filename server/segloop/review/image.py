@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from segloop.io.ome_zarr import StoreLock, array_path, read_record
-from segloop.pipeline.pyramid import downsample_mode
+from segloop.kernels.pyramid import downsample_mode
 from segloop.review import db as review_db
 from segloop.review.check import DamagedChunk, damaged
 from segloop.review.chunks import ChunkCache, Key

@@ -2,7 +2,7 @@
 
 The engine (fp16, dynamic batch/window profile) is built from the same ONNX file on first
 use and cached beside it as ``model.plan``, stamped with the GPU name and TensorRT
-version (``segloop.triton.engines``), so a plan is rebuilt only for another GPU or
+version (``segloop.runtimes.tensorrt_plans``), so a plan is rebuilt only for another GPU or
 TensorRT. I/O buffers are torch CUDA tensors; ``run`` takes and returns host arrays (the
 device-resident pipeline passes device tensors through ``run_device``).
 
@@ -37,7 +37,7 @@ class TensorRTRuntime(Runtime):
             ) from exc
         if not torch.cuda.is_available():
             raise UserError("runtime 'tensorrt' needs a CUDA GPU; none is visible")
-        from segloop.triton.engines import ensure_plan
+        from segloop.runtimes.tensorrt_plans import ensure_plan
 
         plan, _ = ensure_plan(model_path)
         self.torch = torch

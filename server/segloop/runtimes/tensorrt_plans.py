@@ -5,7 +5,7 @@ the GPU model and TensorRT version that built it, so each plan is stamped with b
 (``model.plan.json``) and rebuilt when they differ. fp16, one dynamic profile: batch
 1..16, square windows 96²..1120² (tile + 2 halo), optimised for 4 × 608².
 
-``python -m segloop.triton.engines /models`` — needs the ``tensorrt`` package and a GPU;
+``python -m segloop.runtimes.tensorrt_plans /models`` — needs the ``tensorrt`` package and a GPU;
 neither exists on the machines this project is developed on, so this has not run here.
 """
 
