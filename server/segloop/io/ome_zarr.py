@@ -28,6 +28,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from segloop.errors import UserError
 from segloop.io.location import Location
+from segloop.io.pixel_size import STORE_UNIT
+from segloop.io.source import Mpp
 from segloop.tiling import TileGrid
 
 RECORD = "segloop.json"
@@ -189,13 +191,19 @@ class OutputStore:
         """(ny, nx) per-tile array ``name`` (see ``TILE_ARRAYS``)."""
         return self.root[f"tiles/{name}"][...]
 
-    def write_ome_metadata(self, classes: list[str], colors: list[list[int]]) -> None:
+    def write_ome_metadata(
+        self, classes: list[str], colors: list[list[int]], mpp: Mpp | None = None
+    ) -> None:
         """Multiscales for image (when copied), labels and confidence; image-label colours
         and names; ``omero`` channel colours so viewers show RGB as one colour image; and
         a ``segloop`` root attribute naming every layer (OME-Zarr has no slot for a
-        non-label layer such as confidence: it is an OME-Zarr image of its own)."""
+        non-label layer such as confidence: it is an OME-Zarr image of its own).
+
+        ``mpp``: µm/px (y, x) of level 0; the y and x axes then carry the unit
+        "micrometer" and level k the scale mpp × 2^k (without it: pixels, no unit)."""
         levels = self.grid.levels
         copied = "image" in self.layers
+        um = mpp or (1.0, 1.0)
 
         def multiscale(name: str, axes: list[dict], c: bool) -> dict:
             return {
@@ -205,14 +213,18 @@ class OutputStore:
                     {
                         "path": str(k),
                         "coordinateTransformations": [
-                            {"type": "scale", "scale": ([1.0] if c else []) + [2.0**k, 2.0**k]}
+                            {
+                                "type": "scale",
+                                "scale": ([1.0] if c else []) + [um[0] * 2**k, um[1] * 2**k],
+                            }
                         ],
                     }
                     for k in range(levels)
                 ],
             }
 
-        yx = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+        unit = {"unit": STORE_UNIT} if mpp else {}
+        yx = [{"name": a, "type": "space", **unit} for a in "yx"]
         c = [{"name": "c", "type": "channel"}]
         self.root.require_group("labels").attrs["ome"] = {
             "version": "0.5",

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from segloop.errors import UserError
+from segloop.io.pixel_size import from_ppi
 from segloop.io.source import ImageSource, file_fingerprint
 
 _MODES = {"L": "YX", "RGB": "YXS", "RGBA": "YXS", "I;16": "YX", "I;16B": "YX"}
@@ -22,8 +23,10 @@ def open_pillow(path: Path) -> ImageSource:
             if array.dtype.byteorder == ">":
                 array = array.astype(array.dtype.newbyteorder("="))
             mode = im.mode
+            dpi = im.info.get("dpi")  # PNG pHYs / JPEG JFIF density, as px/inch
     except Image.DecompressionBombError as exc:
         raise UserError(f"{path}: too large for PNG/JPEG decoding; convert to tiled TIFF") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{path}: cannot decode image ({exc})") from exc
-    return ImageSource(array, _MODES.get(mode, "YXS"), path, file_fingerprint(path))
+    mpp = from_ppi(float(dpi[1]), float(dpi[0])) if dpi and min(dpi) > 0 else None
+    return ImageSource(array, _MODES.get(mode, "YXS"), path, file_fingerprint(path), mpp=mpp)

@@ -8,30 +8,48 @@ Anything else (float, 5-D stacks with T/Z > 1, 2-channel) is refused with a mess
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from segloop.errors import UserError
 
 CHANNEL_AXES = ("C", "S")
+#: physical pixel size, µm/px along (y, x)
+Mpp = tuple[float, float]
 
 
 class ImageSource:
     """Region reads from an array-like with named axes.
 
-    array: anything sliceable (zarr array, numpy array); axes: one letter per array axis.
+    array: anything sliceable (zarr array, numpy array); axes: one letter per array axis;
+    pyramid: the coarser levels the source stores (TIFF sub-resolutions, OME-Zarr
+    datasets), finest first, same axes; mpp: µm/px (y, x) of ``array``, None: unknown.
     ``read`` returns (h, w, channels) in the source dtype.
     """
 
     def __init__(
-        self, array, axes: str, path: Path, fingerprint: str, pyramid_levels: int = 1
+        self,
+        array,
+        axes: str,
+        path: Path,
+        fingerprint: str,
+        pyramid: Sequence[Any] = (),
+        mpp: Mpp | None = None,
     ) -> None:
         self.path = path
         self.fingerprint = fingerprint
-        #: resolution levels the source itself stores (TIFF sub-resolutions, OME-Zarr
-        #: datasets); 1: level 0 only
-        self.pyramid_levels = pyramid_levels
+        self._pyramid = list(pyramid)
+        #: resolution levels the source itself stores; 1: level 0 only
+        self.pyramid_levels = 1 + len(self._pyramid)
+        self.mpp = mpp
+        #: which level of the opened file these pixels come from, and whether they were
+        #: resampled from it (``pipeline.resolution``); a viewer can read the file in
+        #: place only for level 0 as stored
+        self.source_level = 0
+        self.resampled = False
         self._array = array
         axes = axes.upper()
         shape = tuple(int(s) for s in array.shape)
@@ -86,7 +104,24 @@ class ImageSource:
             and max(b) <= 1024
             and (b[1] < self.width or self.width <= 1024)
             and self.pyramid_levels > 1
+            and self.source_level == 0
+            and not self.resampled
         )
+
+    def pyramid_level(self, k: int) -> ImageSource:
+        """Level ``k`` of the stored pyramid (0: this one) as a source of its own, its
+        µm/px scaled by the size ratio to level 0."""
+        if k == 0:
+            return self
+        array = self._pyramid[k - 1]
+        level = ImageSource(array, self._axes, self.path, self.fingerprint, self._pyramid[k:])
+        if self.mpp is not None:
+            level.mpp = (
+                self.mpp[0] * self.height / level.height,
+                self.mpp[1] * self.width / level.width,
+            )
+        level.source_level = self.source_level + k
+        return level
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from segloop.io.source import ImageSource
 from segloop.kernels.pre import Normalisation
 from segloop.pipeline.host import HostStages
 from segloop.pipeline.read import ShardReader
+from segloop.pipeline.resolution import for_model, model_mpp
 from segloop.pipeline.stages import Pipeline, Stage, StageStats, peak_rss_mb
 from segloop.pipeline.write import ShardWriter
 from segloop.runtimes import Runtime, TileRuntime, create_runtime
@@ -73,6 +74,8 @@ class SegmentOptions:
     #: fsspec options for s3://… inputs and stores (``--storage-options``), e.g. endpoint_url
     storage_options: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
+    #: the image's level-0 µm/px (``--mpp``), overriding its metadata (pipeline.resolution)
+    mpp: float | None = None
 
 
 def normalisation_for(card: dict, src: ImageSource) -> Normalisation:
@@ -150,7 +153,8 @@ def run_stages(
 
 
 def open_runtime(input_path: Path | str, opts: SegmentOptions) -> tuple[ImageSource, Runtime]:
-    """The job's image (for region reads) and runtime; uint8-only runtimes refuse uint16."""
+    """The job's image (for region reads: the level, resampled or not, at the model's
+    µm/px, ``pipeline.resolution``) and runtime; uint8-only runtimes refuse uint16."""
     src = open_image(input_path, opts.storage_options)
     rt = create_runtime(
         opts.runtime, opts.model or default_model(), opts.threads, **opts.runtime_options
@@ -161,6 +165,11 @@ def open_runtime(input_path: Path | str, opts: SegmentOptions) -> tuple[ImageSou
             f"{input_path}: --runtime {opts.runtime} sends uint8 tiles; this image "
             f"is {src.dtype}: use --runtime onnx or convert it to uint8"
         )
+    try:
+        src = for_model(src, model_mpp(rt.card), opts.mpp)
+    except UserError:
+        rt.close()
+        raise
     return src, rt
 
 
