@@ -1,5 +1,14 @@
 """Model card: what a model file is, carried in its ONNX ``metadata_props`` and beside it
-as MODEL_CARD.md. Runtimes read tiling parameters (halo, normalisation) from it."""
+as MODEL_CARD.md. Runtimes read tiling parameters (halo, normalisation) from it.
+
+Fields (one JSON value per ``metadata_props`` key): ``name``, ``version``, ``classes``
+(K names), ``colors`` (K RGBA), ``input`` (layout NCHW, ``mean`` / ``std`` in R, G, B
+order applied to ``pixel / max_value``, ``multiple_of`` = the downsampling factor),
+``output``, ``receptive_radius``, ``halo``. Cards written by ``segloop model add`` also
+state ``input.channels`` (RGB, BGR or gray: what the network takes), ``output.kind``
+(logits or probabilities: what it emits; the stored graph always emits logits) and
+``mpp`` (µm/px it was trained at, or null); segloop's own UNet is RGB → logits.
+"""
 
 from __future__ import annotations
 
@@ -28,12 +37,21 @@ def read_card(path: Path) -> dict:
     card = {p.key: json.loads(p.value) for p in proto.metadata_props}
     if "halo" not in card or "input" not in card:
         raise UserError(
-            f"{path}: ONNX model has no segloop model card (halo, input); "
-            "export it with `segloop train`"
+            f"{path}: ONNX model has no segloop model card (halo, input); add it with "
+            "`segloop model add MODEL.onnx --name NAME --classes a,b,…`"
         )
     card["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     card["path"] = str(path)
     return card
+
+
+def write_card(proto: onnx.ModelProto, card: dict) -> None:
+    """Put ``card`` into ``proto.metadata_props`` (one JSON value per key; replaces any)."""
+    del proto.metadata_props[:]
+    for key, value in card.items():
+        entry = proto.metadata_props.add()
+        entry.key = key
+        entry.value = json.dumps(value)
 
 
 def model_card(model: nn.Module, info: dict, version: int, parent: int | None = None) -> dict:

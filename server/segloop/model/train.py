@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,7 @@ import onnx
 import torch
 from torch import nn
 
-from segloop.model.card import HELD_OUT_SEED
+from segloop.model.card import HELD_OUT_SEED, write_card
 from segloop.model.unet import MEAN, STD, UNet
 from segloop.scores import iou
 from segloop.synth import render
@@ -102,8 +101,5 @@ def export_onnx(model: UNet, path: Path, card: dict) -> None:
         dynamic_axes={"image": axes, "logits": axes},
     )
     proto = onnx.load(str(path))
-    for key, value in card.items():
-        entry = proto.metadata_props.add()
-        entry.key = key
-        entry.value = json.dumps(value)
+    write_card(proto, card)
     onnx.save(proto, str(path))

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from segloop.assets import model_repository
 from segloop.errors import UserError
 from segloop.io.formats import open_image
 from segloop.io.location import Location
 from segloop.io.source import ImageSource
 from segloop.kernels.pre import Normalisation
+from segloop.model.registry import resolve_model
 from segloop.pipeline.host import HostStages
 from segloop.pipeline.read import ShardReader
 from segloop.pipeline.resolution import for_model, model_mpp
@@ -37,27 +37,13 @@ BATCH_PIXELS = 4 * 608 * 608
 
 def default_model() -> Path:
     """Newest version of ``segloop_unet`` in ``$SEGLOOP_MODEL_REPOSITORY`` or the shipped one."""
-    repo = model_repository()
-    versions = sorted(
-        (
-            int(p.name)
-            for p in (repo / "segloop_unet").glob("[0-9]*")
-            if (p / "model.onnx").exists()
-        ),
-        reverse=True,
-    )
-    if not versions:
-        raise UserError(
-            f"no model found under {repo}/segloop_unet/<version>/model.onnx; "
-            "pass --model or run `segloop train`"
-        )
-    return repo / "segloop_unet" / str(versions[0]) / "model.onnx"
+    return resolve_model(None)
 
 
 @dataclass
 class SegmentOptions:
     runtime: str = "onnx"
-    model: Path | None = None
+    model: Path | str | None = None  # a file, or a model name in the repository
     tile: int = 512
     shard: int | None = None
     window: int | None = None  # inference window core (px); None: one per shard
@@ -157,7 +143,7 @@ def open_runtime(input_path: Path | str, opts: SegmentOptions) -> tuple[ImageSou
     µm/px, ``pipeline.resolution``) and runtime; uint8-only runtimes refuse uint16."""
     src = open_image(input_path, opts.storage_options)
     rt = create_runtime(
-        opts.runtime, opts.model or default_model(), opts.threads, **opts.runtime_options
+        opts.runtime, resolve_model(opts.model), opts.threads, **opts.runtime_options
     )
     if isinstance(rt, TileRuntime) and src.dtype != np.uint8:
         rt.close()

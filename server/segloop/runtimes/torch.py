@@ -19,6 +19,7 @@ import torch
 from onnx import numpy_helper
 
 from segloop.errors import UserError
+from segloop.model.card import read_card
 from segloop.model.unet import UNet
 from segloop.runtimes.base import Runtime
 
@@ -28,7 +29,14 @@ MAX_GRAPHS = 4
 
 
 def load_unet(model_path: Path, n_classes: int) -> UNet:
-    """UNet with the ONNX initializers as its state_dict (names match 1:1, strict)."""
+    """UNet with the ONNX initializers as its state_dict (names match 1:1, strict).
+    A model added with ``segloop model add`` (any architecture) is refused: torch has
+    only segloop's own UNet to load weights into."""
+    if read_card(model_path).get("architecture", {}).get("type") != "unet":
+        raise UserError(
+            f"{model_path}: not segloop's UNet (added with `segloop model add`); torch "
+            "(and finetune) run only the UNet: use --runtime onnx, triton or tensorrt"
+        )
     proto = onnx.load(str(model_path))
     state = {
         t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer

@@ -1,4 +1,5 @@
-"""``--runtime triton``: the ``segloop`` ensemble on one or more Triton servers.
+"""``--runtime triton``: a model's ensemble on one or more Triton servers (``segloop`` for
+the shipped UNet, ``NAME_tiles`` for a model added with ``segloop model add``).
 
 uint8 windows go out and uint8 labels + confidence come back (pre, network and post run
 on the server). An asyncio gRPC client (``tritonclient.grpc.aio``) on its own event-loop
@@ -23,9 +24,9 @@ import numpy as np
 
 from segloop.errors import UserError
 from segloop.model.card import read_card
+from segloop.model.registry import triton_names
 from segloop.runtimes.base import TileRuntime
 
-ENSEMBLE = "segloop"
 DOWN_S = 5.0  # an endpoint that answered UNAVAILABLE gets no requests for this long
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
@@ -72,7 +73,8 @@ class _ShmSlot:
 
 
 class TritonRuntime(TileRuntime):
-    """Client of the ``segloop`` ensemble. ``url``: "host:port[,host:port…]" (gRPC)."""
+    """Client of the ensemble serving ``model_path``'s network (by its card's name).
+    ``url``: "host:port[,host:port…]" (gRPC)."""
 
     name = "triton"
 
@@ -90,6 +92,7 @@ class TritonRuntime(TileRuntime):
         if shm not in ("auto", "system", "none"):
             raise UserError(f"--triton-shm {shm!r}: choose auto, system or none")
         self.retries = retries
+        self.names = triton_names(read_card(model_path)["name"])
         self.in_flight = 4 * len(self.urls)  # requests kept in flight (pipeline queue depth)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -106,7 +109,7 @@ class TritonRuntime(TileRuntime):
         self.card = self._card(model_path, self.served_version)
         if halo != self.card["halo"]:
             raise UserError(
-                f"the server's segloop_post crops a halo of {halo} px but model "
+                f"the server's {self.names.post} crops a halo of {halo} px but model "
                 f"version {self.served_version} needs {self.card['halo']}"
             )
         self.halo = halo
@@ -122,19 +125,19 @@ class TritonRuntime(TileRuntime):
         return {u: InferenceServerClient(u) for u in self.urls}
 
     async def _describe(self) -> tuple[int, int]:
-        """(served segloop_unet version, segloop_post halo), the same on every URL."""
+        """(served network version, post halo), the same on every URL."""
         from tritonclient.utils import InferenceServerException
 
         seen = set()
         for url, client in self.clients.items():
             try:
-                if not await client.is_model_ready(ENSEMBLE):
+                if not await client.is_model_ready(self.names.ensemble):
                     raise UserError(
-                        f"Triton at {url} has no ready model {ENSEMBLE!r}; start it "
-                        "with `segloop triton serve` or load the ensemble"
+                        f"Triton at {url} has no ready model {self.names.ensemble!r}; start "
+                        "it with `segloop triton serve` or load the ensemble"
                     )
-                meta = await client.get_model_metadata("segloop_unet")
-                config = await client.get_model_config("segloop_post", as_json=True)
+                meta = await client.get_model_metadata(self.names.net)
+                config = await client.get_model_config(self.names.post, as_json=True)
             except InferenceServerException as exc:
                 raise UserError(
                     f"cannot reach Triton at {url}: {exc.message()}; is "
@@ -155,7 +158,7 @@ class TritonRuntime(TileRuntime):
         if local.exists():
             return read_card(local)
         card = read_card(model_path)
-        card.update(version=version, sha256=f"triton:segloop_unet:{version}")
+        card.update(version=version, sha256=f"triton:{card['name']}:{version}")
         return card
 
     # --- inference ---------------------------------------------------------------------
@@ -209,7 +212,7 @@ class TritonRuntime(TileRuntime):
         outs = [InferRequestedOutput("LABELS"), InferRequestedOutput("CONFIDENCE")]
         if not self.use_shm[url]:
             inp.set_data_from_numpy(np.ascontiguousarray(windows))
-            result = await client.infer(ENSEMBLE, [inp], outputs=outs)
+            result = await client.infer(self.names.ensemble, [inp], outputs=outs)
             return result.as_numpy("LABELS"), result.as_numpy("CONFIDENCE")
         slot = await self._slot(url, windows.shape, core)
         try:
@@ -217,7 +220,7 @@ class TritonRuntime(TileRuntime):
             inp.set_shared_memory(slot.name, slot.in_bytes, 0)
             outs[0].set_shared_memory(slot.name, slot.out_bytes, slot.in_bytes)
             outs[1].set_shared_memory(slot.name, slot.out_bytes, slot.in_bytes + slot.out_bytes)
-            await client.infer(ENSEMBLE, [inp], outputs=outs)
+            await client.infer(self.names.ensemble, [inp], outputs=outs)
             return slot.read()
         finally:
             self._free.setdefault((slot.shape, slot.core), []).append(slot)
