@@ -24,6 +24,7 @@ def _segment_options(args: argparse.Namespace):
         window=args.window,
         batch=args.batch,
         copy_image=args.copy_image,
+        mpp=args.mpp,
         write_workers=args.writers,
         write_processes=args.writer_processes,
         overwrite=args.overwrite,
@@ -190,6 +191,14 @@ def segment_args(sp: argparse.ArgumentParser) -> None:
         help="copy the image pyramid into the store (a self-contained store); default: "
         "only when the input is not a tiled pyramidal TIFF/OME-Zarr, which viewers read "
         "in place",
+    )
+    sp.add_argument(
+        "--mpp",
+        type=float,
+        metavar="UM",
+        help="the image's level-0 pixel size in µm/px, overriding its metadata (default: "
+        "from the file); the slide is segmented at the pyramid level nearest the model's "
+        "µm/px, resampled when still more than 10 %% off",
     )
     sp.add_argument("--threads", type=int, help="runtime threads (default: all cores)")
     sp.add_argument("--writers", type=int, help="writers, one shard each (default: all cores)")
