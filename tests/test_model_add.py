@@ -6,6 +6,9 @@ image, bit for bit; through Triton too; and a too-small halo is caught."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +295,60 @@ def test_bad_models_are_refused_with_one_line(added, images, tmp_path):
     with pytest.raises(Exception, match="takes 3 input channels"):
         add_model(source, "wrong", list("abcde"), channels="gray", repo=repo)
     assert not repo.exists()
+
+
+def test_cli_model_add_and_models(added, tmp_path):
+    """The command line: `model add` writes version 1 and says its halo; `models --json`
+    lists it; a bad option is one line, nothing written."""
+    repo = tmp_path / "repository"
+    source = added["gray4"][0]
+    args = ["model", "add", source, "--name", "g", "--classes", "a,b,c,d", "--repository", repo]
+    bad = run_cli(*args, "--mean", "127", "--std", "64")
+    assert_user_error(bad, "0–1 scale")
+    assert not repo.exists()
+    proc = run_cli(*args, "--colors", "#000000,#ff0000,#00ff00,#0000ff80", "--json")
+    assert proc.returncode == 0, proc.stderr
+    done = json.loads(proc.stdout.splitlines()[-1])
+    assert done["halo"] == read_card(added["gray4"][1])["halo"] and done["version"] == 1
+    assert read_card(repo / "g/1/model.onnx")["colors"][3] == [0, 0, 255, 128]
+    rows = [
+        json.loads(line)
+        for line in run_cli("models", "--repository", repo, "--json").stdout.splitlines()
+    ]
+    assert [(r["name"], r["versions"], r["channels"]) for r in rows] == [("g", [1], "gray")]
+
+
+def test_through_triton_equals_the_whole_image_run(added, images, tmp_path):
+    """The added model's ensemble (NAME_tiles: pre → network → post) on a real
+    tritonserver gives the same labels and confidence as the whole-image run."""
+    pytest.importorskip("tritonclient.grpc.aio")
+    from tests.test_triton import Server  # skips the test where no tritonserver exists
+
+    class AddedServer(Server):
+        def ready(self) -> bool:
+            url = f"http://localhost:{self.http}/v2/models/strided5_tiles/ready"
+            try:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+    model = added["strided5"][1]
+    repo = tmp_path / "repository"
+    for part in ("strided5", "strided5_pre", "strided5_post", "strided5_tiles"):
+        shutil.copytree(model.parents[2] / part, repo / part)
+    server = AddedServer(repo)
+    try:
+        out = tmp_path / "triton.zarr"
+        env = {**os.environ, "SEGLOOP_MODEL_REPOSITORY": str(repo)}
+        proc = run_cli(
+            "segment", images["rgb"], "-o", out, "--model", "strided5", "--runtime", "triton",
+            "--url", server.url, "--tile", "128", "--window", "128", "--quiet", env=env,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        assert server.stop() == 0
+    root = zarr.open_group(out, mode="r")
+    labels, conf = whole_image(model, images["rgb"])
+    np.testing.assert_array_equal(root["labels/segmentation/0"][...], labels)
+    np.testing.assert_array_equal(root["confidence/0"][...], conf)

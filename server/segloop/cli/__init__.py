@@ -7,11 +7,11 @@ import argparse
 import logging
 import sys
 
-from segloop.cli import bench, demo, model, review, segment, triton
+from segloop.cli import bench, demo, model, model_add, review, segment, triton
 from segloop.errors import UserError
 
 EXIT_USER_ERROR = 2
-GROUPS = (demo, segment, model, bench, review, triton)
+GROUPS = (demo, segment, model, model_add, bench, review, triton)
 
 
 class _HelpFormatter(argparse.HelpFormatter):

@@ -79,6 +79,8 @@ def resolve_model(model: Path | str | None, repo: Path | None = None) -> Path:
 def list_models(repo: Path | None = None) -> list[dict]:
     """One row per model of the repository: name, versions, and its newest card's
     classes, halo, mpp, input channels and output kind (``card: false`` if it has none)."""
+    from segloop.pipeline.resolution import model_mpp  # the shipped UNet's µm/px convention
+
     repo = repository(repo)
     rows = []
     for folder in sorted(p for p in repo.iterdir() if p.is_dir()) if repo.is_dir() else []:
@@ -100,7 +102,7 @@ def list_models(repo: Path | None = None) -> list[dict]:
                 "multiple_of": card["input"]["multiple_of"],
                 "channels": card["input"].get("channels", "RGB"),
                 "output": card.get("output", {}).get("kind", "logits"),
-                "mpp": card.get("mpp"),
+                "mpp": model_mpp(card),
             }
         )
     return rows
