@@ -11,6 +11,7 @@ from xml.etree import ElementTree
 
 import tifffile
 import zarr
+from tifffile.tifffile import svs_description_metadata
 
 from segloop.errors import UserError
 from segloop.io.location import Location
@@ -54,11 +55,11 @@ def _scn_mpp(tif: tifffile.TiffFile, series: tifffile.TiffPageSeries) -> Mpp | N
 def _page_mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> Mpp | None:
     """Vendor metadata of the level-0 page, else its XResolution/YResolution tags."""
     if tif.is_svs:  # Aperio: "…|MPP = 0.2520|…" in ImageDescription
-        mpp = tifffile.svs_description_metadata(page.description).get("MPP")
+        mpp = svs_description_metadata(page.description).get("MPP")
         if mpp:
             return float(mpp), float(mpp)
-    if tif.is_bif:  # Ventana: <iScan … ScanRes="0.2325"> in the XMP tag
-        xmp = page.tags.valueof(700)
+    if tif.is_bif:  # Ventana: <iScan … ScanRes="0.2325"> in the first IFD's XMP tag
+        xmp = tif.pages.first.tags.valueof(700)
         scan = _xml_attr(xmp.decode() if isinstance(xmp, bytes) else xmp, "iScan") or {}
         if scan.get("ScanRes"):
             return float(scan["ScanRes"]), float(scan["ScanRes"])
