@@ -28,8 +28,8 @@ from common import rehearsal, write_phase
 from segloop.bench.monai import half_predictor, monai_segment
 from segloop.io.formats import open_image
 from segloop.model.card import read_card
+from segloop.model.weights import load_unet
 from segloop.pipeline.segment import default_model
-from segloop.runtimes.torch import load_unet
 from segloop.tiling import TileGrid
 
 

@@ -142,7 +142,7 @@ def run_bench(
     same float16 module on the GPU (MONAI with ``sw_device="cuda"``)."""
     import torch
 
-    from segloop.runtimes.torch import load_unet
+    from segloop.model.weights import load_unet
 
     on_gpu = device_options(runtime, device)  # refuses a bad pair before any work
     torch.set_num_threads(threads)

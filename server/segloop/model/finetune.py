@@ -22,7 +22,7 @@ from segloop.errors import UserError
 from segloop.model.card import model_card, read_card, write_card_markdown
 from segloop.model.corrections import IGNORE, CorrectionsDataset
 from segloop.model.train import evaluate, export_onnx, normalise, sample_batch
-from segloop.runtimes.torch import load_unet
+from segloop.model.weights import load_unet
 from segloop.scores import iou
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from segloop.kernels.pre import Normalisation
 from segloop.pipeline.read import ShardWork, batches
-from segloop.pipeline.stages import Stage
+from segloop.pipeline.stages import Stage, StageSet, in_flight_for
 from segloop.tiling import TileGrid
 
 #: shards in flight on the device (upload of n+1 ‖ compute of n ‖ download of n−1)
@@ -59,7 +59,7 @@ class _Slot:
     shape: tuple[int, int] = (0, 0)
 
 
-class DeviceStages:
+class DeviceStages(StageSet):
     """upload → device → download for one job (see the module docstring).
 
     rt: a ``TorchRuntime`` (device cuda, or cpu for ``sim``); grid: the job's grid;
@@ -76,6 +76,7 @@ class DeviceStages:
         channels: int,
         dtype: np.dtype,
         device: str = "cuda",
+        batch_pixels: int = 4 * 608 * 608,
     ) -> None:
         import torch
         from numba import cuda
@@ -84,6 +85,7 @@ class DeviceStages:
 
         self.cuda, self.torch, self.sim = cuda, torch, device == "sim"
         self.rt, self.grid, self.norm, self.batch = rt, grid, norm, batch
+        self.in_flight = in_flight_for(grid.window_core + 2 * grid.halo, batch, batch_pixels)
         self.copy_in, self.compute, self.copy_out = cuda.stream(), cuda.stream(), cuda.stream()
         self.dtype = np.float32 if self.sim else np.float16
         side = grid.shard + 2 * grid.halo

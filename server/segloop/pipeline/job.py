@@ -22,10 +22,10 @@ from segloop.io.location import Location
 from segloop.io.source import ImageSource
 from segloop.kernels.pre import Normalisation
 from segloop.model.registry import resolve_model
-from segloop.pipeline.host import HostStages
+from segloop.pipeline.host import LocalStages, RemoteStages
 from segloop.pipeline.read import ShardReader
 from segloop.pipeline.resolution import for_model, model_mpp
-from segloop.pipeline.stages import Pipeline, Stage, StageStats, peak_rss_mb
+from segloop.pipeline.stages import Pipeline, Stage, StageSet, StageStats, peak_rss_mb
 from segloop.pipeline.write import ShardWriter
 from segloop.runtimes import Runtime, TileRuntime, create_runtime
 from segloop.tiling import TileGrid
@@ -74,6 +74,32 @@ def normalisation_for(card: dict, src: ImageSource) -> Normalisation:
     )
 
 
+def stage_set(
+    rt: Runtime | TileRuntime,
+    grid: TileGrid,
+    norm: Normalisation,
+    batch: int,
+    src: ImageSource,
+    device: str,
+    writer: ShardWriter,
+) -> StageSet:
+    """The stages between read and write: remote (Triton), on the GPU (``--device cuda``
+    or ``sim``, torch) or local (CPU kernels around an embedded runtime)."""
+    if isinstance(rt, TileRuntime):
+        if device != "cpu":
+            raise UserError("--device is for --runtime torch; Triton picks its device itself")
+        return RemoteStages(rt, grid, batch, writer.buffers)
+    if device == "cpu":
+        return LocalStages(rt, grid, norm, batch, writer.buffers, BATCH_PIXELS)
+    if writer.select is not None:
+        raise UserError(
+            "--only unreviewed runs on the CPU stages (it rewrites single tiles); drop --device"
+        )
+    from segloop.pipeline.device import DeviceStages  # imports torch and numba.cuda
+
+    return DeviceStages(rt, grid, norm, batch, src.channels, src.dtype, device, BATCH_PIXELS)
+
+
 def run_stages(
     src: ImageSource,
     rt: Runtime | TileRuntime,
@@ -90,19 +116,10 @@ def run_stages(
     Disk errors become a UserError."""
     norm = normalisation_for(rt.card, src)
     batch = opts.batch or grid.default_batch(BATCH_PIXELS)
-    if opts.device != "cpu" and not isinstance(rt, TileRuntime) and writer.select is None:
-        from segloop.pipeline.device import DeviceStages  # imports torch and numba.cuda
-
-        chain = DeviceStages(rt, grid, norm, batch, src.channels, src.dtype, opts.device)
-    else:
-        chain = HostStages(rt, grid, norm, batch, writer.buffers)
+    chain = stage_set(rt, grid, norm, batch, src, opts.device, writer)
     stages = [*chain.stages(), Stage("write", writer)]
     read_stats = StageStats("read")
     reader = ShardReader(src, grid, shards, opts.read_workers, read_stats, parts)
-    # big windows: fewer batches in flight (each holds its input and its logits)
-    depth = getattr(
-        rt, "in_flight", 4 if batch * (grid.window_core + 2 * grid.halo) ** 2 <= BATCH_PIXELS else 2
-    )
     # the heap of long-lived objects (numba, ORT, numpy, torch…) does not change during a
     # job: freeze it, or every gen-2 collection triggered by zarr's asyncio churn walks it
     # all while holding the GIL (measured: most of the write time)
@@ -110,7 +127,7 @@ def run_stages(
     t0 = time.perf_counter()
     try:
         try:
-            Pipeline(stages, depth=depth).run(iter(reader), StageStats("feed"))
+            Pipeline(stages, depth=chain.in_flight).run(iter(reader), StageStats("feed"))
         finally:
             writer.close()
         finish()
@@ -133,7 +150,7 @@ def run_stages(
         "halo_overhead": reader.halo_overhead and round(reader.halo_overhead, 4),
         "batch": batch,
         "window": grid.window_core,
-        "cache_peak_blocks": getattr(reader.cache, "peak_blocks", 0),
+        "cache_peak_blocks": reader.cache.peak_blocks,
     }
     return wall, stats
 

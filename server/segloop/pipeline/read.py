@@ -39,6 +39,7 @@ class BlockCache:
     def __init__(self, src: ImageSource, boxes: Iterable[Box]) -> None:
         self.src = src
         self.decodes: Counter[tuple[int, int]] = Counter()
+        self.peak_blocks = 0  # most blocks held at once
         chunk = src.block_shape
         self.chunk = chunk
         if chunk is None:  # in memory: nothing to cache
@@ -50,7 +51,6 @@ class BlockCache:
             self._refs.update(self._blocks(b))
         self._cached: dict[tuple[int, int], Future] = {}
         self._lock = threading.Lock()
-        self.peak_blocks = 0
 
     def _blocks(self, box: Box) -> list[tuple[int, int]]:
         bh, bw = self.block

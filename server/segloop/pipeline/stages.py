@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,3 +147,26 @@ class Pipeline:
                 th.join(timeout=0.2)
         if self._error is not None:
             raise self._error
+
+
+def in_flight_for(window_side: int, batch: int, batch_pixels: int) -> int:
+    """Batches in flight for an embedded model: fewer for big windows (each batch holds
+    its input and its scores): 4 up to ``batch_pixels`` of input per batch, else 2."""
+    return 4 if batch * window_side * window_side <= batch_pixels else 2
+
+
+class StageSet(ABC):
+    """The stages between read and write for one job: ``host.LocalStages`` (CPU kernels
+    around an embedded runtime), ``host.RemoteStages`` (uint8 windows to a remote
+    runtime) and ``device.DeviceStages`` (the whole chain on a GPU)."""
+
+    #: batches in flight between the stages (the pipeline's queue depth)
+    in_flight: int = 4
+
+    @abstractmethod
+    def stages(self) -> list[Stage]:
+        """The stages in data-flow order: each takes one item, returns what it passes on."""
+
+    def gpu_busy(self, wall_s: float) -> float | None:
+        """Fraction of ``wall_s`` a GPU was busy; None where no GPU is timed."""
+        return None

@@ -51,6 +51,8 @@ class TileRuntime(ABC):
     name: str
     card: dict
     halo: int
+    #: requests kept open at once (the pipeline's queue depth for this runtime)
+    in_flight: int = 4
 
     @abstractmethod
     def submit(self, windows: np.ndarray) -> Future:

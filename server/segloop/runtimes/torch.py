@@ -14,36 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 
 from segloop.errors import UserError
-from segloop.model.card import read_card
-from segloop.model.unet import UNet
+from segloop.model.weights import load_unet
 from segloop.runtimes.base import Runtime
 
 DEVICES = ("cpu", "cuda")
 #: distinct (B, Sh, Sw) batch shapes captured as CUDA graphs; later shapes run eagerly
 MAX_GRAPHS = 4
-
-
-def load_unet(model_path: Path, n_classes: int) -> UNet:
-    """UNet with the ONNX initializers as its state_dict (names match 1:1, strict).
-    A model added with ``segloop model add`` (any architecture) is refused: torch has
-    only segloop's own UNet to load weights into."""
-    if read_card(model_path).get("architecture", {}).get("type") != "unet":
-        raise UserError(
-            f"{model_path}: not segloop's UNet (added with `segloop model add`); torch "
-            "(and finetune) run only the UNet: use --runtime onnx, triton or tensorrt"
-        )
-    proto = onnx.load(str(model_path))
-    state = {
-        t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer
-    }
-    model = UNet(n_classes=n_classes)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
 
 
 class TorchRuntime(Runtime):
