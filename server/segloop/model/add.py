@@ -8,10 +8,11 @@
    for gray images, whose three channels are equal), probability outputs a ``log``
    (softmax of log p is p, so labels and confidence are the network's own).
 3. **Measure** the downsampling factor (the smallest power of two whose odd multiples the
-   network maps to the same H, W) and the receptive-field radius by perturbation through
-   ONNX Runtime: a band of ``factor`` rows (then columns) of a random image is changed and
-   the farthest output row (column) that moves at all, bit for bit, bounds the radius
-   from above. Halo = radius + 10 % (≥ 4 px), rounded up to the factor. A tiled run with
+   network maps to the same H, W) and the receptive field by perturbation through ONNX
+   Runtime: one row (then column) of a random image is changed, at each phase modulo
+   the factor, and every output row (column) that moves at all, bit for bit, reads it.
+   From that, the context windows aligned to the factor need (``probe``); halo = that
+   + 10 % (≥ 4 px), rounded up to the factor. A tiled run with
    that halo is checked against the whole-image run before anything is written; a
    network that fails (not shift-equivariant at that factor) is tried at twice the factor.
 4. **Write** ``NAME/<next version>/`` (model.onnx with the card in ``metadata_props``,
@@ -49,6 +50,8 @@ LUMINANCE = (0.299, 0.587, 0.114)
 FACTORS = (1, 2, 4, 8, 16, 32, 64, 128)
 #: the probe image grows until the receptive field fits inside it, up to this side (px)
 MAX_PROBE = 2048
+#: perturbed images per ONNX Runtime call while probing (bounds the probe's memory)
+PROBES_PER_RUN = 8
 #: class colours when --colors is not given (class 0 transparent: the background)
 PALETTE = (
     (0, 0, 0, 0),
@@ -204,31 +207,51 @@ def downsampling(run: Run, classes: int, source: Path) -> int:
     )
 
 
-def receptive_radius(run: Run, m: int, rng: np.random.Generator) -> tuple[int, int]:
-    """(radius, probe side): an upper bound on how far (px, Chebyshev) an output pixel
-    reads. A band of m rows (columns) at a multiple of m gets random noise, twice; output
-    rows a..b change; the radius is ≤ max(band end − a, b − band start), whatever the
-    phase. The probe grows until no change reaches its border."""
+@dataclass(frozen=True)
+class Reach:
+    """What the probe found: ``radius`` = the farthest input (px, Chebyshev) any output
+    reads; ``needed`` = the smallest context that windows aligned to the factor need
+    (an output in the first block of a core may read ``radius`` px back only as far as
+    its block start allows); ``side`` = the probe image's side."""
+
+    radius: int
+    needed: int
+    side: int
+
+
+def probe(run: Run, m: int, rng: np.random.Generator) -> Reach:
+    """For each phase p < m, one row (then one column) i = c + p of a random image (c a
+    multiple of m) gets random noise; every output row (column) o that changes at all,
+    bit for bit, reads i. A window whose core starts at a multiple of m at or below o,
+    and ends at one above it, holds i when its halo is ≥ ⌊o⌋ₘ − i and ≥ i − ⌊o⌋ₘ − m + 1.
+    The probe grows until no change reaches its border."""
     side = 128
     while True:
         s = _up(side, m)
         base = rng.standard_normal((1, 3, s, s)).astype(np.float32)
         c = s // 2 // m * m
-        batch = np.repeat(base, 5, axis=0)
-        for i, axis in enumerate((2, 2, 3, 3)):
-            band = [slice(None)] * 3
-            band[axis - 1] = slice(c, c + m)
-            batch[i + 1][tuple(band)] += 3 * rng.standard_normal(batch[i + 1][tuple(band)].shape)
-        out = run(batch)
-        moved = out[1:] != out[:1]
-        rows = np.flatnonzero(moved[:2].any(axis=(0, 1, 3)))
-        cols = np.flatnonzero(moved[2:].any(axis=(0, 1, 2)))
-        if rows.size == 0 or cols.size == 0:
-            raise UserError("the model's output does not depend on its input")
-        reach = [rows[0], cols[0], s - 1 - rows[-1], s - 1 - cols[-1]]
-        if min(reach) > 0:
-            radius = max(c + m - 1 - rows[0], rows[-1] - c, c + m - 1 - cols[0], cols[-1] - c)
-            return int(radius), s
+        radius = needed = 0
+        touches = False
+        for axis in (2, 3):
+            for p0 in range(0, m, PROBES_PER_RUN):
+                phases = range(p0, min(m, p0 + PROBES_PER_RUN))
+                batch = np.repeat(base, len(phases) + 1, axis=0)
+                for n, p in enumerate(phases, 1):
+                    line = [n, slice(None), slice(None), slice(None)]
+                    line[axis] = c + p
+                    batch[tuple(line)] += 3 * rng.standard_normal((3, s)).astype(np.float32)
+                out = run(batch)
+                for n, p in enumerate(phases, 1):
+                    # output rows (axis 2) or columns (axis 3) that moved
+                    moved = np.flatnonzero((out[n] != out[0]).any(axis=(0, 4 - axis)))
+                    if moved.size == 0:
+                        raise UserError("the model's output does not depend on its input")
+                    i, block = c + p, moved // m * m
+                    touches |= moved[0] == 0 or moved[-1] == s - 1
+                    radius = max(radius, i - moved[0], moved[-1] - i)
+                    needed = max(needed, (block - i).max(), (i - block - m + 1).max())
+        if not touches:
+            return Reach(int(radius), int(needed), s)
         if 2 * side > MAX_PROBE:
             raise UserError(
                 f"the model's output depends on pixels more than {s // 2} px away (global "
@@ -238,9 +261,9 @@ def receptive_radius(run: Run, m: int, rng: np.random.Generator) -> tuple[int, i
         side *= 2
 
 
-def halo_for(radius: int, m: int) -> int:
-    """The halo for a measured radius: + 10 % (at least 4 px), up to a multiple of m."""
-    return _up(radius + max(4, math.ceil(radius / 10)), m)
+def halo_for(needed: int, m: int) -> int:
+    """The halo for the measured context: + 10 % (at least 4 px), up to a multiple of m."""
+    return _up(needed + max(4, math.ceil(needed / 10)), m)
 
 
 def tiles_match(run: Run, m: int, halo: int, rng: np.random.Generator) -> bool:
@@ -261,22 +284,21 @@ def tiles_match(run: Run, m: int, halo: int, rng: np.random.Generator) -> bool:
 @dataclass(frozen=True)
 class Measured:
     multiple: int
-    radius: int
+    reach: Reach
     halo: int
-    probe_side: int
     seconds: float
 
 
 def measure(run: Run, classes: int, source: Path, seed: int = 0) -> Measured:
-    """Downsampling factor, receptive-field radius and halo of a canonical network."""
+    """Downsampling factor, receptive field and halo of a canonical network."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     m = downsampling(run, classes, source)
     while m <= FACTORS[-1]:
-        radius, side = receptive_radius(run, m, rng)
-        halo = halo_for(radius, m)
+        reach = probe(run, m, rng)
+        halo = halo_for(reach.needed, m)
         if tiles_match(run, m, halo, rng):
-            return Measured(m, radius, halo, side, round(time.perf_counter() - t0, 3))
+            return Measured(m, reach, halo, round(time.perf_counter() - t0, 3))
         m *= 2
     raise UserError(
         f"{source}: tiles never match the whole-image output (at factors up to "
@@ -437,9 +459,10 @@ Added with `segloop model add` from `{src["source"]}` (sha256 {src["source_sha25
 - **Output**: {card["output"]["kind"]} (N, {len(card["classes"])}, H, W); the stored graph
   emits logits (log of probabilities)
 - **Pixel size**: {mpp}
-- **Receptive-field radius**: ≤ {card["receptive_radius"]} px (perturbation probe through
-  ONNX Runtime, {card["probe"]["side"]}² image, {card["probe"]["seconds"]} s);
-  **halo** {card["halo"]} px (radius + 10 %, ≥ 4 px, rounded up to the factor)
+- **Receptive-field radius**: {card["receptive_radius"]} px; windows aligned to the factor
+  need {card["probe"]["needed"]} px of context (perturbation probe through ONNX Runtime,
+  {card["probe"]["side"]}² image, {card["probe"]["seconds"]} s); **halo** {card["halo"]} px
+  (that + 10 %, ≥ 4 px, rounded up to the factor)
 
 The stored `model.onnx` is the network behind a fixed contract: input `image`
 (N, 3, H, W) float32 normalised RGB → output `logits` (N, K, H, W) float32. The same
@@ -534,9 +557,14 @@ def add_model(
             "source_sha256": hashlib.sha256(raw).hexdigest(),
             "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
         },
-        "receptive_radius": m.radius,
+        "receptive_radius": m.reach.radius,
         "halo": m.halo,
-        "probe": {"side": m.probe_side, "seconds": m.seconds, "method": "perturbation"},
+        "probe": {
+            "method": "perturbation",
+            "needed": m.reach.needed,
+            "side": m.reach.side,
+            "seconds": m.seconds,
+        },
         "added": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     write_card(wrapped, card)
