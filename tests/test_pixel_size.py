@@ -20,7 +20,14 @@ from segloop.pipeline.job import default_model
 from segloop.pipeline.segment import SegmentOptions, segment
 from segloop.synth import SYNTH_MPP, write_ome_tiff
 from tests.conftest import assert_user_error, run_cli
-from tests.vendor_files import slide_pixels, write_bif, write_ndpi, write_scn, write_svs
+from tests.vendor_files import (
+    slide_pixels,
+    write_bif,
+    write_dicom,
+    write_ndpi,
+    write_scn,
+    write_svs,
+)
 
 #: within 10 % of the shipped model's 0.5 µm/px: such slides are segmented at level 0
 MPP = 0.48
@@ -70,6 +77,7 @@ FORMATS = {
     "ventana-bif": ("x.bif", lambda p, i: write_bif(p, i, MPP)),
     "ome-zarr-mm": ("x.zarr", _ome_zarr_mm),
     "png-dpi": ("x.png", _png_dpi),
+    "dicom-wsi": ("x.dicom", lambda p, i: write_dicom(p, i, MPP)),
 }
 
 
@@ -85,6 +93,8 @@ def test_pixel_size_from_metadata_into_the_store(tmp_path, fmt):
     from ome_zarr_models.v05.image_label import ImageLabel
 
     name, write = FORMATS[fmt]
+    if fmt == "dicom-wsi":
+        pytest.importorskip("wsidicom", reason="pip install 'segloop[dicom]'")
     path = tmp_path / name
     write(path, slide_pixels(H, W))
     src = open_image(path)

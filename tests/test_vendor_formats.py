@@ -16,7 +16,14 @@ import pytest
 import tifffile
 
 from segloop.io.formats import open_image
-from tests.vendor_files import slide_pixels, write_bif, write_ndpi, write_scn, write_svs
+from tests.vendor_files import (
+    slide_pixels,
+    write_bif,
+    write_dicom,
+    write_ndpi,
+    write_scn,
+    write_svs,
+)
 
 H, W = 600, 700
 MPP = 0.25
@@ -102,8 +109,25 @@ def test_openslide_reader_equals_tifffile(files, tmp_path):
             np.testing.assert_array_equal(a.read(*box), b.read(*box))
 
 
-def test_dicom_wsi_not_tested_here():
-    pytest.skip(
-        "DICOM WSI (wsidicom) is read but not tested: wsidicom writes DICOM only from "
-        "an opened WSI source, and no source that makes one from a file here is installed"
-    )
+def test_dicom_wsi_reads_like_wsidicom_and_openslide(tmp_path):
+    """A DICOM WSI folder written by wsidicom: every level region by region equals
+    wsidicom's read of the whole level and OpenSlide's (its DICOM backend)."""
+    pytest.importorskip("wsidicom", reason="pip install 'segloop[dicom]'")
+    openslide = pytest.importorskip("openslide", reason="pip install 'segloop[openslide]'")
+    folder = tmp_path / "slide.dicom"
+    written = write_dicom(folder, slide_pixels(300, 350, seed=6), MPP)
+    src = open_image(folder)
+    assert type(src._array).__name__ == "DicomLevel"
+    assert src.mpp == pytest.approx((MPP, MPP)) and src.pyramid_levels == 2
+    slide = openslide.OpenSlide(str(sorted(folder.iterdir())[0]))
+    assert slide.properties["openslide.vendor"] == "dicom"
+    for k in range(2):
+        level = src.pyramid_level(k)
+        assert level.shape == written[k].shape[:2]
+        whole = src._pyramid[k - 1] if k else src._array
+        theirs = whole.wsi.read_region((0, 0), whole.scale, level.shape[::-1], as_array=True)
+        for box in _boxes(*level.shape):
+            y0, y1, x0, x1 = box
+            ours = level.read(*box)
+            np.testing.assert_array_equal(ours, theirs[y0:y1, x0:x1], f"level {k} {box}")
+            np.testing.assert_array_equal(ours, _openslide_region(slide, k, box))

@@ -191,3 +191,87 @@ def write_bif(path: Path, img: np.ndarray, mpp: float) -> list[np.ndarray]:
             tw.write(lv, description=f"level={k} mag={40 >> k} quality=90", tile=(TILE, TILE),
                      compression="jpeg", extratags=tags, **common)  # fmt: skip
     return levels
+
+
+def write_dicom(folder: Path, img: np.ndarray, mpp: float) -> list[np.ndarray]:
+    """DICOM VL Whole Slide Microscopy by wsidicom's own writer (``WsiDicom.save``):
+    levels ×1, ×2 in 128² JPEG frames, Pixel Spacing = ``mpp``. wsidicom writes from an
+    opened slide (a ``Source``); this one hands it the levels as in-memory tiles."""
+    import copy
+
+    from pydicom.uid import generate_uid
+    from wsidicom import WsiDicom
+    from wsidicom.geometry import Point, Size, SizeMm
+    from wsidicom.instance import NumpyImageData, WsiInstance
+    from wsidicom.metadata import (
+        Equipment,
+        Image,
+        Label,
+        Patient,
+        Pyramid,
+        Series,
+        Slide,
+        Study,
+        WsiMetadata,
+    )
+    from wsidicom.metadata.image import ImageType
+    from wsidicom.metadata.sample import SlideSample
+    from wsidicom.metadata.schema.dicom import WsiMetadataDicomSchema
+    from wsidicom.source import Source
+
+    tile = 128
+
+    class TiledLevel(NumpyImageData):
+        """One level as JPEG-encoded ``tile``² frames (edge frames padded white)."""
+
+        def __init__(self, array: np.ndarray, level_mpp: float) -> None:
+            super().__init__(array)
+            self._mpp = level_mpp
+
+        @property
+        def tile_size(self) -> Size:
+            return Size(tile, tile)
+
+        @property
+        def pixel_spacing(self) -> SizeMm:
+            return SizeMm(self._mpp / 1000, self._mpp / 1000)
+
+        def get_decoded_tile(self, tile_point: Point, z, path, cache=True) -> np.ndarray:
+            y, x = tile_point.y * tile, tile_point.x * tile
+            out = np.full((tile, tile, 3), 255, np.uint8)
+            part = self._pixels[y : y + tile, x : x + tile]
+            out[: part.shape[0], : part.shape[1]] = part
+            return out
+
+        def get_encoded_tile(self, tile_point: Point, z, path) -> bytes:
+            return self.encoder.encode(self.get_decoded_tile(tile_point, z, path))
+
+    class Levels(Source):
+        def __init__(self, levels: list[np.ndarray], metadata) -> None:
+            self._base = WsiMetadataDicomSchema().dump(metadata, ImageType.VOLUME, True)
+            self._levels = [
+                WsiInstance.create_instance(
+                    TiledLevel(lv, mpp * 2**k), copy.deepcopy(self._base), ImageType.VOLUME, 0
+                )
+                for k, lv in enumerate(levels)
+            ]
+
+        base_dataset = property(lambda self: self._base)
+        level_instances = property(lambda self: self._levels)
+        label_instances = overview_instances = thumbnail_instances = property(lambda self: [])
+        annotation_instances = property(lambda self: [])
+
+        def close(self) -> None:
+            pass
+
+    metadata = WsiMetadata(
+        Study(uid=generate_uid()), Series(uid=generate_uid()), Patient(), Equipment(),
+        Slide(identifier="slide", samples=[SlideSample(identifier="s1", uid=generate_uid())]),
+        Pyramid(Image(), [], uid=generate_uid()), Label(),
+        frame_of_reference_uid=generate_uid(), dimension_organization_uids=[generate_uid()],
+    )  # fmt: skip
+    levels = pyramid(img, (1, 2))
+    folder.mkdir()
+    with WsiDicom(Levels(levels, metadata)) as wsi:
+        wsi.save(folder)
+    return levels

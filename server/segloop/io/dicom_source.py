@@ -18,12 +18,10 @@ class DicomLevel:
 
     def __init__(self, wsi, level) -> None:
         self.wsi, self.scale = wsi, level.level  # wsidicom names a level by log2(downsample)
-        sample = level.default_instance.samples_per_pixel
-        self.shape = (level.size.height, level.size.width, sample)
-        self.dtype = np.dtype(
-            np.uint8 if level.default_instance.image_data.bits <= 8 else np.uint16
-        )
-        self.chunks = (level.tile_size.height, level.tile_size.width, sample)
+        data = level.default_instance.image_data
+        self.shape = (level.size.height, level.size.width, data.samples_per_pixel)
+        self.dtype = np.dtype(np.uint8 if data.bits <= 8 else np.uint16)
+        self.chunks = (level.tile_size.height, level.tile_size.width, data.samples_per_pixel)
 
     def __getitem__(self, index: tuple) -> np.ndarray:
         ys, xs, cs = index
@@ -58,9 +56,9 @@ def open_dicom(path: Path) -> ImageSource:
         pyramid = list(wsi.levels)
         levels = [DicomLevel(wsi, lv) for lv in pyramid]
         spacing = pyramid[0].pixel_spacing  # mm/px (width, height)
-        mpp = (spacing.height * 1000, spacing.width * 1000) if spacing else None
+        mpp = (float(spacing.height) * 1000, float(spacing.width) * 1000) if spacing else None
+        series = wsi.uids.series_instance if wsi.uids else path.resolve()
     except Exception as exc:
         raise UserError(f"{path}: cannot read DICOM WSI ({type(exc).__name__}: {exc})") from exc
-    uid = str(getattr(wsi.uids, "slide", None) or path.resolve())
-    fingerprint = hashlib.sha256(f"{uid}{levels[0].shape}".encode()).hexdigest()
+    fingerprint = hashlib.sha256(f"{series}{levels[0].shape}".encode()).hexdigest()
     return ImageSource(levels[0], "YXC", path, fingerprint, levels[1:], mpp)
