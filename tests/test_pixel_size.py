@@ -121,12 +121,15 @@ def test_pixel_size_from_metadata_into_the_store(tmp_path, fmt):
 
 
 def test_unknown_pixel_sizes(tmp_path):
-    """No unit, or a screen/print resolution (72 dpi), is no physical pixel size."""
+    """No unit, or a screen/print resolution (72 or 300 dpi, per inch or per cm), is no
+    physical pixel size."""
     img = slide_pixels(64, 64)
     tifffile.imwrite(tmp_path / "dpi.tif", img, resolution=(72, 72), resolutionunit="INCH")
+    per_cm = {"resolution": (118.11, 118.11), "resolutionunit": "CENTIMETER"}  # 300 dpi
+    tifffile.imwrite(tmp_path / "dpcm.tif", img, **per_cm)
     Image.fromarray(img).save(tmp_path / "dpi.png", dpi=(300, 300))
     tifffile.imwrite(tmp_path / "plain.tif", img)
-    for f in ("dpi.tif", "dpi.png", "plain.tif"):
+    for f in ("dpi.tif", "dpcm.tif", "dpi.png", "plain.tif"):
         assert open_image(tmp_path / f).mpp is None, f
     root = zarr.open_group(tmp_path / "px.zarr", mode="w", zarr_format=3)
     root.create_array("0", data=img[..., 0], dimension_names=("y", "x"))

@@ -36,8 +36,9 @@ def um_per_unit(unit: str | None, value: float | str | None) -> float | None:
     return um if 0 < um < float("inf") else None
 
 
-#: px/inch below which a resolution is a screen's or a printer's (72, 96, 300 dpi: what
-#: image editors write by default), not a microscope's (1000 px/inch = 25.4 µm/px)
+#: px/inch below which a resolution tag is a screen's or a printer's (72, 96, 300 dpi, in
+#: inches or centimetres: what image editors write by default), not a microscope's
+#: (1000 px/inch = 25.4 µm/px)
 MIN_PPI = 1000
 
 

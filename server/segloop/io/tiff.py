@@ -18,8 +18,8 @@ from segloop.io.location import Location
 from segloop.io.pixel_size import from_ppi, um_per_unit
 from segloop.io.source import ImageSource, Mpp, file_fingerprint, stream_fingerprint
 
-#: TIFF ResolutionUnit (centimetre, millimetre, micrometre) → µm; inch: ``from_ppi``
-_RESUNIT_UM = {3: 1e4, 4: 1e3, 5: 1.0}
+#: TIFF ResolutionUnit (inch, centimetre, millimetre, micrometre) → units per inch
+_PER_INCH = {2: 1.0, 3: 2.54, 4: 25.4, 5: 25400.0}
 
 
 def _xml_attr(xml: str, tag: str) -> dict[str, str] | None:
@@ -65,9 +65,9 @@ def _page_mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> Mpp | None:
             return float(scan["ScanRes"]), float(scan["ScanRes"])
     unit = int(page.resolutionunit)
     rx, ry = page.resolution
-    if unit in _RESUNIT_UM and rx > 0 and ry > 0:  # NDPI writes centimetres
-        return _RESUNIT_UM[unit] / ry, _RESUNIT_UM[unit] / rx
-    return from_ppi(ry, rx) if unit == 2 and min(rx, ry) > 0 else None
+    if unit not in _PER_INCH or min(rx, ry) <= 0:  # NDPI writes centimetres
+        return None
+    return from_ppi(ry * _PER_INCH[unit], rx * _PER_INCH[unit])
 
 
 def tiff_mpp(tif: tifffile.TiffFile, series: tifffile.TiffPageSeries) -> Mpp | None:
