@@ -69,6 +69,17 @@ class Dilated(nn.Module):
         return self.net(x)
 
 
+class GlobalMean(nn.Module):
+    """Not local: every output pixel adds the image's mean (like image-wide normalisation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) + x.mean(dim=(2, 3), keepdim=True)[:, :2]
+
+
 class Softmaxed(nn.Module):
     """A network that outputs probabilities."""
 
@@ -287,8 +298,9 @@ def test_names_resolve_and_list(added, images, tmp_path, monkeypatch):
 
 
 def test_bad_models_are_refused_with_one_line(added, images, tmp_path):
-    """A card-less ONNX names `segloop model add`; a class count that does not match the
-    network's output is refused before anything is written."""
+    """A card-less ONNX names `segloop model add`; a class count or channel option that
+    does not match the network, and a network that is not local, are refused before
+    anything is written."""
     source = added["strided5"][0]
     proc = run_cli("segment", images["rgb"], "-o", tmp_path / "x.zarr", "--model", source)
     assert_user_error(proc, "segloop model add")
@@ -298,6 +310,9 @@ def test_bad_models_are_refused_with_one_line(added, images, tmp_path):
         add_model(source, "wrong", ["a", "b", "c"], repo=repo)
     with pytest.raises(Exception, match="takes 3 input channels"):
         add_model(source, "wrong", list("abcde"), channels="gray", repo=repo)
+    glob = _export(GlobalMean(), 3, tmp_path / "global.onnx")
+    with pytest.raises(Exception, match="more than 1024 px away"):
+        add_model(glob, "global", ["a", "b"], repo=repo)
     assert not repo.exists()
 
 
