@@ -117,7 +117,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="what the network takes (default: gray for a 1-channel input, else RGB)",
     )
     s.add_argument("--mpp", type=float, help="µm per pixel the network was trained at")
-    s.add_argument("--output", choices=("logits", "probabilities"), default="logits")
+    s.add_argument(
+        "--output",
+        choices=("logits", "probabilities"),
+        default="logits",
+        help="what the network emits per pixel",
+    )
     s.add_argument(
         "--repository",
         type=Path,
