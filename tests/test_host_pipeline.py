@@ -81,7 +81,9 @@ def test_every_source_chunk_is_decoded_once(variants):
 
 def test_block_cache_memory_is_a_band_not_the_image(tmp_path):
     """A 4096×1024 strip-free tiled image, shards of 512: the cache never holds more than
-    about two block rows of the image (the band shared by consecutive shard rows)."""
+    about two block rows of the image (the band shared by consecutive shard rows), and of
+    blocks that later reads need only in part it keeps only that part (halo rows): held
+    bytes stay under 2.5 block rows (keeping whole blocks held 3)."""
     img = tmp_path / "tall.ome.tif"
     write_ome_tiff(img, 4096, 1024, seed=3, compression="zlib")
     src = open_image(img)
@@ -97,3 +99,5 @@ def test_block_cache_memory_is_a_band_not_the_image(tmp_path):
     assert max(cache.decodes.values()) == 1
     assert sum(cache.decodes.values()) == len(cache.decodes)
     assert cache.peak_blocks <= 3 * per_row < len(cache.decodes)
+    row_bytes = src.width * cache.block[0] * src.channels
+    assert cache.peak_bytes < 2.5 * row_bytes

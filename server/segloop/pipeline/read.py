@@ -3,9 +3,11 @@
 A shard's windows need the shard plus a halo, so neighbouring shards overlap by 2 × halo;
 read naively, the source chunks under those overlaps are decoded again for every shard
 that touches them (≈ 2.25× the image for 512² source tiles and 2048² shards).
-``BlockCache`` counts upfront how many shard reads need each block (a whole number of
-source chunks), decodes a block on first use and drops it after its last, so memory holds
-the band of blocks shared with shards not yet read, never the image.
+``BlockCache`` notes upfront which shard reads need each block (a whole number of
+source chunks), decodes a block on first use, and after each read keeps only the part of
+it that reads still to come need (for the next row of shards: the halo rows), dropping it
+after its last: memory holds the halo band shared with shards not yet read, not whole
+rows of blocks, so it does not grow with the image's width.
 """
 
 from __future__ import annotations
@@ -40,15 +42,20 @@ class BlockCache:
         self.src = src
         self.decodes: Counter[tuple[int, int]] = Counter()
         self.peak_blocks = 0  # most blocks held at once
+        self.peak_bytes = 0  # most decoded bytes held at once
+        self._bytes: dict[tuple[int, int], int] = {}
         chunk = src.block_shape
         self.chunk = chunk
         if chunk is None:  # in memory: nothing to cache
             self.block = None
             return
         self.block = tuple(c * -(-MIN_BLOCK // c) for c in chunk)
-        self._refs: Counter[tuple[int, int]] = Counter()
+        #: per block, the announced reads that still need it
+        self._pending: dict[tuple[int, int], list[Box]] = {}
         for b in boxes:
-            self._refs.update(self._blocks(b))
+            for key in self._blocks(b):
+                self._pending.setdefault(key, []).append(b)
+        #: per block, a future of (y0, x0, pixels): what is kept of it, at that origin
         self._cached: dict[tuple[int, int], Future] = {}
         self._lock = threading.Lock()
 
@@ -59,7 +66,7 @@ class BlockCache:
             (by, bx) for by in range(y0 // bh, -(-y1 // bh)) for bx in range(x0 // bw, -(-x1 // bw))
         ]
 
-    def _decode(self, key: tuple[int, int]) -> np.ndarray:
+    def _decode(self, key: tuple[int, int]) -> tuple[int, int, np.ndarray]:
         (bh, bw), (ch, cw) = self.block, self.chunk
         y0, x0 = key[0] * bh, key[1] * bw
         y1, x1 = min(self.src.height, y0 + bh), min(self.src.width, x0 + bw)
@@ -70,9 +77,9 @@ class BlockCache:
                 for cy in range(y0 // ch, -(-y1 // ch))
                 for cx in range(x0 // cw, -(-x1 // cw))
             )
-        return data
+        return y0, x0, data
 
-    def _get(self, key: tuple[int, int]) -> np.ndarray:
+    def _get(self, key: tuple[int, int]) -> tuple[int, int, np.ndarray]:
         with self._lock:
             fut = self._cached.get(key)
             mine = fut is None
@@ -84,14 +91,48 @@ class BlockCache:
                 fut.set_result(self._decode(key))
             except BaseException as exc:
                 fut.set_exception(exc)
+            else:
+                self._held(key, fut.result()[2].nbytes)
         return fut.result()
 
-    def _release(self, key: tuple[int, int]) -> None:
+    def _held(self, key: tuple[int, int], nbytes: int) -> None:
+        """Account block ``key`` at ``nbytes`` (0: dropped)."""
         with self._lock:
-            self._refs[key] -= 1
-            if self._refs[key] <= 0:
+            if nbytes:
+                self._bytes[key] = nbytes
+            else:
+                self._bytes.pop(key, None)
+            self.peak_bytes = max(self.peak_bytes, sum(self._bytes.values()))
+
+    def _release(self, key: tuple[int, int], box: Box) -> None:
+        """``box`` is read: drop the block after its last read, else keep (a copy of) only
+        the part of it the remaining reads need."""
+        with self._lock:
+            pending = self._pending.get(key)
+            if pending is not None and box in pending:
+                pending.remove(box)
+            if not pending:
                 self._cached.pop(key, None)
-                del self._refs[key]
+                self._pending.pop(key, None)
+                self._bytes.pop(key, None)
+                return
+            fut = self._cached.get(key)
+        if fut is None or not fut.done() or fut.exception() is not None:
+            return
+        oy, ox, data = fut.result()
+        y0 = max(oy, min(b[0] for b in pending))
+        y1 = min(oy + data.shape[0], max(b[1] for b in pending))
+        x0 = max(ox, min(b[2] for b in pending))
+        x1 = min(ox + data.shape[1], max(b[3] for b in pending))
+        if (y1 - y0) * (x1 - x0) >= data.shape[0] * data.shape[1]:
+            return
+        kept: Future = Future()
+        kept.set_result((y0, x0, data[y0 - oy : y1 - oy, x0 - ox : x1 - ox].copy()))
+        with self._lock:
+            if self._cached.get(key) is not fut:  # replaced or dropped meanwhile
+                return
+            self._cached[key] = kept
+        self._held(key, kept.result()[2].nbytes)
 
     def read(self, box: Box) -> np.ndarray:
         """Region ``box`` → (h, w, C) in the source dtype."""
@@ -99,16 +140,14 @@ class BlockCache:
         if self.block is None:
             return self.src.read(y0, y1, x0, x1)
         out = np.empty((y1 - y0, x1 - x0, self.src.channels), self.src.dtype)
-        bh, bw = self.block
         for key in self._blocks(box):
-            data = self._get(key)
-            by0, bx0 = key[0] * bh, key[1] * bw
+            by0, bx0, data = self._get(key)
             r0, r1 = max(y0, by0), min(y1, by0 + data.shape[0])
             c0, c1 = max(x0, bx0), min(x1, bx0 + data.shape[1])
             out[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0] = data[
                 r0 - by0 : r1 - by0, c0 - bx0 : c1 - bx0
             ]
-            self._release(key)
+            self._release(key, box)
         return out
 
 
