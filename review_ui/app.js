@@ -1,14 +1,22 @@
 // segloop review UI: OpenSeadragon deep-zoom viewer over the review server's tile API,
-// segmentation overlay, brush/eraser/polygon/fill tools, server-side undo, review queue.
+// segmentation overlay (coloured in the browser: per-class colour and visibility, fill or
+// outline), uncertainty heatmap, brush/eraser/polygon/fill/eyedropper tools, the copilot,
+// server-side undo, review queue, slide worklist.
 "use strict";
 
 const state = {
-  token: null, user: null, image: null, meta: null, viewer: null, seg: null,
-  tool: "pan", label: 1, versions: {}, lease: null, drawing: null,
+  token: null, user: null, image: null, meta: null, images: [], viewer: null, seg: null,
+  heat: null, tool: "pan", label: 1, versions: {}, lease: null, drawing: null,
+  proposal: null, spacePan: false, ws: null, coverage: null, overview: null,
+  style: null,  // {colors, visible, outline}: this reviewer's overlay style, per image
   acks: [],  // ms from mouse-up to the server's ack, per stroke (benchmarks read it)
   firstTileMs: null,  // ms from navigation start to the first tile loaded
   posts: [],  // ms of the POST alone, per stroke
 };
+
+// class colours that stand out on H&E (pink and purple): cyan, yellow, green, orange, …
+const DEFAULT_COLOURS = ["#000000", "#00e5ff", "#ffdd00", "#00ff6e", "#ff5000", "#be50ff", "#ffffff"];
+const $ = (id) => document.getElementById(id);
 
 // --- login: token from ?token=… (then removed from the address bar) or sessionStorage ---
 function takeToken() {
@@ -23,8 +31,8 @@ function takeToken() {
 }
 
 // the image's API prefix: its name URL-encoded (a store folder may be named "a#b" or "x?y")
-function imagePath() {
-  return `/api/images/${encodeURIComponent(state.image)}`;
+function imagePath(name = state.image) {
+  return `/api/images/${encodeURIComponent(name)}`;
 }
 
 async function api(method, path, body) {
@@ -38,9 +46,21 @@ async function api(method, path, body) {
   return data;
 }
 
-function status(text) { document.getElementById("status").textContent = text; }
+function status(text) { $("status").textContent = text; }
+
+// an action of a button or key: its failure is said in the status line, never thrown
+function guarded(fn) {
+  return (...args) => Promise.resolve().then(() => fn(...args)).catch((e) => status(e.message));
+}
 
 // --- tiles: OpenSeadragon level L ↔ store level maxLevel − L -----------------------------
+function tileUrl(layer, level, x, y, maxLevel) {
+  const k = maxLevel - level;
+  const v = layer === "segmentation" ? state.versions[`${k}/${y}/${x}`] : 0;
+  const q = v === undefined ? "" : `?v=${v}`;
+  return `${imagePath()}/tiles/${layer}/${k}/${y}/${x}${q}`;
+}
+
 function tileSource(layer) {
   const m = state.meta;
   const [h, w] = m.shape;
@@ -48,25 +68,185 @@ function tileSource(layer) {
   return {
     width: w, height: h, tileSize: m.tile, tileOverlap: 0,
     minLevel: maxLevel - (m.levels - 1), maxLevel,
-    getTileUrl(level, x, y) {
-      const k = maxLevel - level;
-      const v = layer === "segmentation" ? state.versions[`${k}/${y}/${x}`] : 0;
-      const q = v === undefined ? "" : `?v=${v}`;
-      return `${imagePath()}/tiles/${layer}/${k}/${y}/${x}${q}`;
-    },
+    getTileUrl: (level, x, y) => tileUrl(layer, level, x, y, maxLevel),
   };
 }
 
+// The overlays (labels, confidence) are decoded and coloured here: each tile keeps its
+// values, so a new colour, a hidden class or the outline mode repaints the tiles in place.
+const painted = new Set();
+
+function overlaySource(layer) {
+  const opts = tileSource(layer);
+  const src = new OpenSeadragon.TileSource(opts);
+  src.getTileUrl = opts.getTileUrl;
+  src.hasTransparency = () => true;
+  src.downloadTileStart = (job) => {
+    const ctrl = new AbortController();
+    const once = (data, error) => {
+      if (job.userData.done) return;
+      job.userData.done = true;
+      job.finish(data, null, error);
+    };
+    job.userData.ctrl = ctrl;
+    fetch(job.src, { headers: { Authorization: `Bearer ${state.token}` }, signal: ctrl.signal })
+      .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(`tile ${r.status}`))))
+      .then((b) => createImageBitmap(b, { colorSpaceConversion: "none", premultiplyAlpha: "none" }))
+      .then((bmp) => once(decodeTile(layer, bmp)))
+      .catch((e) => once(null, String(e)));
+  };
+  src.downloadTileAbort = (job) => { job.userData.done = true; job.userData.ctrl?.abort(); };
+  src.createTileCache = (cache, data) => { cache._data = data; painted.add(data); };
+  src.destroyTileCache = (cache) => { painted.delete(cache._data); cache._data = null; };
+  src.getTileCacheData = (cache) => cache._data;
+  src.getTileCacheDataAsImage = (cache) => cache._data.ctx.canvas;
+  src.getTileCacheDataAsContext2D = (cache) => cache._data.ctx;
+  return src;
+}
+
+// a tile's values: class per pixel (its colour in the store's palette; clear = 0) or
+// confidence (grey level)
+function decodeTile(layer, bmp) {
+  const c = document.createElement("canvas");
+  [c.width, c.height] = [bmp.width, bmp.height];
+  const ctx = c.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(bmp, 0, 0);
+  bmp.close();
+  const image = ctx.getImageData(0, 0, c.width, c.height), d = image.data;
+  const values = new Uint8Array(c.width * c.height);
+  for (let i = 0; i < values.length; i++) {
+    values[i] = layer === "confidence" ? d[4 * i]
+      : d[4 * i + 3] ? (state.rgbToClass.get((d[4 * i] << 16) | (d[4 * i + 1] << 8) | d[4 * i + 2]) ?? 0) : 0;
+  }
+  const tile = { layer, ctx, values, image };
+  paint(tile);
+  return tile;
+}
+
+function paint(tile) {
+  const { width: w, height: h } = tile.ctx.canvas, v = tile.values, d = tile.image.data;
+  if (tile.layer === "confidence") {  // uncertainty = 1 − confidence: clear → yellow → red
+    for (let i = 0; i < v.length; i++) {
+      const u = 255 - v[i];
+      d[4 * i] = 255;
+      d[4 * i + 1] = 230 - (230 * u) / 255;
+      d[4 * i + 2] = 0;
+      d[4 * i + 3] = u < 8 ? 0 : Math.min(230, 60 + 2 * u);
+    }
+  } else {
+    const pal = state.palette, outline = state.style.outline;
+    for (let y = 0, i = 0; y < h; y++) {
+      for (let x = 0; x < w; x++, i++) {
+        const c = v[i];
+        let on = c !== 0 && pal[4 * c + 3] !== 0;
+        if (on && outline) {
+          on = (x > 0 && v[i - 1] !== c) || (x < w - 1 && v[i + 1] !== c)
+            || (y > 0 && v[i - w] !== c) || (y < h - 1 && v[i + w] !== c);
+        }
+        if (on) d.set(pal.subarray(4 * c, 4 * c + 4), 4 * i); else d[4 * i + 3] = 0;
+      }
+    }
+  }
+  tile.ctx.putImageData(tile.image, 0, 0);
+}
+
+// --- overlay style: colours, visibility, outline; kept per image in localStorage ---------
+function loadStyle() {
+  const n = state.meta.classes.length;
+  const saved = JSON.parse(localStorage.getItem(`segloop-style-${state.image}`) || "null");
+  const colour = (i) => DEFAULT_COLOURS[i] || `hsl(${(i * 137) % 360} 90% 60%)`;
+  state.style = {
+    colors: Array.from({ length: n }, (_, i) => saved?.colors?.[i] || colour(i)),
+    visible: Array.from({ length: n }, (_, i) => saved?.visible?.[i] ?? true),
+    outline: !!saved?.outline,
+  };
+  state.rgbToClass = new Map(state.meta.colors.map(([r, g, b, a], i) => [a === 0 ? -1 : (r << 16) | (g << 8) | b, i]));
+}
+
+function rgb(hex) {
+  const c = document.createElement("canvas").getContext("2d");
+  c.fillStyle = hex;  // any CSS colour → #rrggbb
+  const s = c.fillStyle;
+  return [1, 3, 5].map((k) => parseInt(s.slice(k, k + 2), 16));
+}
+
+function restyle() {
+  const s = state.style;
+  state.palette = new Uint8ClampedArray(4 * 256);
+  s.colors.forEach((c, i) => state.palette.set([...rgb(c), s.visible[i] && i ? 255 : 0], 4 * i));
+  localStorage.setItem(`segloop-style-${state.image}`, JSON.stringify(s));
+  for (const t of painted) if (t.layer === "segmentation") paint(t);
+  state.viewer?.forceRedraw();
+  $("outline").checked = s.outline;
+  for (const li of $("class-list").children) li.classList.toggle("hidden-class", !s.visible[li.dataset.cls]);
+  showViewState();
+}
+
+function buildClassList() {
+  const list = $("class-list");
+  list.replaceChildren();
+  state.meta.classes.forEach((name, i) => {
+    if (i === 0) return;  // background is never drawn
+    const li = document.createElement("li");
+    li.dataset.cls = i;
+    const vis = Object.assign(document.createElement("input"), { type: "checkbox", checked: state.style.visible[i] });
+    vis.dataset.testid = `class-visible-${i}`;
+    vis.onchange = () => { state.style.visible[i] = vis.checked; restyle(); };
+    const col = Object.assign(document.createElement("input"), { type: "color", value: rgbHex(state.style.colors[i]) });
+    col.dataset.testid = `class-colour-${i}`;
+    col.oninput = () => { state.style.colors[i] = col.value; restyle(); };
+    li.append(vis, col, Object.assign(document.createElement("span"), { textContent: `${i} ${name}` }));
+    list.append(li);
+  });
+}
+
+function rgbHex(c) { return `#${rgb(c).map((v) => v.toString(16).padStart(2, "0")).join("")}`; }
+
+// what is hidden or changed in the view, said on top of it
+function showViewState() {
+  const s = state.style, parts = [];
+  if (state.seg && state.seg.getOpacity() === 0) parts.push("overlay hidden (H)");
+  const hidden = state.meta.classes.filter((_, i) => i && !s.visible[i]);
+  if (hidden.length) parts.push(`hidden: ${hidden.join(", ")}`);
+  if (s.outline) parts.push("outlines");
+  if (state.heat) parts.push("uncertainty heatmap");
+  $("view-state").textContent = parts.join(" · ");
+}
+
+function setOpacity(value) {
+  state.seg?.setOpacity(value);
+  $("opacity").value = value;
+  showViewState();
+}
+
+function toggleHeat(on = !state.heat) {
+  $("confidence").checked = on;
+  if (!on) {
+    if (state.heat) state.viewer.world.removeItem(state.heat);
+    state.heat = null;
+    showViewState();
+    return;
+  }
+  state.heat = "loading";
+  state.viewer.addTiledImage({
+    tileSource: overlaySource("confidence"), opacity: 0.7,
+    success: (e) => {
+      if (state.heat === "loading") state.heat = e.item; else state.viewer.world.removeItem(e.item);
+      showViewState();
+    },
+  });
+}
+
 // A new version of some chunks: open the overlay again (its tile URLs now carry the new
-// versions; unchanged tiles come from the browser cache), then drop the old one, so the
-// overlay never blinks.
+// versions; unchanged tiles come from OpenSeadragon's cache), then drop the old one, so
+// the overlay never blinks.
 function refreshOverlay(versions) {
   const changed = Object.keys(versions).filter((k) => state.versions[k] !== versions[k]);
   Object.assign(state.versions, versions);
   if (!state.seg || !changed.length) return;  // e.g. the live echo of our own edit
   const old = state.seg;
   state.viewer.addTiledImage({
-    tileSource: tileSource("segmentation"), opacity: old.getOpacity(),
+    tileSource: overlaySource("segmentation"), opacity: old.getOpacity(), index: 1,
     success: (e) => {
       state.seg = e.item;
       e.item.addOnceHandler("fully-loaded-change", () => state.viewer.world.removeItem(old));
@@ -79,12 +259,23 @@ function refreshOverlay(versions) {
 // coordinates through the image layer itself (the viewport's are ambiguous with 2 layers)
 function base() { return state.viewer.world.getItemAt(0); }
 
+// the pointer in viewer-element pixels (offsetX would be relative to whatever it is over)
+function screenPoint(event) {
+  const r = state.viewer.element.getBoundingClientRect();
+  return [event.clientX - r.left, event.clientY - r.top];
+}
+
 // (x, y) in level-0 pixels, clamped to the image: a stroke may run past its edge
 function imagePoint(event) {
-  const p = base().viewerElementToImageCoordinates(
-    new OpenSeadragon.Point(event.offsetX, event.offsetY));
+  const [sx, sy] = screenPoint(event);
+  const p = base().viewerElementToImageCoordinates(new OpenSeadragon.Point(sx, sy));
   const [h, w] = state.meta.shape;
-  return [Math.min(w - 1, Math.max(0, Math.round(p.x))), Math.min(h - 1, Math.max(0, Math.round(p.y)))];
+  return [Math.min(w - 1, Math.max(0, Math.floor(p.x))), Math.min(h - 1, Math.max(0, Math.floor(p.y)))];
+}
+
+function toScreen(x, y) {
+  const p = base().imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
+  return [p.x, p.y];
 }
 
 function sketch() {
@@ -100,15 +291,18 @@ function sketch() {
 }
 
 function screenRadius() {
-  const size = Number(document.getElementById("size").value);
-  const a = base().imageToViewerElementCoordinates(new OpenSeadragon.Point(0, 0));
-  const b = base().imageToViewerElementCoordinates(new OpenSeadragon.Point(size, 0));
-  return Math.max(1, b.x - a.x);
+  const size = Number($("size").value);
+  return Math.max(1, toScreen(size, 0)[0] - toScreen(0, 0)[0]);
 }
 
-function colour(label) {
-  const [r, g, b] = state.meta.colors[label];
-  return `rgba(${r},${g},${b},0.6)`;
+function colour(label, alpha = 0.6) {
+  const [r, g, b] = state.palette.subarray(4 * label, 4 * label + 3);
+  return `rgba(${r},${g},${b},${alpha})`;
+}
+
+function onlyOver() {
+  const v = $("paint-over").value;
+  return v === "" ? undefined : Number(v);
 }
 
 // --- outbox: every edit is kept in IndexedDB until the server acknowledges it, so a
@@ -147,25 +341,26 @@ function newId() {
 
 // the level-0 chunks a stroke or polygon can touch, with the versions this client drew on
 function baseFor(edit) {
-  if (edit.op === "fill" || edit.op === "relabel") return undefined;  // extent unknown
+  if (["fill", "relabel", "assist"].includes(edit.op)) return undefined;  // extent unknown
   const r = edit.op === "polygon" ? 0 : edit.radius + 1;
   const xs = edit.points.map((p) => p[0]), ys = edit.points.map((p) => p[1]);
   const [h, w] = state.meta.shape, t = state.meta.tile;
-  const base = {};
+  const out = {};
   for (let cy = Math.max(0, Math.floor((Math.min(...ys) - r) / t));
     cy <= Math.min(Math.ceil(h / t) - 1, Math.floor((Math.max(...ys) + r) / t)); cy++) {
     for (let cx = Math.max(0, Math.floor((Math.min(...xs) - r) / t));
       cx <= Math.min(Math.ceil(w / t) - 1, Math.floor((Math.max(...xs) + r) / t)); cx++) {
-      base[`${cy}/${cx}`] = state.versions[`0/${cy}/${cx}`] || 0;
+      out[`${cy}/${cx}`] = state.versions[`0/${cy}/${cx}`] || 0;
     }
   }
-  return base;
+  return out;
 }
 
 async function sendEdit(edit, released) {
   const cid = newId();
+  const only = edit.op === "erase" ? undefined : onlyOver();
   const entry = { cid, image: state.image, user: state.user.name, created: Date.now(),
-                  edit: { ...edit, client_id: cid } };
+                  edit: { ...edit, only, client_id: cid } };
   // stored and sent at once: a crash before the put ends loses only a stroke the server
   // may already hold; the entry leaves the outbox only after both
   const stored = outbox.put(entry);
@@ -207,7 +402,7 @@ async function deliver(entry, released, stored = Promise.resolve()) {
       status("offline: edit kept, will be re-sent");
     }
   } finally {
-    sketch();  // clears the optimistic drawing once the overlay reloads
+    drawSketch();  // clears the optimistic drawing once the overlay reloads
   }
 }
 
@@ -216,50 +411,87 @@ async function flushOutbox() {
   for (const entry of await outbox.all()) await deliver(entry);
 }
 
-function onPress(event) {
-  if (state.tool === "pan" || event.button !== 0) return;
-  const p = imagePoint(event);
-  if (state.tool === "fill") {
-    sendEdit({ op: "fill", points: [p], label: state.label }, performance.now());
-    return;
-  }
-  if (state.tool === "polygon") {
-    state.drawing = state.drawing || { op: "polygon", points: [], screen: [] };
-    state.drawing.points.push(p);
-    state.drawing.screen.push([event.offsetX, event.offsetY]);
-    const ctx = sketch();
+// what the sketch layer shows: the polygon being drawn, the copilot's box or proposal
+function drawSketch() {
+  const ctx = sketch(), d = state.drawing;
+  if (d?.op === "polygon") {
     ctx.fillStyle = colour(state.label);
     ctx.beginPath();
-    state.drawing.screen.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+    d.points.forEach(([x, y], i) => (i ? ctx.lineTo(...toScreen(x, y)) : ctx.moveTo(...toScreen(x, y))));
     ctx.fill();
+  }
+  if (d?.op === "assist" && d.box) {
+    const [a, b] = [toScreen(...d.points[0]), toScreen(...d.box)];
+    ctx.strokeStyle = "#fff";
+    ctx.setLineDash([4, 3]);
+    ctx.strokeRect(a[0], a[1], b[0] - a[0], b[1] - a[1]);
+  }
+  const p = state.proposal;
+  if (p?.canvas) {
+    const [x, y, w, h] = p.box, [sx, sy] = toScreen(x, y), [ex, ey] = toScreen(x + w, y + h);
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(p.canvas, sx, sy, ex - sx, ey - sy);
+  }
+  return ctx;
+}
+
+function moved(d, event) {
+  return Math.hypot(event.clientX - d.start[0], event.clientY - d.start[1]) > 4;
+}
+
+function onPress(event) {
+  // only presses on the image itself: never on the zoom buttons, never while space pans
+  if (state.tool === "pan" || state.spacePan || event.button !== 0) return;
+  if (!state.viewer.canvas.contains(event.target)) return;
+  const p = imagePoint(event), start = [event.clientX, event.clientY];
+  if (state.tool === "polygon") {
+    state.drawing = state.drawing || { op: "polygon", points: [] };
+    state.drawing.points.push(p);
+    drawSketch();
     return;
   }
-  state.drawing = { op: state.tool, points: [p], ctx: sketch(), r: screenRadius() };
+  if (["fill", "pick", "assist"].includes(state.tool)) {  // a click (assist: or a box)
+    state.drawing = { op: state.tool, points: [p], start };
+    return;
+  }
+  state.drawing = { op: state.tool, points: [p], ctx: sketch(), r: screenRadius(), start };
   dab(event);
 }
 
 function dab(event) {
-  const d = state.drawing;
+  const d = state.drawing, [x, y] = screenPoint(event);
   d.ctx.fillStyle = d.op === "erase" ? "rgba(255,255,255,0.5)" : colour(state.label);
   d.ctx.beginPath();
-  d.ctx.arc(event.offsetX, event.offsetY, d.r, 0, 2 * Math.PI);
+  d.ctx.arc(x, y, d.r, 0, 2 * Math.PI);
   d.ctx.fill();
 }
 
 function onMove(event) {
+  moveCursor(event);
   const d = state.drawing;
   if (!d || d.op === "polygon" || !(event.buttons & 1)) return;
+  if (d.op === "assist") {
+    if (moved(d, event)) { d.box = imagePoint(event); drawSketch(); }
+    return;
+  }
+  if (d.op === "fill" || d.op === "pick") return;
   const p = imagePoint(event);
   const last = d.points[d.points.length - 1];
   if (p[0] !== last[0] || p[1] !== last[1]) d.points.push(p);
   dab(event);
 }
 
-function onRelease() {
+function onRelease(event) {
   const d = state.drawing;
   if (!d || d.op === "polygon") return;
   state.drawing = null;
-  const size = Number(document.getElementById("size").value);
+  if (d.op === "fill") {  // a drag is no fill
+    if (!moved(d, event)) sendEdit({ op: "fill", points: d.points, label: state.label }, performance.now());
+    return;
+  }
+  if (d.op === "pick") { if (!moved(d, event)) pick(d.points[0]); return; }
+  if (d.op === "assist") { propose(d.box ? [d.points[0], d.box] : d.points); return; }
+  const size = Number($("size").value);
   sendEdit({ op: d.op, points: d.points.slice(0, 10000), label: d.op === "erase" ? 0 : state.label,
              radius: size }, performance.now());
 }
@@ -268,38 +500,126 @@ function onDoubleClick() {
   const d = state.drawing;
   if (!d || d.op !== "polygon") return;
   state.drawing = null;
+  d.points.pop();  // the double-click's second press added its point again
   if (d.points.length >= 3) {
     sendEdit({ op: "polygon", points: d.points, label: state.label }, performance.now());
-  }
+  } else drawSketch();
+}
+
+// drop whatever is half drawn or proposed (Escape, another tool, another slide)
+function cancelDrawing() {
+  const had = state.drawing || state.proposal;
+  state.drawing = null;
+  state.proposal = null;
+  if (state.viewer) drawSketch();
+  return had;
 }
 
 function setTool(tool) {
   state.tool = tool;
-  state.drawing = null;
+  cancelDrawing();
   state.viewer.setMouseNavEnabled(tool === "pan");
   for (const b of document.querySelectorAll("[data-tool]")) {
     b.classList.toggle("active", b.dataset.tool === tool);
   }
+  $("threshold-box").hidden = tool !== "assist";
+  $("brush-cursor").hidden = true;
+}
+
+// the brush's outline under the pointer, at its size on screen
+function moveCursor(event) {
+  const c = $("brush-cursor");
+  const show = ["brush", "erase"].includes(state.tool) && !state.spacePan
+    && state.viewer.canvas.contains(event.target);
+  c.hidden = !show;
+  if (!show) return;
+  const [x, y] = screenPoint(event), d = 2 * screenRadius();
+  Object.assign(c.style, { left: `${x}px`, top: `${y}px`, width: `${d}px`, height: `${d}px` });
+}
+
+function setLabel(label) {
+  state.label = label;
+  $("class").value = String(label);
+}
+
+async function pick([x, y]) {
+  const out = await api("GET", `${imagePath()}/pixels/${y}/${x}`);
+  if (out.label) setLabel(out.label);
+  status(`picked ${out.class} (confidence ${out.confidence.toFixed(2)})`);
+}
+
+// --- the copilot: the server proposes a mask from the model's output; Enter accepts it
+// as an ordinary edit (op "assist", recomputed there the same way), Escape drops it ------
+async function propose(points) {
+  const threshold = Number($("threshold").value);
+  const ask = { points, label: state.label, threshold };
+  state.proposal = { ...ask, pending: true };
+  status("copilot: thinking…");
+  const out = await api("POST", `${imagePath()}/assist`, ask);
+  if (state.proposal?.points !== points || state.proposal.threshold !== threshold) return;  // superseded
+  const [, , w, h] = out.box;
+  const bits = Uint8Array.from(atob(out.mask), (ch) => ch.charCodeAt(0));
+  const canvas = Object.assign(document.createElement("canvas"), { width: w, height: h });
+  const ctx = canvas.getContext("2d"), img = ctx.createImageData(w, h);
+  const [r, g, b] = state.palette.subarray(4 * state.label, 4 * state.label + 3);
+  for (let i = 0; i < w * h; i++) {
+    if ((bits[i >> 3] >> (7 - (i & 7))) & 1) img.data.set([r, g, b, 170], 4 * i);
+  }
+  ctx.putImageData(img, 0, 0);
+  state.proposal = { ...ask, box: out.box, canvas, pixels: out.pixels };
+  drawSketch();
+  status(out.pixels ? `proposal: ${out.pixels} px, ${out.changed_px} would change — Enter accepts, Esc drops`
+    : "no region at this threshold: lower it or click elsewhere");
+}
+
+function acceptProposal() {
+  const p = state.proposal;
+  if (!p?.pixels) return false;
+  state.proposal = null;
+  sendEdit({ op: "assist", points: p.points, label: p.label, threshold: p.threshold }, performance.now());
+  return true;
 }
 
 // --- review ----------------------------------------------------------------------------
-async function nextTile() {
+function expert() { return ["reviewer", "admin"].includes(state.user.role); }
+
+async function nextTile(suffix = "") {
   const out = await api("POST", `${imagePath()}/queue/next`);
-  if (!out.tile) { status("queue empty"); return; }
+  if (!out.tile) { state.lease = null; showLease(); status(`queue empty${suffix}`); return; }
   state.lease = out.tile;
   const [ty, tx] = out.tile;
   const t = state.meta.tile;
-  const rect = base().imageToViewportRectangle(tx * t, ty * t, t, t);
-  state.viewer.viewport.fitBounds(rect);
-  status(`tile ${ty},${tx} (uncertainty ${out.uncertainty})`);
+  const m = 0.1 * t;  // a margin: the outline stays in view
+  state.viewer.viewport.fitBounds(base().imageToViewportRectangle(tx * t - m, ty * t - m, t + 2 * m, t + 2 * m));
+  showLease();
+  status(`tile ${ty},${tx} (uncertainty ${out.uncertainty})${suffix}`);
+}
+
+// the leased tile, outlined in the main view
+function showLease() {
+  const old = $("lease-outline");
+  if (old) state.viewer.removeOverlay(old);
+  if (!state.lease) return;
+  const [ty, tx] = state.lease, t = state.meta.tile;
+  const el = Object.assign(document.createElement("div"), { id: "lease-outline", className: "lease-outline" });
+  el.dataset.testid = "lease-outline";
+  state.viewer.addOverlay(el, base().imageToViewportRectangle(tx * t, ty * t, t, t));
 }
 
 async function review(stateName, extra = {}) {
   if (!state.lease) { status("take a tile first (N)"); return; }
   const [ty, tx] = state.lease;
-  await api("PUT", `${imagePath()}/review/${ty}/${tx}`, { state: stateName, ...extra });
-  status(`tile ${ty},${tx}: ${stateName}`);
+  const out = await api("PUT", `${imagePath()}/review/${ty}/${tx}`, { state: stateName, ...extra });
   loadCoverage();
+  const said = ` · ${ty},${tx} ${out.state.replace("_", " ")}`;
+  if (stateName === "flagged") { status(`tile ${ty},${tx}: flagged (${extra.reason})`); return; }
+  await nextTile(said);  // a verdict moves on to the next uncertain tile
+}
+
+function openFlagForm() {
+  if (!state.lease) { status("take a tile first (N)"); return; }
+  $("flag-form").hidden = false;
+  $("flag-reason").focus();
 }
 
 // --- overview: the whole image (its coarsest tile), review state per tile and the part in
@@ -309,10 +629,13 @@ const STATE_COLOURS = {
   unseen: "rgba(0,0,0,0)", in_review: "#d69e2e", accepted: "#38a169",
   corrected: "#3182ce", flagged: "#e53e3e", correction_proposed: "#90cdf4",
 };
+const REVIEWED = ["accepted", "corrected", "flagged", "correction_proposed"];
+
+function reviewed(counts) { return REVIEWED.reduce((n, s) => n + (counts[s] || 0), 0); }
 
 async function loadCoverage() {
   const cov = await api("GET", `${imagePath()}/coverage`);
-  const canvas = document.getElementById("coverage");
+  const canvas = $("coverage");
   const [ny, nx] = [cov.grid.length, cov.grid[0].length];
   const cell = Math.max(1, Math.floor(160 / Math.max(ny, nx)));
   state.coverage = { ...cov, cell };
@@ -324,6 +647,13 @@ async function loadCoverage() {
     const [tx, ty] = [Math.floor(e.offsetX / cell), Math.floor(e.offsetY / cell)];
     state.viewer.viewport.fitBounds(base().imageToViewportRectangle(tx * t, ty * t, t, t));
   };
+  if (!$("flag-reason").options.length) {
+    for (const r of cov.reasons) $("flag-reason").add(new Option(r.replaceAll("_", " "), r));
+  }
+  const n = reviewed(cov.counts), total = nx * ny;
+  $("progress").textContent = `${n} of ${total} tiles reviewed · ${Math.round(cov.seconds / 60)} min spent`;
+  const mine = $("worklist").querySelector(".current .count");
+  if (mine) mine.textContent = `${n}/${total}`;
   drawOverview();
 }
 
@@ -340,7 +670,7 @@ let overviewFrame = 0;
 function drawOverview() {
   cancelAnimationFrame(overviewFrame);
   overviewFrame = requestAnimationFrame(() => {
-    const cov = state.coverage, canvas = document.getElementById("coverage");
+    const cov = state.coverage, canvas = $("coverage");
     if (!cov) return;
     const ctx = canvas.getContext("2d"), cell = cov.cell;
     const [h, w] = state.meta.shape, t = state.meta.tile;
@@ -364,38 +694,74 @@ function drawOverview() {
   });
 }
 
-// --- recent edits: who did what; reviewers approve or reject annotators' proposals -------
+// --- slides: every store the server serves, with its review progress -------------------
+async function loadWorklist() {
+  const list = $("worklist");
+  list.replaceChildren();
+  for (const img of state.images) {
+    const li = document.createElement("li");
+    li.dataset.testid = `slide-${img.name}`;
+    li.classList.toggle("current", img.name === state.image);
+    const count = Object.assign(document.createElement("span"), { className: "count" });
+    li.append(`${img.name} `, count);
+    li.onclick = guarded(() => switchImage(img.name));
+    list.append(li);
+    api("GET", `${imagePath(img.name)}/coverage`).then((cov) => {
+      count.textContent = `${reviewed(cov.counts)}/${cov.grid.length * cov.grid[0].length}`;
+    });
+  }
+}
+
+// --- recent edits: who did what, click to fly there; undo/redo folded into the edits they
+// revert; reviewers approve or reject annotators' proposals ------------------------------
+const REVERTS = ["undo", "redo", "reject"];
 let editsTimer = null;
 function loadEdits() {
   clearTimeout(editsTimer);
   editsTimer = setTimeout(async () => {
-    const rows = await api("GET", `${imagePath()}/edits?limit=25`);
-    const list = document.getElementById("edit-list");
+    const rows = await api("GET", `${imagePath()}/edits?limit=50`);
+    const list = $("edit-list");
     list.replaceChildren();
-    const expert = ["reviewer", "admin"].includes(state.user.role);
-    for (const r of rows) {
+    const folded = rows.filter((r) => REVERTS.includes(r.op)).length;
+    for (const r of rows.filter((row) => !REVERTS.includes(row.op)).slice(0, 25)) {
       const li = document.createElement("li");
       li.dataset.testid = `edit-${r.id}`;
+      li.title = "click to go there";
       const when = new Date(r.created * 1000).toLocaleTimeString();
       li.textContent = `#${r.id} ${r.user} ${r.op}${r.label == null ? "" : ` → ${state.meta.classes[r.label]}`} ${when}${r.undone ? " (undone)" : ""} `;
+      li.onclick = (e) => { if (e.target === li) flyTo(r.chunks); };
       if (r.status !== "applied") li.append(Object.assign(document.createElement("em"), { textContent: r.status }));
-      if (expert && r.status === "proposed") {
+      if (expert() && r.status === "proposed") {
         for (const decision of ["approve", "reject"]) {
           const b = document.createElement("button");
           b.textContent = decision;
           b.dataset.testid = `${decision}-${r.id}`;
-          b.onclick = async () => {
+          b.onclick = guarded(async () => {
             const out = await api("POST", `${imagePath()}/edits/${r.id}/decision`, { decision });
             refreshOverlay(out.revert?.pyramid || {});
             status(`edit ${r.id} ${out.status}`);
             loadEdits();
-          };
+          });
           li.append(" ", b);
         }
       }
       list.append(li);
     }
+    if (folded) {
+      const li = Object.assign(document.createElement("li"), { className: "folded",
+        textContent: `${folded} undo/redo folded into the edits above` });
+      li.dataset.testid = "edits-folded";
+      list.append(li);
+    }
   }, 200);
+}
+
+function flyTo(chunks) {
+  const t = state.meta.tile, keys = chunks.map((k) => k.split("/").map(Number));
+  const ys = keys.map((k) => k[0]), xs = keys.map((k) => k[1]);
+  const [y0, x0] = [Math.min(...ys) * t, Math.min(...xs) * t];
+  const [y1, x1] = [(Math.max(...ys) + 1) * t, (Math.max(...xs) + 1) * t];
+  state.viewer.viewport.fitBounds(base().imageToViewportRectangle(x0, y0, x1 - x0, y1 - y0));
 }
 
 async function undoRedo(op) {
@@ -403,7 +769,51 @@ async function undoRedo(op) {
     const out = await api("POST", `${imagePath()}/${op}`);
     refreshOverlay(out.pyramid || {});
     status(`${op} done`);
+    loadEdits();
   } catch (e) { status(e.message); }
+}
+
+// --- navigation: scale bar, magnification, the view kept per image across reloads -------
+function showScale() {
+  const item = base();
+  if (!item) return;
+  const ratio = item.viewportToImageZoom(state.viewer.viewport.getZoom(true));  // screen px per image px
+  if (state.smooth !== ratio < 1) {  // pixel-exact past 1:1
+    state.smooth = ratio < 1;
+    state.viewer.drawer.setImageSmoothingEnabled(state.smooth);
+  }
+  const um = state.meta.pixel_size_um, bar = $("scale-bar");
+  const zoom = `zoom ${ratio >= 1 ? ratio.toFixed(1) : ratio.toFixed(2)}× (screen px per image px)`;
+  if (!um) {
+    bar.hidden = true;
+    $("scale-readout").textContent = `pixel size unknown · ${zoom}`;
+    return;
+  }
+  const perPx = um / ratio;  // µm per screen px
+  const nice = [1, 2, 5].flatMap((m) => [-2, -1, 0, 1, 2, 3, 4].map((e) => m * 10 ** e)).sort((a, b) => a - b);
+  const length = nice.find((l) => l / perPx >= 80) ?? nice[nice.length - 1];
+  bar.hidden = false;
+  bar.style.width = `${Math.round(length / perPx)}px`;
+  const label = length >= 1000 ? `${length / 1000} mm` : `${length} µm`;
+  $("scale-readout").textContent = `${label} · ${(10 / perPx).toPrecision(3)}× magnification · ${zoom}`;
+}
+
+function viewKey() { return `segloop-view-${state.image}`; }
+
+let viewTimer = 0;
+function keepView() {
+  clearTimeout(viewTimer);
+  viewTimer = setTimeout(() => {
+    const vp = state.viewer.viewport, c = vp.getCenter(true);
+    localStorage.setItem(viewKey(), JSON.stringify({ x: c.x, y: c.y, zoom: vp.getZoom(true) }));
+  }, 250);
+}
+
+function restoreView() {
+  const v = JSON.parse(localStorage.getItem(viewKey()) || "null");
+  if (!v) return;
+  state.viewer.viewport.zoomTo(v.zoom, null, true);
+  state.viewer.viewport.panTo(new OpenSeadragon.Point(v.x, v.y), true);
 }
 
 // --- live updates ------------------------------------------------------------------------
@@ -416,17 +826,131 @@ function listen() {
     if (event.type === "chunks") { refreshOverlay(event.versions); loadEdits(); }
     if (event.type === "review") loadCoverage();
   };
-  ws.onclose = () => setTimeout(listen, 2000);
+  ws.onclose = () => { if (state.ws === ws) setTimeout(() => state.ws === ws && listen(), 2000); };
   state.ws = ws;
+}
+
+// --- keys --------------------------------------------------------------------------------
+const TOOL_KEYS = { v: "pan", b: "brush", e: "erase", p: "polygon", f: "fill", i: "pick", g: "assist" };
+
+// keys typed into a field are the field's (checkboxes and sliders let shortcuts through)
+function typing(e) {
+  const t = e.target;
+  return ["TEXTAREA", "SELECT"].includes(t.tagName)
+    || (t.tagName === "INPUT" && !["checkbox", "range", "color"].includes(t.type));
+}
+
+function onKey(e) {
+  if (typing(e)) return;
+  const size = $("size"), vp = state.viewer.viewport, k = e.key;
+  if (k === " ") {  // hold space: pan with any tool
+    e.preventDefault();  // no page scroll, no click on a focused button
+    if (!state.spacePan) {
+      state.spacePan = true;
+      state.viewer.setMouseNavEnabled(true);
+      $("viewer").style.cursor = "grab";
+      $("brush-cursor").hidden = true;
+    }
+    return;
+  }
+  const pan = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] }[k];
+  if (pan) {
+    e.preventDefault();
+    const b = vp.getBounds(), f = e.shiftKey ? 0.5 : 0.15;
+    vp.panBy(new OpenSeadragon.Point(pan[0] * b.width * f, pan[1] * b.height * f));
+  } else if (k === "Escape") {
+    if (!$("help").hidden) $("help").hidden = true;
+    else if (!$("flag-form").hidden) $("flag-form").hidden = true;
+    else if (cancelDrawing()) status("cancelled");
+  } else if (k === "Enter") {
+    if (acceptProposal()) e.preventDefault();
+  } else if (k === "?") $("help").hidden = !$("help").hidden;
+  else if (k === "+" || k === "=") vp.zoomBy(1.5);
+  else if (k === "-") vp.zoomBy(1 / 1.5);
+  else if (!$("tools")) {  // a viewer: navigation only
+    if (k === "h") setOpacity(state.seg?.getOpacity() ? 0 : 0.5);
+  } else if (k.toLowerCase() === "z" && (e.ctrlKey || e.metaKey)) undoRedo(e.shiftKey ? "redo" : "undo");
+  else if (k === "y" && (e.ctrlKey || e.metaKey)) undoRedo("redo");
+  else if (e.ctrlKey || e.metaKey || e.altKey) return;
+  else if (k === "[") size.value = Math.max(1, Number(size.value) - 2);
+  else if (k === "]") size.value = Math.min(256, Number(size.value) + 2);
+  else if (/^[0-9]$/.test(k) && Number(k) < state.meta.classes.length) setLabel(Number(k));
+  else if (k === "n") guarded(nextTile)();
+  else if (k === "a") guarded(() => review(expert() ? "accepted" : "corrected"))();
+  else if (k === "h") setOpacity(state.seg?.getOpacity() ? 0 : 0.5);
+  else if (k === "o") { state.style.outline = !state.style.outline; restyle(); }
+  else if (k === "u") toggleHeat();
+  else if (TOOL_KEYS[k]) setTool(TOOL_KEYS[k]);
+}
+
+function onKeyUp(e) {
+  if (e.key !== " " || !state.spacePan) return;
+  e.preventDefault();
+  state.spacePan = false;
+  state.viewer.setMouseNavEnabled(state.tool === "pan");
+  $("viewer").style.cursor = "";
+}
+
+// --- opening an image (first load, or another slide from the worklist) -------------------
+function showImage() {
+  if ($("tools")) {  // viewers have none
+    const select = $("class"), over = $("paint-over");
+    select.replaceChildren();
+    state.meta.classes.forEach((c, i) => select.add(new Option(`${i} ${c}`, i)));
+    while (over.options.length > 2) over.remove(2);
+    state.meta.classes.forEach((c, i) => { if (i) over.add(new Option(`${c} only`, i)); });
+    setLabel(Math.min(state.label, state.meta.classes.length - 1));
+  }
+  loadStyle();
+  buildClassList();
+  restyle();
+  $("who").textContent = `${state.image} — ${state.user.name} (${state.user.role})`;
+}
+
+function addOverlay() {
+  state.viewer.addTiledImage({
+    tileSource: overlaySource("segmentation"), opacity: Number($("opacity").value), index: 1,
+    success: (e) => { state.seg = e.item; showViewState(); },
+  });
+}
+
+async function switchImage(name) {
+  if (name === state.image) return;
+  cancelDrawing();
+  const ws = state.ws;
+  state.ws = null;
+  ws?.close();
+  state.meta = state.images.find((i) => i.name === name);
+  state.image = name;
+  state.lease = null;
+  state.versions = state.meta.versions.edited_chunks ? await api("GET", `${imagePath()}/versions`) : {};
+  history.replaceState(null, "", `?image=${encodeURIComponent(name)}`);
+  state.seg = null;
+  state.heat = null;
+  $("confidence").checked = false;
+  state.overview = null;
+  state.viewer.addOnceHandler("open", () => {
+    restoreView();
+    showScale();
+    addOverlay();
+    loadOverviewImage();
+  });
+  state.viewer.open(tileSource("image"));
+  showImage();
+  for (const li of $("worklist").children) li.classList.toggle("current", li.dataset.testid === `slide-${name}`);
+  loadCoverage();
+  loadEdits();
+  listen();
+  status(`opened ${name}`);
 }
 
 // --- start -------------------------------------------------------------------------------
 async function start() {
   state.token = takeToken();
   if (!state.token) {
-    document.getElementById("login").hidden = false;
-    document.getElementById("login-button").onclick = () => {
-      sessionStorage.setItem("segloop-token", document.getElementById("token-input").value.trim());
+    $("login").hidden = false;
+    $("login-button").onclick = () => {
+      sessionStorage.setItem("segloop-token", $("token-input").value.trim());
       location.reload();
     };
     return;
@@ -434,24 +958,24 @@ async function start() {
   // the requests go out while the viewer's script still loads (this script comes first);
   // a store nobody edited has no chunk versions to ask for
   const user = api("GET", "/api/me"), opened = outbox.open();
-  const images = await api("GET", "/api/images");
+  state.images = await api("GET", "/api/images");
   const wanted = new URL(location.href).searchParams.get("image");
-  state.meta = images.find((i) => i.name === wanted) || images[0];
+  state.meta = state.images.find((i) => i.name === wanted) || state.images[0];
   state.image = state.meta.name;
   const versions = state.meta.versions.edited_chunks
     ? api("GET", `${imagePath()}/versions`) : {};
   const parsed = new Promise((resolve) => (document.readyState === "loading"
     ? document.addEventListener("DOMContentLoaded", resolve) : resolve()));
   [state.user, state.versions] = await Promise.all([user, versions, opened, parsed]);
-  document.getElementById("image-name").textContent = `${state.image} — ${state.user.name} (${state.user.role})`;
-  const select = document.getElementById("class");
-  state.meta.classes.forEach((c, i) => select.add(new Option(`${i} ${c}`, i)));
-  select.value = state.label;
-  select.onchange = () => { state.label = Number(select.value); };
-  if (state.user.role === "viewer") document.getElementById("tools").remove();
+  if (state.user.role === "viewer") { $("tools").remove(); $("review").remove(); }
+  else if (!expert()) {  // annotators propose "corrected"; a reviewer accepts
+    $("accept").remove();
+    Object.assign($("corrected"), { textContent: "propose corrected", title: "propose the tile corrected (A): a reviewer decides" });
+    $("corrected").dataset.testid = "propose-corrected";
+  }
 
   state.viewer = OpenSeadragon({
-    element: document.getElementById("viewer"),
+    element: $("viewer"),
     prefixUrl: "/vendor/openseadragon/images/",
     tileSources: tileSource("image"),
     loadTilesWithAjax: true,
@@ -461,53 +985,68 @@ async function start() {
     blendTime: 0,
     imageLoaderLimit: 8,
     drawer: "canvas",
+    maxZoomPixelRatio: 16,  // past 1:1, for pixel-exact painting
     gestureSettingsMouse: { clickToZoom: false },
   });
+  showImage();
   const firstTile = new Promise((resolve) => state.viewer.addOnceHandler("tile-loaded", () => {
     state.firstTileMs = performance.now();
     resolve();
   }));
-  state.viewer.addHandler("viewport-change", drawOverview);
-  state.viewer.addTiledImage({
-    tileSource: tileSource("segmentation"), opacity: 0.5,
-    success: (e) => { state.seg = e.item; },
+  state.viewer.addOnceHandler("open", restoreView);
+  state.viewer.addHandler("viewport-change", () => {
+    drawOverview();
+    showScale();
+    keepView();
+    if (state.proposal?.canvas || state.drawing?.op === "polygon") drawSketch();
   });
-  document.getElementById("opacity").oninput = (e) => state.seg?.setOpacity(Number(e.target.value));
+  addOverlay();
+  $("opacity").oninput = (e) => setOpacity(Number(e.target.value));
+  $("outline").onchange = (e) => { state.style.outline = e.target.checked; restyle(); };
+  $("confidence").onchange = (e) => toggleHeat(e.target.checked);
   const el = state.viewer.element;
   el.addEventListener("pointerdown", onPress, true);
   el.addEventListener("pointermove", onMove, true);
   el.addEventListener("pointerup", onRelease, true);
+  el.addEventListener("pointerleave", () => { $("brush-cursor").hidden = true; });
   el.addEventListener("dblclick", onDoubleClick, true);
   for (const b of document.querySelectorAll("[data-tool]")) b.onclick = () => setTool(b.dataset.tool);
-  document.getElementById("undo")?.addEventListener("click", () => undoRedo("undo"));
-  document.getElementById("redo")?.addEventListener("click", () => undoRedo("redo"));
-  document.getElementById("next").onclick = nextTile;
-  document.getElementById("accept").onclick = () => review("accepted");
-  document.getElementById("flag").onclick = () => review("flagged", { reason: "unsure" });
-  document.addEventListener("keydown", (e) => {
-    if (e.target.tagName === "INPUT") return;
-    const size = document.getElementById("size");
-    if (e.key === "z" && (e.ctrlKey || e.metaKey)) undoRedo(e.shiftKey ? "redo" : "undo");
-    else if (e.key === "[") size.value = Math.max(1, Number(size.value) - 2);
-    else if (e.key === "]") size.value = Math.min(256, Number(size.value) + 2);
-    else if (/^[0-9]$/.test(e.key) && Number(e.key) < state.meta.classes.length) {
-      state.label = Number(e.key); select.value = e.key;
-    } else if (e.key === "n") nextTile();
-    else if (e.key === "a") review("accepted");
-    else if (e.key === "h") state.seg?.setOpacity(state.seg.getOpacity() ? 0 : 0.5);
-    else if ({ b: 1, e: 1, p: 1, f: 1 }[e.key]) {
-      setTool({ b: "brush", e: "erase", p: "polygon", f: "fill" }[e.key]);
-    }
-  });
+  if ($("tools")) {
+    $("class").onchange = () => { state.label = Number($("class").value); };
+    $("threshold").oninput = () => {
+      const p = state.proposal;
+      if (p) guarded(propose)(p.points);
+    };
+  }
+  $("undo")?.addEventListener("click", () => undoRedo("undo"));
+  $("redo")?.addEventListener("click", () => undoRedo("redo"));
+  $("help-button").onclick = () => { $("help").hidden = !$("help").hidden; };
+  if ($("review")) {
+    $("next").onclick = guarded(() => nextTile());
+    $("accept")?.addEventListener("click", guarded(() => review("accepted")));
+    $("corrected").onclick = guarded(() => review("corrected"));
+    $("flag").onclick = openFlagForm;
+    $("flag-cancel").onclick = () => { $("flag-form").hidden = true; };
+    $("flag-form").onsubmit = guarded(async (e) => {
+      e.preventDefault();
+      $("flag-form").hidden = true;
+      await review("flagged", { reason: $("flag-reason").value, comment: $("flag-comment").value.trim() || null });
+      $("flag-comment").value = "";
+    });
+  }
+  document.addEventListener("keydown", onKey);
+  document.addEventListener("keyup", onKeyUp);
   window.addEventListener("online", flushOutbox);
   status("ready");
   // the side panel and live updates wait for the first tile (1 s at most): their requests
   // would otherwise queue with the tiles' for the browser's six connections
   await Promise.race([firstTile, new Promise((resolve) => setTimeout(resolve, 1000))]);
+  showScale();
   loadCoverage();
   loadEdits();
   listen();
   loadOverviewImage();
+  loadWorklist();
 }
 
 start().catch((e) => status(`error: ${e.message}`));

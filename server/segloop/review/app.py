@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from segloop.assets import OSD_DIR, UI_DIR
-from segloop.review import handlers, raster, tiles
+from segloop.review import assist, handlers, raster, tiles
 from segloop.review.check import DamagedChunk
 from segloop.review.db import BUSY_S, ROLES, Busy, Full, ReviewDB, require_intact, translate
 from segloop.review.edits import Edit
@@ -53,6 +53,8 @@ ROUTES = [
     ("POST", "/api/images/{image}/edits", handlers.post_edit, "annotator"),
     ("GET", "/api/images/{image}/edits", handlers.history, "viewer"),
     ("POST", "/api/images/{image}/edits/{edit_id}/decision", handlers.decide, "reviewer"),
+    ("POST", "/api/images/{image}/assist", handlers.post_assist, "annotator"),
+    ("GET", "/api/images/{image}/pixels/{y}/{x}", handlers.get_pixel, "viewer"),
     ("POST", "/api/images/{image}/undo", handlers.undo, "annotator"),
     ("POST", "/api/images/{image}/redo", handlers.redo, "annotator"),
     ("GET", "/api/images/{image}/review/{ty}/{tx}", handlers.get_review, "viewer"),
@@ -236,18 +238,25 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def openapi_spec() -> dict:
+    bodies = {  # request body of the POST / PUT routes, by how their path ends
+        "/edits": Edit,
+        "/assist": assist.Assist,
+        "/review/{ty}/{tx}": handlers.TileReview,
+        "/decision": handlers.Decision,
+        "/queue/release": handlers.Release,
+    }
     schemas, components = msgspec.json.schema_components(
-        [Edit, handlers.TileReview, handlers.Decision, handlers.Release],
-        ref_template="#/components/schemas/{name}",
+        list(bodies.values()), ref_template="#/components/schemas/{name}"
     )
-    bodies = dict(zip(("/edits", "/review/", "/decision", "/queue/release"), schemas, strict=True))
+    bodies = dict(zip(bodies, schemas, strict=True))
     paths: dict = {}
     for method, path, _, role in ROUTES:
         op: dict = {"responses": {"200": {"description": "OK"}}, "parameters": []}
         for part in path.split("/"):
             if part.startswith("{"):
                 name = part.strip("{}")
-                kind = "integer" if name in ("level", "ty", "tx", "edit_id") else "string"
+                integer = name in ("level", "ty", "tx", "edit_id", "y", "x")
+                kind = "integer" if integer else "string"
                 op["parameters"].append(
                     {"name": name, "in": "path", "required": True, "schema": {"type": kind}}
                 )
@@ -257,7 +266,7 @@ def openapi_spec() -> dict:
                 {"401": {"description": "no token"}, "403": {"description": f"needs {role}"}}
             )
         if method in ("POST", "PUT"):
-            body = next((v for k, v in bodies.items() if k in path), None)
+            body = next((v for k, v in bodies.items() if path.endswith(k)), None)
             if body is not None:
                 op["requestBody"] = {
                     "required": True,

@@ -37,17 +37,22 @@ class Edit(msgspec.Struct, forbid_unknown_fields=True):
 
     op: brush / erase (stroke through ``points`` with ``radius``), polygon (fill the
     polygon ``points``), fill (flood fill of the 4-connected same-label region at
-    ``points[0]``), relabel (the 8-connected component at ``points[0]``). ``label``: new
-    class (erase → 0). ``base``: {"cy/cx": version} of the chunks the client drew on; a
+    ``points[0]``), relabel (the 8-connected component at ``points[0]``), assist (the
+    copilot's proposal for ``points``: one click, or two box corners, at ``threshold``;
+    see ``segloop.review.assist``). ``label``: new class (erase → 0). ``only``: change
+    only pixels that are of this class now (0 = only empty ones; napari's "preserve
+    labels"), omitted = any. ``base``: {"cy/cx": version} of the chunks the client drew on; a
     different current version → 409 (omitted = no check). ``client_id``: the client's
     own id of this edit (≤ 64 chars); re-sending it (lost ack, reload) returns the edit
     already made instead of applying it twice.
     """
 
-    op: Literal["brush", "erase", "polygon", "fill", "relabel"]
+    op: Literal["brush", "erase", "polygon", "fill", "relabel", "assist"]
     points: list[Point]
     label: Annotated[int, msgspec.Meta(ge=0, le=255)] = 0
     radius: Annotated[int, msgspec.Meta(ge=0, lt=2**31)] = 8
+    threshold: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
+    only: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
     base: dict[str, Annotated[int, msgspec.Meta(ge=0, lt=2**62)]] | None = None
     client_id: str | None = None
 
@@ -79,6 +84,10 @@ def validate(edit: Edit, shape: tuple[int, int], n_classes: int) -> None:
         raise BadEdit("client_id must be 1 to 64 characters")
     if edit.op == "polygon" and len(edit.points) < 3:
         raise BadEdit("a polygon needs at least 3 points")
+    if edit.op == "assist" and len(edit.points) > 2:
+        raise BadEdit("assist takes one point (a click) or two (the corners of a box)")
+    if edit.only is not None and not edit.only < n_classes:
+        raise BadEdit(f"only must be in 0..{n_classes - 1}")
     for key in edit.base or {}:
         parts = key.split("/")
         if len(parts) != 2 or not all(p.isdigit() and len(p) < 9 for p in parts):
@@ -151,8 +160,17 @@ def _flood(
         region[ya - y0 : yb - y0, xa - x0 : xb - x0] = chunk[ya - a : yb - a, xa - c : xb - c]
     x, y = edit.points[0]
     mask = raster.flood(region, y - y0, x - x0, edit.op == "relabel")
+    return per_chunk(mask, y0, x0, tile)
+
+
+def per_chunk(
+    mask: np.ndarray, y0: int, x0: int, tile: int
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """A (h, w) mask whose top-left pixel is (y0, x0) → ``rasterise``'s (keys, masks) of
+    the chunks it touches; ``TooLarge`` over the per-edit budget."""
+    h, w = mask.shape
     out_keys, masks = [], []
-    for cy, cx in keys:
+    for cy, cx in chunk_keys((y0, y0 + h, x0, x0 + w), tile):
         a, c = cy * tile, cx * tile
         part = mask[max(0, a - y0) : a + tile - y0, max(0, c - x0) : c + tile - x0]
         if part.any():
@@ -161,7 +179,7 @@ def _flood(
             m[ya : ya + part.shape[0], xa : xa + part.shape[1]] = part
             out_keys.append((cy, cx))
             masks.append(m)
-    _check_budget(int(mask.sum()), len(out_keys))
+    _check_budget(int(np.count_nonzero(mask)), len(out_keys))
     return out_keys, np.stack(masks) if masks else np.zeros((0, tile, tile), np.uint8)
 
 

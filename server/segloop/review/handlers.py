@@ -11,6 +11,7 @@ import msgspec
 import numpy as np
 from aiohttp import WSMsgType, web
 
+from segloop.review import assist
 from segloop.review import stats as review_stats
 from segloop.review.db import FLAG_REASONS, STATES
 from segloop.review.edits import BadEdit, Edit, TooLarge
@@ -92,6 +93,44 @@ async def post_edit(request: web.Request) -> web.Response:
         ) from None
     request.app["metrics"].edits.labels(edit.op).inc()
     return web.json_response(result)
+
+
+async def post_assist(request: web.Request) -> web.Response:
+    """The copilot's proposal at a click or in a box (``segloop.review.assist``); nothing
+    is changed: accepting it is an ordinary edit with ``op: "assist"``."""
+    img = image_of(request)
+    body = await decode(request, assist.Assist)
+    try:
+        return web.json_response(await _run(request, assist.preview, img, body))
+    except TooLarge as exc:
+        raise json_error(413, str(exc)) from None
+    except BadEdit as exc:
+        raise json_error(400, str(exc)) from None
+
+
+async def get_pixel(request: web.Request) -> web.Response:
+    """The label (and its class name) and the model's confidence at one level-0 pixel
+    (the eyedropper)."""
+    img = image_of(request)
+    try:
+        y, x = int(request.match_info["y"]), int(request.match_info["x"])
+    except ValueError:
+        raise json_error(404, "no such pixel") from None
+    h, w = img.shape
+    if not (0 <= y < h and 0 <= x < w):
+        raise json_error(404, "no such pixel")
+    t = img.tile
+
+    def read() -> tuple[int, int]:
+        return tuple(
+            int(img.read_chunk(layer, 0, y // t, x // t)[y % t, x % t])
+            for layer in ("segmentation", "confidence")
+        )
+
+    label, conf = await _run(request, read)
+    return web.json_response(
+        {"x": x, "y": y, "label": label, "class": img.classes[label], "confidence": conf / 255}
+    )
 
 
 async def undo(request: web.Request) -> web.Response:
@@ -254,6 +293,8 @@ async def coverage(request: web.Request) -> web.Response:
     with img.db.lock:
         for r in img.db.conn.execute("SELECT cy, cx, state FROM review"):
             grid[r["cy"], r["cx"]] = STATES.index(r["state"])
+    with img.db.lock:
+        (seconds,) = img.db.conn.execute("SELECT TOTAL(seconds) FROM review").fetchone()
     counts = {s: int((grid == i).sum()) for i, s in enumerate(STATES)}
     return web.json_response(
         {
@@ -261,6 +302,7 @@ async def coverage(request: web.Request) -> web.Response:
             "reasons": list(FLAG_REASONS),
             "grid": grid.tolist(),
             "counts": counts,
+            "seconds": seconds,  # time reviewers spent on the tiles they decided
         }
     )
 

@@ -26,6 +26,7 @@ import zarr
 
 from segloop.io.ome_zarr import StoreLock, array_path, read_record
 from segloop.kernels.pyramid import downsample_mode
+from segloop.review import assist
 from segloop.review import db as review_db
 from segloop.review.check import DamagedChunk, damaged
 from segloop.review.chunks import ChunkCache, Key
@@ -331,7 +332,7 @@ class ReviewImage:
                 ),
             )
             if undone is not None:
-                c.execute("UPDATE edits SET undone = ? WHERE id = ?", undone)
+                _set_undone(c, *undone)
             if decided is not None:
                 c.execute("UPDATE edits SET status = ? WHERE id = ?", decided)
             versions = self._bump(c, list(chunks))
@@ -389,13 +390,19 @@ class ReviewImage:
             if current != edit.base:
                 raise Conflict(current)
         label = 0 if edit.op == "erase" else edit.label
-        keys, masks = rasterise(edit, self.shape, self.tile, self._level0)
+        if edit.op == "assist":
+            keys, masks = assist.rasterise(self, edit)
+        else:
+            keys, masks = rasterise(edit, self.shape, self.tile, self._level0)
         delta: Delta = {}
         for (cy, cx), mask in zip(keys, masks, strict=True):
             old = self.read_chunk(SEG, 0, cy, cx)
             h, w = old.shape
             flat = old.reshape(-1)
-            idx = np.flatnonzero(mask[:h, :w].reshape(-1).view(bool) & (flat != label))
+            paint = mask[:h, :w].reshape(-1).view(bool) & (flat != label)
+            if edit.only is not None:  # preserve the other classes
+                paint &= flat == edit.only
+            idx = np.flatnonzero(paint)
             if idx.size:
                 delta[f"{cy}/{cx}"] = (idx, flat[idx], np.full(idx.size, label, np.uint8))
         status = "proposed" if user["role"] == "annotator" else "applied"
@@ -485,7 +492,7 @@ class ReviewImage:
                 delta[key] = (idx[still], after[still], before[still])
         if not delta:
             with self.db.tx() as c:
-                c.execute("UPDATE edits SET undone = 1 WHERE id = ?", (target,))
+                _set_undone(c, 1, target)
                 if decided is not None:
                     c.execute("UPDATE edits SET status = ? WHERE id = ?", (decided, target))
             return {"edit_id": None, "reverts": target, "versions": {}}
@@ -516,6 +523,16 @@ class ReviewImage:
         self.db.close()
         self.image.close()
         self.lock.__exit__()
+
+
+def _set_undone(conn, flag: int, edit_id: int) -> None:
+    """Mark ``edit_id`` reverted (1) or in effect (0), and the chain it reverts with it:
+    reverting an undo puts its edit back in effect (a redo), reverting that redo reverts
+    the edit again, and so on down the chain of ``reverts``."""
+    while edit_id is not None:
+        conn.execute("UPDATE edits SET undone = ? WHERE id = ?", (flag, edit_id))
+        (edit_id,) = conn.execute("SELECT reverts FROM edits WHERE id = ?", (edit_id,)).fetchone()
+        flag = 1 - flag
 
 
 def _level0(versions: dict[str, int]) -> dict[str, int]:

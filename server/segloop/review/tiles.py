@@ -13,6 +13,7 @@ the Accept header: served as JPEG, never packed.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import threading
@@ -40,6 +41,33 @@ def image_of(request: web.Request) -> ReviewImage:
     return images[name]
 
 
+#: micrometres per unit of an OME-Zarr space axis, by the unit names the spec allows
+MICROMETRES = {"nanometer": 1e-3, "micrometer": 1.0, "millimeter": 1e3, "centimeter": 1e4}
+
+
+@functools.cache
+def pixel_size_um(img: ReviewImage) -> float | None:
+    """µm per level-0 pixel along x from the store's OME-Zarr multiscales (the image's,
+    else the labels' or the confidence's): the x axis's unit times the scale of dataset 0
+    and any scale of the whole multiscale. None where no x axis has a length unit."""
+    for node in (img.root, img.root["labels/segmentation"], img.root["confidence"]):
+        try:
+            ms = node.attrs["ome"]["multiscales"][0]
+            axes = [a.get("name") for a in ms["axes"]]
+            x = axes.index("x")
+            size = MICROMETRES.get(ms["axes"][x].get("unit"))
+            if size is None:
+                continue
+            for t in [*ms["datasets"][0]["coordinateTransformations"],
+                      *ms.get("coordinateTransformations", [])]:  # fmt: skip
+                if t.get("type") == "scale":
+                    size *= float(t["scale"][x])
+            return size if size > 0 else None
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError):
+            continue
+    return None
+
+
 def describe(img: ReviewImage) -> dict:
     ny, nx = img.grid(0)
     edited = sum(1 for (layer, level, _, _) in img.versions if layer == SEG and level == 0)
@@ -56,6 +84,7 @@ def describe(img: ReviewImage) -> dict:
         "channels": img.image.channels,
         "image": img.image.mode,  # copy: the store's own arrays; source: the input in place
         "versions": {"edited_chunks": edited},
+        "pixel_size_um": pixel_size_um(img),
         "tile_pack": img.pack.progress if img.pack is not None else None,
     }
 
