@@ -5,9 +5,9 @@ Screenshots of each state go to test-artifacts/ui/."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
-import sqlite3
 
 import numpy as np
 import pytest
@@ -79,13 +79,21 @@ def rev(browser, bench):  # noqa: F811
     context.close()
 
 
-def nucleus(store, min_px: int = 40) -> tuple[int, int]:
-    """(x, y) of the centre of a nucleus (class 2) of the store's labels."""
-    parts, n = ndimage.label(labels(store) == 2)
+def nucleus(store, min_px: int = 40, margin: int = 64) -> tuple[int, int]:
+    """(x, y) of a pixel near the centre of a nucleus (class 2) of the store's labels, at
+    least ``margin`` px from the image's edges."""
+    seg = labels(store)
+    parts, n = ndimage.label(seg == 2)
     sizes = np.bincount(parts.ravel())
-    k = next(i for i in range(1, n + 1) if sizes[i] >= min_px)
+    centres = ndimage.center_of_mass(seg == 2, parts, range(1, n + 1))
+    h, w = seg.shape
+    k = next(
+        i + 1
+        for i, (cy, cx) in enumerate(centres)
+        if sizes[i + 1] >= min_px and margin <= cy < h - margin and margin <= cx < w - margin
+    )
     ys, xs = np.nonzero(parts == k)
-    i = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)  # a pixel of it near its centre
+    i = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
     return int(xs[i]), int(ys[i])
 
 
@@ -135,13 +143,23 @@ def mid(page) -> tuple[float, float]:
     return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
 
 
-def history(bench, who: str = "reviewer") -> list[dict]:
+def get(bench, path: str):
+    """``GET /api/images/slide/<path>`` as the reviewer, decoded."""
     r = requests.get(
-        f"{bench['server'].base}/api/images/slide/edits",
-        headers={"Authorization": f"Bearer {bench['tokens'][who]}"},
+        f"{bench['server'].base}/api/images/slide/{path}",
+        headers={"Authorization": f"Bearer {bench['tokens']['reviewer']}"},
         timeout=30,
     )
+    r.raise_for_status()
     return r.json()
+
+
+def history(bench) -> list[dict]:
+    return get(bench, "edits")
+
+
+def tile_review(bench, tile: list[int]) -> dict:
+    return get(bench, f"review/{tile[0]}/{tile[1]}")
 
 
 # --- the eight bugs ----------------------------------------------------------------------
@@ -209,19 +227,15 @@ def test_bug4_flag_form_and_mark_corrected(rev, bench):
     shot(page, "w04-flag-form")
     page.get_by_test_id("flag-submit").click()
     status_starts(page, f"tile {tile[0]},{tile[1]}: flagged")
-    with sqlite3.connect(bench["store"] / "segloop" / "review.sqlite") as db:
-        row = db.execute(
-            "SELECT state, reason, comment FROM review WHERE cy = ? AND cx = ?", tile
-        ).fetchone()
-    assert row == ("flagged", "out_of_distribution", "folded tissue, not a tumour")
+    got = tile_review(bench, tile)
+    assert (got["state"], got["reason"]) == ("flagged", "out_of_distribution")
+    assert got["comment"] == "folded tissue, not a tumour" and got["user"] == "reviewer"
     assert form.is_hidden()
     page.get_by_test_id("mark-corrected").click()  # a reviewer's verdict: moves on
     page.wait_for_function(
         f"document.getElementById('status').textContent.endsWith('{tile[0]},{tile[1]} corrected')"
     )
-    with sqlite3.connect(bench["store"] / "segloop" / "review.sqlite") as db:
-        (state,) = db.execute("SELECT state FROM review WHERE cy = ? AND cx = ?", tile).fetchone()
-    assert state == "corrected"
+    assert tile_review(bench, tile)["state"] == "corrected"
     assert errors == []
 
 
@@ -239,9 +253,7 @@ def test_bug5_annotator_proposes_corrected_instead_of_accept(browser, bench):  #
     page.wait_for_function(
         "document.getElementById('status').textContent.endsWith('correction proposed')"
     )
-    with sqlite3.connect(bench["store"] / "segloop" / "review.sqlite") as db:
-        (state,) = db.execute("SELECT state FROM review WHERE cy = ? AND cx = ?", tile).fetchone()
-    assert state == "correction_proposed"
+    assert tile_review(bench, tile)["state"] == "correction_proposed"
     page.evaluate("guarded(() => review('accepted'))()")  # the server's 403, in the status
     status_starts(page, "only reviewers accept")
     shot(page, "w05-annotator")
@@ -551,3 +563,32 @@ def test_accept_advances_and_outlines_the_leased_tile(rev, bench):
     counts = json.loads(page.get_by_test_id("coverage").get_attribute("data-counts"))
     assert counts["accepted"] >= 1 and counts["flagged"] == 0 and counts["corrected"] >= 1
     assert errors == []
+
+
+def test_assist_api_box_mode_bad_input_and_openapi(bench):
+    """The box mode through the API: the largest component inside it; a box over the
+    budget is a 400/413, never a 5xx; both routes are in the OpenAPI."""
+    base, auth = bench["server"].base, {"Authorization": f"Bearer {bench['tokens']['reviewer']}"}
+    x, y = nucleus(bench["store"])
+    body = {"points": [[x - 30, y - 30], [x + 30, y + 30]], "label": 2, "threshold": 0.5}
+    r = requests.post(f"{base}/api/images/slide/assist", json=body, headers=auth, timeout=30)
+    out = r.json()
+    assert r.status_code == 200 and out["box"] == [x - 30, y - 30, 61, 61]
+    mask = np.unpackbits(np.frombuffer(base64.b64decode(out["mask"]), np.uint8))[: 61 * 61]
+    mask = mask.reshape(61, 61).astype(bool)
+    assert mask.sum() == out["pixels"] > 20 and mask[30, 30]  # the nucleus at its centre
+    assert ndimage.label(mask, structure=np.ones((3, 3)))[1] == 1  # one component
+    huge = {"points": [[0, 0], [1299, 1499]], "label": 2}
+    bad = requests.post(f"{base}/api/images/slide/assist", json=huge, headers=auth, timeout=30)
+    assert bad.status_code == 200, bad.text  # within MAX_BOX: answered
+    wrong = {"points": [[0, 0], [1, 1], [2, 2]], "label": 2}
+    r = requests.post(f"{base}/api/images/slide/assist", json=wrong, headers=auth, timeout=30)
+    assert r.status_code == 400
+    spec = requests.get(f"{base}/api/openapi.json", headers=auth, timeout=30).json()
+    body = spec["paths"]["/api/images/{image}/assist"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"]["$ref"].endswith("/Assist")
+    decision = spec["paths"]["/api/images/{image}/edits/{edit_id}/decision"]["post"]
+    assert decision["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/Decision"
+    )  # was the Edit body (matched by substring)
+    assert "/api/images/{image}/pixels/{y}/{x}" in spec["paths"]
