@@ -125,13 +125,13 @@ function decodeTile(layer, bmp) {
 
 function paint(tile) {
   const { width: w, height: h } = tile.ctx.canvas, v = tile.values, d = tile.image.data;
-  if (tile.layer === "confidence") {  // uncertainty = 1 − confidence: clear → yellow → red
+  if (tile.layer === "confidence") {  // uncertainty 1 − confidence: clear → yellow → red
     for (let i = 0; i < v.length; i++) {
-      const u = 255 - v[i];
+      const t = Math.min(1, Math.sqrt((255 - v[i]) / 128));  // √: the first percent shows
       d[4 * i] = 255;
-      d[4 * i + 1] = 230 - (230 * u) / 255;
+      d[4 * i + 1] = 230 * (1 - t);
       d[4 * i + 2] = 0;
-      d[4 * i + 3] = u < 8 ? 0 : Math.min(230, 60 + 2 * u);
+      d[4 * i + 3] = v[i] > 253 ? 0 : 60 + 170 * t;
     }
   } else {
     const pal = state.palette, outline = state.style.outline;
@@ -783,7 +783,7 @@ function showScale() {
     state.viewer.drawer.setImageSmoothingEnabled(state.smooth);
   }
   const um = state.meta.pixel_size_um, bar = $("scale-bar");
-  const zoom = `zoom ${ratio >= 1 ? ratio.toFixed(1) : ratio.toFixed(2)}× (screen px per image px)`;
+  const zoom = `zoom ${ratio >= 1 ? ratio.toFixed(1) : ratio.toFixed(2)}×`;  // screen px per image px
   if (!um) {
     bar.hidden = true;
     $("scale-readout").textContent = `pixel size unknown · ${zoom}`;

@@ -53,7 +53,7 @@ class Assist(msgspec.Struct, forbid_unknown_fields=True):
     threshold: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
 
 
-def _region(img: ReviewImage, read, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+def region(img: ReviewImage, read, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     """Level-0 (y1 − y0, x1 − x0) uint8 of the chunks ``read(cy, cx)`` gives."""
     out = np.empty((y1 - y0, x1 - x0), np.uint8)
     t = img.tile
@@ -86,8 +86,8 @@ def propose(
         now, done = img.read_chunk("segmentation", 0, cy, cx), edits.get((cy, cx), ())
         return rewind(now, (deltas.get(e["id"], f"{cy}/{cx}") for e in done)) if done else now
 
-    prediction = _region(img, predicted, y0, y1, x0, x1)
-    conf = _region(img, functools.partial(img.read_chunk, "confidence", 0), y0, y1, x0, x1)
+    prediction = region(img, predicted, y0, y1, x0, x1)
+    conf = region(img, functools.partial(img.read_chunk, "confidence", 0), y0, y1, x0, x1)
     score = np.where(prediction == label, conf, 255 - conf)
     keep = (score >= round(threshold * 255)).astype(np.uint8)
     if len(points) == 1:
@@ -114,7 +114,7 @@ def preview(img: ReviewImage, body: Assist) -> dict:
     validate(Edit(op="assist", points=body.points, label=body.label), img.shape, len(img.classes))
     y0, x0, mask = propose(img, body.points, body.label, body.threshold)
     h, w = mask.shape
-    labels = _region(
+    labels = region(
         img, functools.partial(img.read_chunk, "segmentation", 0), y0, y0 + h, x0, x0 + w
     )
     return {
