@@ -7,7 +7,7 @@
 const state = {
   token: null, user: null, image: null, meta: null, images: [], viewer: null, seg: null,
   heat: null, tool: "pan", label: 1, versions: {}, lease: null, drawing: null,
-  proposal: null, spacePan: false, ws: null, coverage: null, overview: null,
+  proposal: null, before: null, spacePan: false, ws: null, coverage: null, overview: null,
   style: null,  // {colors, visible, outline}: this reviewer's overlay style, per image
   acks: [],  // ms from mouse-up to the server's ack, per stroke (benchmarks read it)
   firstTileMs: null,  // ms from navigation start to the first tile loaded
@@ -92,7 +92,7 @@ function overlaySource(layer) {
     fetch(job.src, { headers: { Authorization: `Bearer ${state.token}` }, signal: ctrl.signal })
       .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(`tile ${r.status}`))))
       .then((b) => createImageBitmap(b, { colorSpaceConversion: "none", premultiplyAlpha: "none" }))
-      .then((bmp) => once(decodeTile(layer, bmp)))
+      .then((bmp) => once(decodeTile(layer, bmp, job.src)))
       .catch((e) => once(null, String(e)));
   };
   src.downloadTileAbort = (job) => { job.userData.done = true; job.userData.ctrl?.abort(); };
@@ -106,7 +106,7 @@ function overlaySource(layer) {
 
 // a tile's values: class per pixel (its colour in the store's palette; clear = 0) or
 // confidence (grey level)
-function decodeTile(layer, bmp) {
+function decodeTile(layer, bmp, url) {
   const c = document.createElement("canvas");
   [c.width, c.height] = [bmp.width, bmp.height];
   const ctx = c.getContext("2d", { willReadFrequently: true });
@@ -118,9 +118,42 @@ function decodeTile(layer, bmp) {
     values[i] = layer === "confidence" ? d[4 * i]
       : d[4 * i + 3] ? (state.rgbToClass.get((d[4 * i] << 16) | (d[4 * i + 1] << 8) | d[4 * i + 2]) ?? 0) : 0;
   }
-  const tile = { layer, ctx, values, image };
+  const [, level, cy, cx] = url.match(/\/(\d+)\/(\d+)\/(\d+)(\?|$)/).map(Number);
+  const tile = { layer, ctx, values, image, key: level === 0 ? `${cy}/${cx}` : null };
+  if (state.before) rewindTile(tile);
   paint(tile);
   return tile;
+}
+
+// --- before/after: a proposal's level-0 tiles shown as they were before it -------------
+function rewindTile(tile) {
+  const part = tile.layer === "segmentation" && state.before.chunks[tile.key];
+  if (!part || tile.orig) return;
+  tile.orig = tile.values.slice();
+  part.idx.forEach((i, k) => { tile.values[i] = part.before[k]; });
+}
+
+async function toggleBefore(id) {
+  const was = state.before?.id;
+  if (state.before) {
+    for (const t of painted) if (t.orig) { t.values.set(t.orig); t.orig = null; paint(t); }
+    state.before = null;
+  }
+  if (was !== id) {
+    const out = await api("GET", `${imagePath()}/edits/${id}/delta`);
+    const bytes = (b64) => Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const chunks = {};
+    for (const [key, p] of Object.entries(out.chunks)) {
+      chunks[key] = { idx: new Uint32Array(bytes(p.idx).buffer), before: bytes(p.before) };
+    }
+    state.before = { id, chunks };
+    for (const t of painted) if (t.key) { rewindTile(t); if (t.orig) paint(t); }
+  }
+  state.viewer.forceRedraw();
+  for (const b of document.querySelectorAll("[data-testid^=before-after-]")) {
+    b.textContent = b.dataset.testid === `before-after-${state.before?.id}` ? "after" : "before";
+  }
+  showViewState();
 }
 
 function paint(tile) {
@@ -210,6 +243,7 @@ function showViewState() {
   if (hidden.length) parts.push(`hidden: ${hidden.join(", ")}`);
   if (s.outline) parts.push("outlines");
   if (state.heat) parts.push("uncertainty heatmap");
+  if (state.before) parts.push(`before edit #${state.before.id} (full resolution only)`);
   $("view-state").textContent = parts.join(" · ");
 }
 
@@ -731,12 +765,20 @@ function loadEdits() {
       li.textContent = `#${r.id} ${r.user} ${r.op}${r.label == null ? "" : ` → ${state.meta.classes[r.label]}`} ${when}${r.undone ? " (undone)" : ""} `;
       li.onclick = (e) => { if (e.target === li) flyTo(r.chunks); };
       if (r.status !== "applied") li.append(Object.assign(document.createElement("em"), { textContent: r.status }));
+      if (r.status === "proposed") {  // its before and after, in place
+        const b = Object.assign(document.createElement("button"), {
+          textContent: state.before?.id === r.id ? "after" : "before", title: "show the labels before / after this edit" });
+        b.dataset.testid = `before-after-${r.id}`;
+        b.onclick = guarded(() => toggleBefore(r.id));
+        li.append(" ", b);
+      }
       if (expert() && r.status === "proposed") {
         for (const decision of ["approve", "reject"]) {
           const b = document.createElement("button");
           b.textContent = decision;
           b.dataset.testid = `${decision}-${r.id}`;
           b.onclick = guarded(async () => {
+            if (state.before?.id === r.id) await toggleBefore(r.id);  // decided: after
             const out = await api("POST", `${imagePath()}/edits/${r.id}/decision`, { decision });
             refreshOverlay(out.revert?.pyramid || {});
             status(`edit ${r.id} ${out.status}`);
@@ -917,6 +959,7 @@ function addOverlay() {
 async function switchImage(name) {
   if (name === state.image) return;
   cancelDrawing();
+  state.before = null;
   const ws = state.ws;
   state.ws = null;
   ws?.close();

@@ -477,6 +477,47 @@ def test_recent_edit_flies_to_its_place(rev, bench):
     )
 
 
+def test_before_after_of_a_proposal(rev, bench):
+    """An annotator's proposal: the reviewer flies to it, sees the labels before it and
+    after it in place (level-0 tiles), then approves it."""
+    page, errors, _ = rev
+    x, y = nucleus(bench["store"])
+    auth = {"Authorization": f"Bearer {bench['tokens']['annotator']}"}
+    stroke = {"op": "brush", "points": [[x - 20, y + 40], [x + 20, y + 40]], "radius": 6}
+    r = requests.post(
+        f"{bench['server'].base}/api/images/slide/edits",
+        json={**stroke, "label": 2},
+        headers=auth,
+        timeout=30,
+    )
+    edit_id, changed = r.json()["edit_id"], r.json()["changed_px"]
+    assert r.json()["status"] == "proposed" and changed > 100
+    item = page.get_by_test_id(f"edit-{edit_id}")
+    item.wait_for()
+    item.click(position={"x": 5, "y": 5})  # fly there
+    page.wait_for_function(
+        "base().viewportToImageRectangle(state.viewer.viewport.getBounds(true)).width < 1000"
+    )
+    wait_tiles(page)
+    count = (
+        "(() => { const seen = new Set(); let n = 0; for (const t of painted)"
+        " { if (!t.key || seen.has(t.key) || t.layer !== 'segmentation') continue; seen.add(t.key);"
+        " for (const v of t.values) n += v === 2; } return n; })()"
+    )
+    after = page.evaluate(count)
+    page.get_by_test_id(f"before-after-{edit_id}").click()
+    page.wait_for_function(f"state.before && state.before.id === {edit_id}")
+    assert page.evaluate(count) == after - changed
+    assert f"before edit #{edit_id}" in page.get_by_test_id("view-state").inner_text()
+    shot(page, "w19-before-proposal")
+    page.get_by_test_id(f"before-after-{edit_id}").click()
+    page.wait_for_function("state.before === null")
+    assert page.evaluate(count) == after
+    page.get_by_test_id(f"approve-{edit_id}").click()
+    status_starts(page, f"edit {edit_id} approved")
+    assert errors == []
+
+
 def test_copilot_proposes_accepts_and_undoes(rev, bench):
     """A nucleus half erased by hand: one click proposes the model's nucleus, Escape drops
     it, a stricter threshold asks again, Enter paints it (an attributed edit), undo."""

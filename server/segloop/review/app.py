@@ -52,6 +52,7 @@ ROUTES = [
     ("GET", "/api/images/{image}/tiles/{layer}/{level}/{ty}/{tx}", tiles.get_tile, "viewer"),
     ("POST", "/api/images/{image}/edits", handlers.post_edit, "annotator"),
     ("GET", "/api/images/{image}/edits", handlers.history, "viewer"),
+    ("GET", "/api/images/{image}/edits/{edit_id}/delta", handlers.edit_delta, "viewer"),
     ("POST", "/api/images/{image}/edits/{edit_id}/decision", handlers.decide, "reviewer"),
     ("POST", "/api/images/{image}/assist", handlers.post_assist, "annotator"),
     ("GET", "/api/images/{image}/pixels/{y}/{x}", handlers.get_pixel, "viewer"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from typing import Annotated, Literal
@@ -14,7 +15,7 @@ from aiohttp import WSMsgType, web
 from segloop.review import assist
 from segloop.review import stats as review_stats
 from segloop.review.db import FLAG_REASONS, STATES
-from segloop.review.edits import BadEdit, Edit, TooLarge
+from segloop.review.edits import BadEdit, Edit, TooLarge, unpack
 from segloop.review.image import Conflict, NoSuchEdit, NothingToDo, ReviewImage
 from segloop.review.tiles import image_of
 
@@ -168,6 +169,45 @@ async def history(request: web.Request) -> web.Response:
     return web.json_response(
         [{**dict(r), "chunks": json.loads(r["chunks"]), "undone": bool(r["undone"])} for r in rows]
     )
+
+
+#: an edit larger than this is not sent to the browser whole (its before/after view)
+MAX_DELTA_PIXELS = 1 << 21
+
+
+async def edit_delta(request: web.Request) -> web.Response:
+    """The pixels one edit changed, per level-0 chunk: flat indices (uint32 little-endian)
+    and the values before and after (uint8), each base64 (the before/after view)."""
+    img = image_of(request)
+    try:
+        edit_id = int(request.match_info["edit_id"])
+        if not 0 < edit_id < 2**62:
+            raise ValueError
+    except ValueError:
+        raise json_error(404, "no such edit") from None
+
+    def read() -> dict | None:
+        with img.db.lock:
+            row = img.db.conn.execute(
+                "SELECT pixels, delta FROM edits WHERE id = ?", (edit_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        if row["pixels"] > MAX_DELTA_PIXELS:
+            raise json_error(413, f"edit {edit_id} changed more than {MAX_DELTA_PIXELS} pixels")
+        return {
+            key: {"idx": _b64(idx.astype("<u4")), "before": _b64(before), "after": _b64(after)}
+            for key, (idx, before, after) in unpack(row["delta"]).items()
+        }
+
+    chunks = await _run(request, read)
+    if chunks is None:
+        raise json_error(404, "no such edit")
+    return web.json_response({"edit_id": edit_id, "chunks": chunks})
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(a.tobytes()).decode()
 
 
 class Decision(msgspec.Struct, forbid_unknown_fields=True):
