@@ -622,9 +622,7 @@ async function nextTile(suffix = "") {
   if (!out.tile) { state.lease = null; showLease(); status(`queue empty${suffix}`); return; }
   state.lease = out.tile;
   const [ty, tx] = out.tile;
-  const t = state.meta.tile;
-  const m = 0.1 * t;  // a margin: the outline stays in view
-  state.viewer.viewport.fitBounds(base().imageToViewportRectangle(tx * t - m, ty * t - m, t + 2 * m, t + 2 * m));
+  state.viewer.viewport.fitBounds(tileRect(ty, tx, 0.1 * state.meta.tile));  // the outline in view
   showLease();
   status(`tile ${ty},${tx} (uncertainty ${out.uncertainty})${suffix}`);
 }
@@ -634,10 +632,16 @@ function showLease() {
   const old = $("lease-outline");
   if (old) state.viewer.removeOverlay(old);
   if (!state.lease) return;
-  const [ty, tx] = state.lease, t = state.meta.tile;
   const el = Object.assign(document.createElement("div"), { id: "lease-outline", className: "lease-outline" });
   el.dataset.testid = "lease-outline";
-  state.viewer.addOverlay(el, base().imageToViewportRectangle(tx * t, ty * t, t, t));
+  state.viewer.addOverlay(el, tileRect(...state.lease));
+}
+
+// a level-0 tile's viewport rectangle (tiles at the image's edge are smaller), ± margin px
+function tileRect(ty, tx, margin = 0) {
+  const t = state.meta.tile, [h, w] = state.meta.shape;
+  const [x, y] = [tx * t, ty * t], [tw, th] = [Math.min(t, w - x), Math.min(t, h - y)];
+  return base().imageToViewportRectangle(x - margin, y - margin, tw + 2 * margin, th + 2 * margin);
 }
 
 async function review(stateName, extra = {}) {
@@ -677,9 +681,8 @@ async function loadCoverage() {
   canvas.height = ny * cell;
   canvas.dataset.counts = JSON.stringify(cov.counts);
   canvas.onclick = (e) => {
-    const t = state.meta.tile;
     const [tx, ty] = [Math.floor(e.offsetX / cell), Math.floor(e.offsetY / cell)];
-    state.viewer.viewport.fitBounds(base().imageToViewportRectangle(tx * t, ty * t, t, t));
+    if (ty < ny && tx < nx) state.viewer.viewport.fitBounds(tileRect(ty, tx));
   };
   if (!$("flag-reason").options.length) {
     for (const r of cov.reasons) $("flag-reason").add(new Option(r.replaceAll("_", " "), r));

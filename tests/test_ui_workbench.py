@@ -590,6 +590,10 @@ def test_accept_advances_and_outlines_the_leased_tile(rev, bench):
     first = page.evaluate("state.lease")
     outline = page.get_by_test_id("lease-outline")
     assert outline.is_visible()
+    h, w = page.evaluate("state.meta.shape")
+    right, bottom = at(page, w - 0.5, h - 0.5)  # the image's corner on screen
+    box = outline.bounding_box()  # an edge tile is outlined as far as the image goes
+    assert box["x"] + box["width"] <= right + 2 and box["y"] + box["height"] <= bottom + 2
     page.keyboard.press("a")
     page.wait_for_function(f"state.lease && state.lease.join() !== '{first[0]},{first[1]}'")
     assert page.get_by_test_id("status").inner_text().endswith(f"{first[0]},{first[1]} accepted")
