@@ -2,6 +2,12 @@
 
 Confidence is the softmax maximum rescaled so that 0 = uniform over the K classes and
 255 = certain: ``round(255 * (p_max - 1/K) / (1 - 1/K))``, uint8.
+
+``windows_into`` computes that formula exactly, but not always by it: a row at a time,
+without branches, it sums a polynomial exp and keeps the result wherever its rounding is
+certain (all but ~0.2 % of uncertain pixels); the rest go through the formula itself.
+Bit-identical to the plain loop; 21 → 10 ns/px on the zero-cost model's softmax-heavy
+scores, unchanged (≈ 10) on the shipped model's (2-core EPYC, CPU seconds).
 """
 
 from __future__ import annotations
@@ -51,6 +57,47 @@ def certain_margin(k: int) -> float:
     return math.log((k - 1) / eps) + 0.05
 
 
+#: ``_exp_near`` is within 1e-9 (relative) of exp, ``math.exp`` of float32 within 2.4e-7
+#: (2 ulp), so an approximate q is within 510 · 3e-7 ≈ 1.5e-4 of the exact one: a q + 0.5
+#: at least ``_SAFE`` from an integer rounds the same way both ways (else: exact path)
+_SAFE = 1e-3
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _exp_near(d):
+    """exp(d) for d ≤ 0 (float64), relative error < 1e-9 (exp(-40) ≈ 4e-18 for anything
+    lower): Taylor degree 11 of exp(d / 64) on [-0.625, 0], then squared six times. Plain
+    multiply-adds (no libm call): 1.3 vs 2.4 ns for ``math.exp`` of float32 here."""
+    x = max(d, -40.0) * (1.0 / 64.0)
+    p = 1.0 + x * (1.0 / 11.0)
+    p = 1.0 + x * p * (1.0 / 10.0)
+    p = 1.0 + x * p * (1.0 / 9.0)
+    p = 1.0 + x * p * (1.0 / 8.0)
+    p = 1.0 + x * p * (1.0 / 7.0)
+    p = 1.0 + x * p * (1.0 / 6.0)
+    p = 1.0 + x * p * (1.0 / 5.0)
+    p = 1.0 + x * p * (1.0 / 4.0)
+    p = 1.0 + x * p * (1.0 / 3.0)
+    p = 1.0 + x * p * (1.0 / 2.0)
+    p = 1.0 + x * p
+    p *= p
+    p *= p
+    p *= p
+    p *= p
+    p *= p
+    return p * p
+
+
+@nb.njit(nogil=True, cache=True)
+def _exact(logits, b, y, x, top, k, floor, gain):
+    """The defining formula of one pixel's confidence (uint8), summed in class order."""
+    total = 0.0
+    for c in range(k):
+        total += math.exp(logits[b, c, y, x] - top)
+    q = (1.0 / total - floor) * gain
+    return np.uint8(min(255.0, max(0.0, q + 0.5)))
+
+
 @nb.njit(parallel=True, nogil=True, cache=True)
 def _windows_into(logits, halo, origins, sizes, margin, labels, confidence):
     n, k = logits.shape[0], logits.shape[1]
@@ -61,30 +108,47 @@ def _windows_into(logits, halo, origins, sizes, margin, labels, confidence):
         b, i = m // rows, m % rows
         if i >= sizes[b, 0]:
             continue
+        w = sizes[b, 1]
         y = i + halo
         oy, ox = origins[b, 0] + i, origins[b, 1]
-        for j in range(sizes[b, 1]):
-            x = j + halo
-            best = 0
-            top = logits[b, 0, y, x]
-            second = -np.inf
-            for c in range(1, k):
-                v = logits[b, c, y, x]
-                if v > top:
-                    second = top
-                    top = v
-                    best = c
-                elif v > second:
-                    second = v
-            labels[oy, ox + j] = best
-            if top - second >= margin:  # certain: the exact formula gives 255 too
-                confidence[oy, ox + j] = 255
-                continue
-            total = 0.0
-            for c in range(k):
-                total += math.exp(logits[b, c, y, x] - top)
-            q = (1.0 / total - floor) * gain
-            confidence[oy, ox + j] = np.uint8(min(255.0, max(0.0, q + 0.5)))
+        # one row at a time, class by class, branch-free (vectorised): argmax, runner-up,
+        # an approximate softmax sum; pixels whose rounding it cannot decide go exact
+        top = logits[b, 0, y, halo : halo + w].copy()
+        second = np.full(w, -np.inf, top.dtype)
+        best = np.zeros(w, np.uint8)
+        for c in range(1, k):
+            row = logits[b, c, y, halo : halo + w]
+            for j in range(w):
+                v, t, s = row[j], top[j], second[j]
+                up = v > t
+                second[j] = t if up else (v if v > s else s)
+                top[j] = v if up else t
+                best[j] = c if up else best[j]
+        total = np.zeros(w, np.float64)
+        for c in range(k):
+            row = logits[b, c, y, halo : halo + w]
+            for j in range(w):
+                total[j] += _exp_near(np.float64(row[j] - top[j]))
+        conf = np.empty(w, np.uint8)
+        exact = np.empty(w, np.bool_)
+        for j in range(w):
+            h = (1.0 / total[j] - floor) * gain + 0.5
+            frac = h - math.floor(h)
+            # NaN (a NaN or infinite logit) fails every test below and goes exact
+            sure = top[j] - second[j] >= margin
+            conf[j] = 255 if sure else np.uint8(min(255.0, max(0.0, h)))
+            exact[j] = not (sure or (frac >= _SAFE and frac <= 1.0 - _SAFE))
+        labels[oy, ox : ox + w] = best
+        confidence[oy, ox : ox + w] = conf
+        for j in range(w):
+            if exact[j]:  # undecided: the defining formula (and the same argmax, again)
+                x = j + halo
+                lab, t = 0, logits[b, 0, y, x]
+                for c in range(1, k):
+                    if logits[b, c, y, x] > t:
+                        lab, t = c, logits[b, c, y, x]
+                labels[oy, ox + j] = lab
+                confidence[oy, ox + j] = _exact(logits, b, y, x, t, k, floor, gain)
 
 
 def windows_into(
