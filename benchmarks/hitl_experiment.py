@@ -257,7 +257,7 @@ def main() -> None:
     root = zarr.open_group(store, mode="r")
     labels_v2 = root["labels/segmentation/0"][...]
     versions = root["tiles/model_version"][...]
-    record = json.loads((store / "segloop.json").read_text())
+    record = json.loads((store / "segloop" / "segloop.json").read_text())
 
     human = np.zeros((ny * t, nx * t), bool)
     for r in reviewed:

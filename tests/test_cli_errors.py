@@ -25,7 +25,7 @@ def test_missing_input(tmp_path):
 def test_directory_input(tmp_path):
     (tmp_path / "d").mkdir()
     assert_user_error(
-        run_cli("segment", tmp_path / "d", "-o", tmp_path / "o.zarr"), "not a zarr store"
+        run_cli("segment", tmp_path / "d", "-o", tmp_path / "o.zarr"), "neither a zarr store"
     )
 
 
@@ -65,7 +65,7 @@ def test_corrupt_tile_data(tmp_path):
     out = tmp_path / "o.zarr"
     proc = run_cli("segment", img, "-o", out, "--tile", "256")
     assert_user_error(proc, "corrupt")
-    assert '"status": "complete"' not in (out / "segloop.json").read_text()
+    assert '"status": "complete"' not in (out / "segloop" / "segloop.json").read_text()
     assert "ome" not in zarr.open_group(out, mode="r").attrs
 
 
@@ -191,11 +191,11 @@ def test_disk_full_is_clear_and_resumable(tmp_path, tiny_fs, slide):
     out = tiny_fs / "o.zarr"
     proc = run_cli("segment", slide[0], "-o", out, "--tile", "256", "--shard", "256")
     assert_user_error(proc, "disk full", "resume")
-    assert '"status": "running"' in (out / "segloop.json").read_text()
+    assert '"status": "running"' in (out / "segloop" / "segloop.json").read_text()
     # move the partial store to a roomy disk and finish it there: resume, same result
     roomy = tmp_path / "o.zarr"
     shutil.copytree(out, roomy)
     ok = run_cli("segment", slide[0], "-o", roomy, "--tile", "256", "--shard", "256", "--quiet")
     assert ok.returncode == 0, ok.stderr
-    assert '"status": "complete"' in (roomy / "segloop.json").read_text()
+    assert '"status": "complete"' in (roomy / "segloop" / "segloop.json").read_text()
     assert Path(roomy / "labels/segmentation/0").exists()

@@ -55,7 +55,7 @@ def test_worker_killed_mid_job_output_is_identical(big, tmp_path):
     out = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "segloop", "segment", str(big[0]), "-o", str(out), *GRID]
     proc = subprocess.Popen([*cmd, "--dask", "local:2", "--quiet"], stderr=subprocess.PIPE)
-    manifest = out / "segloop.manifest"
+    manifest = out / "segloop" / "segloop.manifest"
     killed = None
     deadline = time.monotonic() + 240
     while proc.poll() is None and killed is None:

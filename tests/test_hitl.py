@@ -92,7 +92,7 @@ def test_export_corrections_round_trip(base_store, reviewed, slide, tmp_path):
     assert items[(1, 1)]["editors"] == ["annotator", "reviewer"]
     assert all(it["model_version"] == 1 for it in items.values())
     before, now = labels(base_store), labels(store)
-    record = json.loads((store / "segloop.json").read_text())
+    record = json.loads((store / "segloop" / "segloop.json").read_text())
     assert record["image"]["mode"] == "source"  # exported from the input, read in place
     image = np.moveaxis(tifffile.imread(slide[0]), -1, 0)
     for (ty, tx), it in items.items():
@@ -198,7 +198,7 @@ def test_finetune_then_only_unreviewed_keeps_human_tiles(base_store, reviewed, s
                 assert versions[ty, tx] == 2
     assert np.any(conf_after != conf_before)  # one step of fine-tuning: masks barely move
     np.testing.assert_array_equal(labels(store, 1), downsample_mode(after))
-    record = json.loads((store / "segloop.json").read_text())
+    record = json.loads((store / "segloop" / "segloop.json").read_text())
     assert record["generation"] == 1
     entry = record["history"][-1]
     assert entry["status"] == "complete" and entry["model"]["version"] == 2

@@ -56,14 +56,14 @@ def test_same_bits_for_every_window_shard_and_writer_count(variants):
 
 
 def test_writer_processes_were_used(variants):
-    write = json.loads((variants["writer-processes"] / "segloop.json").read_text())["stats"]
+    write = json.loads((variants["writer-processes"] / "segloop" / "segloop.json").read_text())["stats"]
     assert write["stages"]["write"]["processes"] is True
     assert write["stages"]["write"]["items"] == 36  # 6 × 6 shards of 256²
 
 
 def test_halo_overhead_is_reported_and_falls_with_the_window(variants):
     stats = {
-        name: json.loads((s / "segloop.json").read_text())["stats"] for name, s in variants.items()
+        name: json.loads((s / "segloop" / "segloop.json").read_text())["stats"] for name, s in variants.items()
     }
     small, whole = stats["window-256"], stats["window-shard"]
     # 1500×1300 in 256² windows + 2×48 halo vs one 1504×1304 (+ halo) window
@@ -74,7 +74,7 @@ def test_halo_overhead_is_reported_and_falls_with_the_window(variants):
 def test_every_source_chunk_is_decoded_once(variants):
     """Shards overlap by 2 × halo; the block cache still decodes each TIFF tile once."""
     for name, store in variants.items():
-        read = json.loads((store / "segloop.json").read_text())["stats"]["stages"]["read"]
+        read = json.loads((store / "segloop" / "segloop.json").read_text())["stats"]["stages"]["read"]
         assert read["max_decodes_per_chunk"] == 1, name
         assert read["decoded_chunks"] > 0
 

@@ -84,13 +84,13 @@ def test_s3_round_trip_equals_local(s3, slide, tmp_path):
     assert got.keys() == {k for k in want if k in got}
     for key, value in got.items():
         np.testing.assert_array_equal(value, want[key], err_msg=key)
-    record = json.loads(s3["fs"].cat("segloop/out/slide.zarr/segloop.json"))
+    record = json.loads(s3["fs"].cat("segloop/out/slide.zarr/segloop/segloop.json"))
     assert record["status"] == "complete"
     assert record["params"]["source"]["path"] == "s3://segloop/in/slide.ome.tif"
     # the image is read in place from the bucket, as from a local file
     assert record["image"]["mode"] == "source"
     assert record["image"]["path"] == "s3://segloop/in/slide.ome.tif"
-    assert s3["fs"].ls("segloop/out/slide.zarr/segloop.manifest.d")  # resume markers
+    assert s3["fs"].ls("segloop/out/slide.zarr/segloop/segloop.manifest.d")  # resume markers
     proc = run_cli(*args, env=s3["env"])
     assert proc.returncode == 0 and "already complete" in proc.stderr
 

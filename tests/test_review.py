@@ -113,11 +113,11 @@ def labels(store: Path, level: int = 0) -> np.ndarray:
 
 
 def wait_applied(store: Path, timeout: float = 10) -> None:
-    if not (store / "review.sqlite").exists():
+    if not (store / "segloop" / "review.sqlite").exists():
         return
     deadline = time.monotonic() + timeout
     while True:
-        with sqlite3.connect(store / "review.sqlite") as db:
+        with sqlite3.connect(store / "segloop" / "review.sqlite") as db:
             pending = db.execute("SELECT count(*) FROM edits WHERE applied = 0").fetchone()[0]
         if not pending:
             return
@@ -547,7 +547,7 @@ def test_sigkill_during_edit_storm_loses_no_acknowledged_edit(base_store, tmp_pa
     # zarr must equal the base store with every committed edit applied in order:
     # nothing lost, nothing half-applied
     expect = labels(base_store).copy()
-    with sqlite3.connect(store / "review.sqlite") as db:
+    with sqlite3.connect(store / "segloop" / "review.sqlite") as db:
         rows = db.execute("SELECT delta, applied FROM edits ORDER BY id").fetchall()
     assert all(applied for _, applied in rows), "replay left an edit unapplied"
     for blob, _ in rows:

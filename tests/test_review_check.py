@@ -63,7 +63,7 @@ def test_check_names_every_problem(store):
     _truncate(_shard(store, "confidence/0", "0/0"))
     meta = store / "confidence/1/zarr.json"
     meta.write_text(meta.read_text()[:40])
-    db = sqlite3.connect(store / "review.sqlite")
+    db = sqlite3.connect(store / "segloop" / "review.sqlite")
     db.executemany(
         "INSERT INTO review VALUES (?, ?, 'flagged', 'unsure', ?, 1, 0, NULL)",
         [(k, 0, "x" * 3000) for k in range(40)],
@@ -71,9 +71,9 @@ def test_check_names_every_problem(store):
     db.commit()
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
-    raw = bytearray((store / "review.sqlite").read_bytes())
+    raw = bytearray((store / "segloop" / "review.sqlite").read_bytes())
     raw[3 * 4096 : 4 * 4096] = b"\xa5" * 4096
-    (store / "review.sqlite").write_bytes(raw)
+    (store / "segloop" / "review.sqlite").write_bytes(raw)
 
     proc = run_cli("check", store)
     assert proc.returncode == 1, proc.stdout + proc.stderr

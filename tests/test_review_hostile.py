@@ -64,7 +64,7 @@ def test_locked_database_answers_503_then_serves_normally(base_store, tmp_path):
     env["server"] = server = Server(store, no_tile_pack=True)
     stroke = {"op": "brush", "points": [[40, 40]], "label": 2, "radius": 4}
     assert call(env, "POST", EDITS, json=stroke).status_code == 200
-    other = sqlite3.connect(store / "review.sqlite", isolation_level=None)
+    other = sqlite3.connect(store / "segloop" / "review.sqlite", isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     try:
         with ThreadPoolExecutor(4) as pool:
@@ -188,7 +188,7 @@ def test_stats_and_undo_never_read_delta_blobs(env):
     got = per_tile[tuple(tile)]
     assert got["annotator"] == "annotator" and got["reviewer"] == "reviewer"
     assert got["changed_px"] > 0 and got["mean_iou"] < 1
-    db = sqlite3.connect(env["store"] / "review.sqlite")
+    db = sqlite3.connect(env["store"] / "segloop" / "review.sqlite")
     plans = {
         "stats": "SELECT user_id, op, status, COUNT(*), SUM(pixels) FROM edits "
         "GROUP BY user_id, op, status",
@@ -309,7 +309,7 @@ def test_damaged_or_truncated_database_is_refused_at_start(base_store, tmp_path)
         store = tmp_path / damage / "slide.zarr"
         shutil.copytree(base_store, store)
         add_user(store, "a", "admin")
-        db = sqlite3.connect(store / "review.sqlite")
+        db = sqlite3.connect(store / "segloop" / "review.sqlite")
         db.executemany(
             "INSERT INTO review VALUES (?, ?, 'flagged', 'unsure', ?, 1, 0, NULL)",
             [(k, 0, "x" * 3000) for k in range(40)],
@@ -317,7 +317,7 @@ def test_damaged_or_truncated_database_is_refused_at_start(base_store, tmp_path)
         db.commit()
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         db.close()
-        path = store / "review.sqlite"
+        path = store / "segloop" / "review.sqlite"
         raw = bytearray(path.read_bytes())
         if damage == "truncate":
             path.write_bytes(raw[: len(raw) // 2])

@@ -121,7 +121,7 @@ def test_image_tiles_are_the_input_at_every_level(kind, jpeg_stores, base_store,
         original, source = jpeg_stores[kind.split("-")[1]], jpeg_stores["input"]
     store = tmp_path / "slide.zarr"
     shutil.copytree(original, store)
-    record = json.loads((store / "segloop.json").read_text())
+    record = json.loads((store / "segloop" / "segloop.json").read_text())
     mode = record["image"]["mode"]
     assert mode == ("copy" if kind == "jpeg-copy" else "source")
     assert (store / "0").exists() == (mode == "copy")
@@ -181,7 +181,7 @@ def test_moved_or_changed_input_is_refused_and_image_relocates(jpeg_stores, slid
     serve_refused(store, "--image", str(moved), "--image", str(moved), words=("one per store",))
     server = Server(store, args=("--image", moved))  # relocated: the record names it
     try:
-        record = json.loads((store / "segloop.json").read_text())
+        record = json.loads((store / "segloop" / "segloop.json").read_text())
         assert record["image"]["path"] == str(moved.resolve())
         r = requests.get(
             f"{server.base}/api/images/slide/tiles/image/0/1/1",

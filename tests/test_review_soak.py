@@ -204,7 +204,7 @@ def test_soak_then_sigkill_loses_nothing(base_store, tmp_path, record_property):
     # zarr = the original with every committed delta applied in order (undo, redo and
     # the worst edits included): nothing acknowledged lost, nothing half-applied
     expect = labels(base_store).copy()
-    with sqlite3.connect(store / "review.sqlite") as db:
+    with sqlite3.connect(store / "segloop" / "review.sqlite") as db:
         rows = db.execute("SELECT id, delta, applied FROM edits ORDER BY id").fetchall()
     assert tally.acked <= {r[0] for r in rows}
     assert all(applied for _, _, applied in rows), "replay left an edit unapplied"

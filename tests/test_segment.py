@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def _labels(store: Path) -> np.ndarray:
 def test_tiled_equals_whole_image(stores, tile):
     """Exact halo: a tiled run and a single-tile run agree on ≥ 99.999 % of pixels."""
     whole = _labels(stores("1504"))  # ≥ the image side (1500): one tile
-    rec = json.loads((stores("1504") / "segloop.json").read_text())
+    rec = json.loads((stores("1504") / "segloop" / "segloop.json").read_text())
     assert rec["grid"]["tile"] == 1504
     tiled = _labels(stores(tile))
     assert tiled.shape == whole.shape == (1500, 1300)
@@ -106,7 +107,7 @@ def test_source_mode_store_references_the_image(stores, slide, tmp_path):
     from ome_zarr_models.v05.image_label import ImageLabel
 
     store = stores("256")
-    record = json.loads((store / "segloop.json").read_text())
+    record = json.loads((store / "segloop" / "segloop.json").read_text())
     assert record["image"]["mode"] == "source"
     assert Path(record["image"]["path"]) == slide[0].resolve()
     root = zarr.open_group(store, mode="r")
@@ -130,7 +131,7 @@ def test_source_mode_store_references_the_image(stores, slide, tmp_path):
     PILImage.fromarray(tifffile.imread(slide[0])[:300, :400]).save(png)
     out = tmp_path / "png.zarr"
     assert run_cli("segment", png, "-o", out, "--quiet").returncode == 0
-    assert json.loads((out / "segloop.json").read_text())["image"] == {"mode": "copy"}
+    assert json.loads((out / "segloop" / "segloop.json").read_text())["image"] == {"mode": "copy"}
     assert zarr.open_group(out, mode="r")["0"].shape == (3, 300, 400)
 
 
@@ -190,7 +191,7 @@ def test_json_progress_and_stats(slide, tmp_path):
     assert list(stages) == ["read", "pre", "infer", "post", "write"]
     assert stages["infer"]["busy_s"] > 0 and stages["infer"]["items"] >= 2  # 3×3 windows
     assert done["stats"]["window"] == 512
-    record = json.loads((out / "segloop.json").read_text())
+    record = json.loads((out / "segloop" / "segloop.json").read_text())
     assert record["status"] == "complete" and record["stats"]["stages"] == stages
 
     proc = run_cli("segment", slide[0], "-o", out, "--tile", "512", "--overwrite", "--stats")
@@ -202,13 +203,13 @@ def test_json_progress_and_stats(slide, tmp_path):
 
 def test_already_complete_and_changed_parameters(stores, slide):
     store = stores("256")
-    before = (store / "segloop.json").read_text()
+    before = (store / "segloop" / "segloop.json").read_text()
     proc = run_cli("segment", slide[0], "-o", store, "--tile", "256")
     assert proc.returncode == 0 and "already complete" in proc.stderr
-    assert (store / "segloop.json").read_text() == before
+    assert (store / "segloop" / "segloop.json").read_text() == before
     proc = run_cli("segment", slide[0], "-o", store, "--tile", "512")
     assert_user_error(proc, "other parameters", "tile", "--overwrite")
-    assert (store / "segloop.json").read_text() == before
+    assert (store / "segloop" / "segloop.json").read_text() == before
 
 
 @pytest.mark.parametrize("writers", ["--no-writer-processes", "--writer-processes"])
@@ -225,7 +226,7 @@ def test_sigkill_then_resume_is_bit_identical(slide, tmp_path, writers):
         stdout=subprocess.PIPE,
         text=True,
     )
-    manifest = out / "segloop.manifest"
+    manifest = out / "segloop" / "segloop.manifest"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if manifest.exists() and manifest.read_text().count("\n") >= 2:
@@ -235,7 +236,7 @@ def test_sigkill_then_resume_is_bit_identical(slide, tmp_path, writers):
     child.wait()
     done_before = manifest.read_text().count("\n")
     assert 2 <= done_before < 30, "the kill should land mid-run (30 shards in all)"
-    assert json.loads((out / "segloop.json").read_text())["status"] == "running"
+    assert json.loads((out / "segloop" / "segloop.json").read_text())["status"] == "running"
     assert "ome" not in zarr.open_group(out, mode="r").attrs  # does not look like an image
 
     proc = run_cli("segment", args[0], "-o", out, *args[1:], "--json")
@@ -254,4 +255,39 @@ def test_overwrite_replaces_a_store(stores, slide, tmp_path):
     assert run_cli("segment", slide[0], "-o", out, "--tile", "1024", "--quiet").returncode == 0
     proc = run_cli("segment", slide[0], "-o", out, "--tile", "512", "--overwrite", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((out / "segloop.json").read_text())["grid"]["tile"] == 512
+    assert json.loads((out / "segloop" / "segloop.json").read_text())["grid"]["tile"] == 512
+
+
+def test_store_root_holds_only_zarr_nodes(base_store, slide, tmp_path):
+    """segloop's own files live in ``segloop/`` (an empty zarr array, so zarr never lists
+    inside it): listing the whole hierarchy warns about nothing. A store made before
+    keeps them at its root and is still read, checked and left complete."""
+    import warnings
+
+    from segloop.io.ome_zarr import RECORD, own_key, read_record
+    from segloop.review.check import check_store
+
+    store = tmp_path / "new.zarr"
+    shutil.copytree(base_store, store)
+    assert run_cli("users", "add", "a", "--role", "admin", "--store", store).returncode == 0
+    root_files = sorted(p.name for p in store.iterdir() if p.is_file())
+    assert root_files == ["zarr.json"], root_files
+    own = {p.name for p in (store / "segloop").iterdir()}
+    assert {"zarr.json", "segloop.json", "segloop.manifest", "review.sqlite"} <= own, own
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # zarr's "not recognized as a component" included
+        members = dict(zarr.open_group(store, mode="r").members(max_depth=None))
+    assert members["segloop"].shape == (0,)
+
+    old = tmp_path / "old.zarr"  # the layout of stores made before segloop/
+    shutil.copytree(store, old)
+    for f in (old / "segloop").iterdir():
+        if f.name != "zarr.json":
+            f.rename(old / f.name)
+    shutil.rmtree(old / "segloop")
+    assert own_key(old, RECORD) == RECORD and own_key(store, RECORD) == f"segloop/{RECORD}"
+    assert read_record(old) == read_record(store)
+    assert check_store(old).problems == []
+    proc = run_cli("segment", slide[0], "-o", old, "--tile", "256")
+    assert proc.returncode == 0 and "already complete" in proc.stderr, proc.stderr
+    assert not (old / "segloop").exists()  # an older store is left as it is

@@ -61,7 +61,7 @@ def test_demo_small(tmp_path):
     assert proc.returncode == 0, proc.stderr
     store = tmp_path / "demo" / "slide_1024x1024.zarr"
     assert str(store) in proc.stdout
-    assert json.loads((store / "segloop.json").read_text())["status"] == "complete"
+    assert json.loads((store / "segloop" / "segloop.json").read_text())["status"] == "complete"
     assert "IoU vs ground truth" in proc.stderr
     again = run_cli("demo", "--size", "1024", "--dir", tmp_path / "demo")
     assert again.returncode == 0 and "already complete" in again.stderr

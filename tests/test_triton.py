@@ -142,7 +142,7 @@ def test_ensemble_equals_embedded_runtime(server, repo, slide, embedded, tmp_pat
         assert (key in got) == (key in embedded), key
         if key in embedded:
             np.testing.assert_array_equal(got[key], embedded[key], err_msg=key)
-    record = json.loads((out / "segloop.json").read_text())
+    record = json.loads((out / "segloop" / "segloop.json").read_text())
     assert record["params"]["runtime"] == "triton" and record["model"]["version"] == 1
 
 
@@ -158,7 +158,7 @@ def test_two_urls_share_the_work(server, repo, slide, embedded, tmp_path):
 
 def _wait_for_shards(client: subprocess.Popen, out: Path, n: int) -> None:
     """Until the job's manifest lists ``n`` shards (the client must still be running)."""
-    manifest = out / "segloop.manifest"
+    manifest = out / "segloop" / "segloop.manifest"
     deadline = time.monotonic() + 120
     while not (manifest.exists() and manifest.read_text().count("\n") >= n):
         assert client.poll() is None, client.stderr.read()
@@ -272,7 +272,7 @@ def test_new_version_loaded_explicitly_serves_the_next_job(server, repo, slide, 
     out = tmp_path / "v2.zarr"
     proc = _on_triton(slide[0], out, server.url, repo)
     assert proc.returncode == 0, proc.stderr
-    record = json.loads((out / "segloop.json").read_text())
+    record = json.loads((out / "segloop" / "segloop.json").read_text())
     assert record["model"]["version"] == 2
     assert record["model"]["sha256"] == read_card(v2)["sha256"]
     labels = read_store(out)["labels/segmentation/0"]
@@ -327,7 +327,7 @@ def test_finetune_loads_its_new_version_on_triton(server, repo, slide, slide_rgb
     assert client.is_model_ready("segloop_unet", str(newest + 1))
     out = tmp_path / "tuned.zarr"
     assert _on_triton(slide[0], out, server.url, repo).returncode == 0
-    record = json.loads((out / "segloop.json").read_text())
+    record = json.loads((out / "segloop" / "segloop.json").read_text())
     assert record["model"]["version"] == newest + 1
     assert (
         record["model"]["sha256"]
@@ -368,7 +368,7 @@ def test_server_killed_mid_job_then_resume(slide, embedded, tmp_path):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert client.returncode == 2 and len(lines) == 1, err
     assert "run the same command again to resume" in lines[0]
-    assert json.loads((out / "segloop.json").read_text())["status"] == "running"
+    assert json.loads((out / "segloop" / "segloop.json").read_text())["status"] == "running"
 
     for p in family:  # the killed server's python stubs may hold its sockets a moment
         with contextlib.suppress(psutil.Error):

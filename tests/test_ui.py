@@ -137,7 +137,7 @@ def test_next_tile_and_accept_update_the_database(browser, site):
     page.wait_for_function("document.getElementById('status').textContent.endsWith('accepted')")
     wait_tiles(page)
     shot(page, "03-next-tile-accepted")
-    with sqlite3.connect(site["store"] / "review.sqlite") as db:
+    with sqlite3.connect(site["store"] / "segloop" / "review.sqlite") as db:
         states = db.execute("SELECT state FROM review").fetchall()
     assert ("accepted",) in states
     assert errors == []
@@ -188,7 +188,7 @@ def test_reload_resends_an_unacknowledged_edit(browser, site):
     page.reload()  # nothing left to send: no second copy of the edit
     page.wait_for_function("document.getElementById('status').textContent === 'ready'")
     page.wait_for_timeout(500)
-    with sqlite3.connect(site["store"] / "review.sqlite") as db:
+    with sqlite3.connect(site["store"] / "segloop" / "review.sqlite") as db:
         n = db.execute("SELECT COUNT(*) FROM edits WHERE client_id IS NOT NULL").fetchone()[0]
         ids = db.execute("SELECT COUNT(DISTINCT client_id) FROM edits").fetchone()[0]
     assert n == ids  # every client edit stored once
@@ -219,7 +219,7 @@ def test_two_editors_on_one_tile_409_is_rebased(browser, site):
     stroke(page_b, 0.58, 0.55, 0, 60, "1")
     status_starts(page_b, "saved")
     assert seen[:2] == [409, 200], seen
-    with sqlite3.connect(site["store"] / "review.sqlite") as db:
+    with sqlite3.connect(site["store"] / "segloop" / "review.sqlite") as db:
         rows = db.execute(
             "SELECT u.name FROM edits e JOIN users u ON u.id = e.user_id ORDER BY e.id DESC LIMIT 2"
         ).fetchall()
@@ -249,7 +249,7 @@ def test_edit_list_and_coverage_minimap(browser, site):
     assert "annotator" in item.inner_text() and "proposed" in item.inner_text()
     page.get_by_test_id(f"approve-{edit_id}").click()
     status_starts(page, f"edit {edit_id} approved")
-    with sqlite3.connect(site["store"] / "review.sqlite") as db:
+    with sqlite3.connect(site["store"] / "segloop" / "review.sqlite") as db:
         status = db.execute("SELECT status FROM edits WHERE id = ?", (edit_id,)).fetchone()[0]
     assert status == "approved"
     page.get_by_test_id("next-tile").click()

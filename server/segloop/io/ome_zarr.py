@@ -8,9 +8,15 @@ out.zarr/
   confidence/0 1 …               uint8 confidence (y, x), 255 = certain (2×2 mean)
   tiles/uncertainty              float32 per level-0 tile (ty, tx): mean of 1 − conf/255
   tiles/model_version            uint16 per level-0 tile: model version that produced it
-  segloop.json                   run record: status, parameters, model, stats
-  segloop.manifest               finished shards, one "level sy sx" line each (resume)
+  segloop/                       segloop's own files, where zarr does not look:
+    zarr.json                    … an empty (0,) array: a leaf, so zarr never lists inside
+    segloop.json                 run record: status, parameters, model, stats
+    segloop.manifest             finished shards, one "level sy sx" line each (resume)
+    segloop.lock                 one writing process at a time
+    review.sqlite                the review database (users, edits, states, versions)
 ```
+A store made before ``segloop/`` existed keeps those files at its root and is read (and
+resumed, served) as it is: ``own_key`` finds them where they are.
 Chunks are ``tile``², shards ``shard``²; every shard is written whole by one writer.
 The OME metadata is written last, so an unfinished store does not look like an image.
 """
@@ -33,6 +39,12 @@ from segloop.io.source import Mpp
 from segloop.tiling import TileGrid
 
 RECORD = "segloop.json"
+#: the store's folder of segloop's own files (``own_key``)
+OWN = "segloop"
+OWN_NOTE = (
+    "segloop's own files (run record, resume manifest, lock, review database): an empty "
+    "array, so that zarr never lists inside this folder"
+)
 LAYERS = ("image", "segmentation", "confidence")
 #: per-tile arrays (one value per level-0 chunk), chunked so one shard owns one chunk
 TILE_ARRAYS = {"uncertainty": np.float32, "model_version": np.uint16}
@@ -46,10 +58,40 @@ def array_path(layer: str, level: int) -> str:
     return f"{_PREFIX[layer]}{level}"
 
 
+def own_key(where: Path | str | Location, name: str) -> str:
+    """Key (path inside the store) of segloop's own file ``name`` (``segloop.json``,
+    ``segloop.manifest``, ``segloop.lock``, ``review.sqlite``): ``segloop/<name>``, or
+    ``<name>`` at the root of a store made before ``segloop/`` existed."""
+    loc = Location.of(where)
+    if not loc.exists(f"{OWN}/zarr.json") and loc.exists(RECORD):
+        return name  # an older store: its files stay where they are
+    return f"{OWN}/{name}"
+
+
+def own_path(store: Path, name: str) -> Path:
+    """Local path of segloop's own file ``name`` in ``store`` (see ``own_key``)."""
+    return store / own_key(store, name)
+
+
+def make_own(where: Path | str | Location) -> None:
+    """Create ``segloop/``: a (0,) uint8 zarr array whose folder holds segloop's files."""
+    loc = Location.of(where)
+    if loc.exists(f"{OWN}/zarr.json") or loc.exists(RECORD):  # made, or an older store
+        return
+    zarr.create_array(
+        Location(f"{loc}/{OWN}", loc.options).zarr_store(),
+        shape=(0,),
+        dtype="uint8",
+        zarr_format=3,
+        compressors=_COMPRESSOR,  # like every array: `segloop check` expects checksums
+        attributes={"segloop": OWN_NOTE},
+    )
+
+
 def read_record(where: Path | str | Location) -> dict[str, Any] | None:
     """The run record of a store (local or remote), or None when absent/unreadable."""
     try:
-        data = Location.of(where).read_bytes(RECORD)
+        data = Location.of(where).read_bytes(own_key(where, RECORD))
         return None if data is None else json.loads(data)
     except (OSError, ValueError):
         return None
@@ -57,15 +99,18 @@ def read_record(where: Path | str | Location) -> dict[str, Any] | None:
 
 def write_record(where: Path | str | Location, record: dict[str, Any]) -> None:
     """Atomic replace (local: write, fsync, rename; remote: one PUT)."""
-    Location.of(where).write_bytes(RECORD, json.dumps(record, indent=2).encode())
+    loc = Location.of(where)
+    make_own(loc)
+    loc.write_bytes(own_key(loc, RECORD), json.dumps(record, indent=2).encode())
 
 
 class StoreLock:
-    """Exclusive advisory lock on a store (``segloop.lock``): one writing process at a time
-    (the review server, or a re-segmentation); a second one gets a clear error."""
+    """Exclusive advisory lock on a store (``segloop/segloop.lock``): one writing process at
+    a time (the review server, or a re-segmentation); a second one gets a clear error."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path / "segloop.lock"
+        self.store = path
+        self.path = own_path(path, "segloop.lock")
         self._fh = None
 
     def __enter__(self) -> StoreLock:
@@ -75,7 +120,7 @@ class StoreLock:
         except BlockingIOError:
             fh.close()
             raise UserError(
-                f"{self.path.parent} is in use by another segloop process (segloop serve?); "
+                f"{self.store} is in use by another segloop process (segloop serve?); "
                 "stop it first"
             ) from None
         self._fh = fh
@@ -148,6 +193,7 @@ class OutputStore:
                 dimension_names=("ty", "tx"),
             )
         store.layers = LAYERS if copy_image else LAYERS[1:]
+        make_own(path)
         return store
 
     @property

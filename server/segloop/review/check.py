@@ -56,7 +56,8 @@ def _reason(exc: BaseException) -> str:
 
 def check_store(store: Path) -> Report:
     """Check everything in ``store``; ``UserError`` if it is not a segloop store at all."""
-    from segloop.io.ome_zarr import read_record
+    from segloop.io.ome_zarr import own_path, read_record
+    from segloop.review.db import DB_NAME
 
     record = read_record(store) if store.is_dir() else None
     if record is None:
@@ -64,7 +65,7 @@ def check_store(store: Path) -> Report:
     report = Report()
     if record.get("status") != "complete":
         report.problems.append(f"{store}: not finished (status {record.get('status')!r})")
-    _check_db(store / "review.sqlite", report)
+    _check_db(own_path(store, DB_NAME), report)
     for rel in _expected_arrays(record):
         if not (store / rel / "zarr.json").is_file():
             report.problems.append(f"{rel}: missing (no zarr.json)")

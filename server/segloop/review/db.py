@@ -1,4 +1,4 @@
-"""The review database: ``STORE/review.sqlite`` (users, edits, chunk versions, review
+"""The review database: ``STORE/segloop/review.sqlite`` (users, edits, chunk versions, review
 state, queue leases).
 
 WAL journal with ``synchronous=FULL``: a committed edit survives a crash of the process
@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from segloop.io.ome_zarr import own_path
 from segloop.review.edits import unpack_lazy, unpack_part
 
 DB_NAME = "review.sqlite"
@@ -130,7 +131,7 @@ def require_intact(store: Path) -> None:
     """``UserError`` (one line) if ``STORE/review.sqlite`` exists and is damaged."""
     from segloop.errors import UserError
 
-    path = store / DB_NAME
+    path = own_path(store, DB_NAME)
     if not path.exists():
         return
     try:
@@ -156,7 +157,7 @@ class ReviewDB:
     time behind its lock (``lock`` guards ``conn``, the one for reads)."""
 
     def __init__(self, store: Path) -> None:
-        self.path = store / DB_NAME
+        self.path = own_path(store, DB_NAME)
         self.store = store
         self.wconn = self._connect()
         self.wlock = threading.RLock()
@@ -285,7 +286,7 @@ class ReviewDB:
     def human_tiles(store: Path) -> set[tuple[int, int]]:
         """Level-0 tiles a human edited, accepted or marked corrected (empty when the
         store was never reviewed; no database is created)."""
-        if not (store / DB_NAME).exists():
+        if not (own_path(store, DB_NAME)).exists():
             return set()
         db = ReviewDB(store)
         try:

@@ -32,7 +32,7 @@ import numpy as np
 import zarr
 
 from segloop.errors import UserError
-from segloop.io.ome_zarr import array_path, read_record
+from segloop.io.ome_zarr import array_path, own_path, read_record
 from segloop.review.db import DB_NAME, FINAL_STATES, DeltaReader, ReviewDB, require_intact
 from segloop.review.edits import rewind
 from segloop.review.source_image import StoreImage
@@ -80,7 +80,7 @@ def export_corrections(
     record = read_record(store)
     if record is None or record.get("status") != "complete":
         raise UserError(f"{store} is not a finished segloop store")
-    if not (store / DB_NAME).exists():
+    if not own_path(store, DB_NAME).exists():
         raise UserError(f"{store} has no review database yet: nothing was reviewed")
     require_intact(store)
     shape = zarr.open_array(store / array_path("segmentation", 0), mode="r").shape
