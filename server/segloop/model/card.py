@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 from segloop.errors import UserError
-from segloop.synth import CLASS_NAMES
+from segloop.synth import CLASS_NAMES, SYNTH_MPP
 
 if TYPE_CHECKING:  # torch is imported only to train/export, not to read a card
     from torch import nn
@@ -134,3 +134,12 @@ distribution by design and segment poorly (that is what the review loop is for).
 The same numbers travel in the ONNX file's `metadata_props`.
 """
     )
+
+
+def model_mpp(card: dict) -> float | None:
+    """µm/px the model was trained at: its card's ``mpp`` (``model add --mpp``; null:
+    unknown). Cards of segloop's own UNet (``segloop train`` / ``finetune``, trained on
+    synthetic slides) have no such key: they are ``SYNTH_MPP`` models."""
+    if "mpp" not in card and card.get("name") == "segloop_unet":
+        return SYNTH_MPP
+    return float(card["mpp"]) if card.get("mpp") else None

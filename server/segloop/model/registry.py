@@ -14,7 +14,7 @@ from pathlib import Path
 
 from segloop.assets import model_repository
 from segloop.errors import UserError
-from segloop.model.card import read_card
+from segloop.model.card import model_mpp, read_card
 
 SHIPPED = "segloop_unet"
 #: a model name: a Triton model name that is also a safe folder name
@@ -79,8 +79,6 @@ def resolve_model(model: Path | str | None, repo: Path | None = None) -> Path:
 def list_models(repo: Path | None = None) -> list[dict]:
     """One row per model of the repository: name, versions, and its newest card's
     classes, halo, mpp, input channels and output kind (``card: false`` if it has none)."""
-    from segloop.pipeline.resolution import model_mpp  # the shipped UNet's µm/px convention
-
     repo = repository(repo)
     rows = []
     for folder in sorted(p for p in repo.iterdir() if p.is_dir()) if repo.is_dir() else []:

@@ -21,10 +21,11 @@ from segloop.io.formats import open_image
 from segloop.io.location import Location
 from segloop.io.source import ImageSource
 from segloop.kernels.pre import Normalisation
+from segloop.model.card import model_mpp
 from segloop.model.registry import resolve_model
 from segloop.pipeline.host import LocalStages, RemoteStages
 from segloop.pipeline.read import ShardReader
-from segloop.pipeline.resolution import for_model, model_mpp
+from segloop.pipeline.resolution import for_model
 from segloop.pipeline.stages import Pipeline, Stage, StageSet, StageStats, peak_rss_mb
 from segloop.pipeline.write import ShardWriter
 from segloop.runtimes import Runtime, TileRuntime, create_runtime

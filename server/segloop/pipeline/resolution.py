@@ -20,19 +20,9 @@ from typing import Any
 from segloop.errors import UserError
 from segloop.io.resample import resampled
 from segloop.io.source import ImageSource
-from segloop.synth import SYNTH_MPP
 
 #: relative pixel-size difference tolerated before another level is chosen
 TOLERANCE = 0.10
-
-
-def model_mpp(card: dict) -> float | None:
-    """µm/px the model was trained at: its card's ``mpp`` (``model add --mpp``; null:
-    unknown). Cards of segloop's own UNet (``segloop train`` / ``finetune``, trained on
-    synthetic slides) have no such key: they are ``SYNTH_MPP`` models."""
-    if "mpp" not in card and card.get("name") == "segloop_unet":
-        return SYNTH_MPP
-    return float(card["mpp"]) if card.get("mpp") else None
 
 
 def _off(mpp: tuple[float, float], model: float) -> bool:

@@ -26,6 +26,7 @@ from segloop.io.ome_zarr import (
     write_record,
 )
 from segloop.io.source import ImageSource
+from segloop.model.card import model_mpp
 from segloop.pipeline.job import (
     BATCH_PIXELS,
     ProgressFn,
@@ -38,7 +39,7 @@ from segloop.pipeline.job import (
 )
 from segloop.pipeline.manifest import Manifest
 from segloop.pipeline.pyramid import PyramidBuilder
-from segloop.pipeline.resolution import model_mpp, pixel_size_record
+from segloop.pipeline.resolution import pixel_size_record
 from segloop.pipeline.write import ShardWriter
 from segloop.runtimes import Runtime
 from segloop.tiling import TileGrid
