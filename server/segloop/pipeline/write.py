@@ -1,9 +1,10 @@
 """The write stage: finished shards → the store, on a pool of writers.
 
-Each shard is handed to the pool once, whole (zarr shards must have exactly one writer).
-A writer writes the shard's layers and per-tile arrays and returns its quarter (the
-arrays downsampled once); the shard is then listed in the manifest (resume) and the
-pyramid writes a parent as soon as its last child is in.
+Each shard is handed to the pool once, one task per layer (zarr shards must have exactly
+one writer: each shard of each array has one), the per-tile arrays with the labels. A
+task returns its layer's quarter (downsampled once); when all of a shard's are done it
+is listed in the manifest (resume) and the pyramid writes a parent as soon as its last
+child is in, its layers again in parallel.
 
 Two pools: **threads**, or **processes** for big jobs on many cores. The codecs release
 the GIL, but zarr-python's per-chunk asyncio bookkeeping does not and all of it runs on
@@ -54,27 +55,26 @@ def _open_in_process(where: str, grid: TileGrid, channels: int, dtype: str) -> N
     _STORE = OutputStore(where, grid, channels, np.dtype(dtype))
 
 
-def _write_level_in_process(level: int, box: Box, arrays: dict[str, np.ndarray]):
-    return write_level_local(_STORE, level, box, arrays)
-
-
-def _write_shard(
-    store: OutputStore,
-    key: tuple[int, int],
+def _timed_layer(
+    level: int,
     box: Box,
-    arrays: dict[str, np.ndarray],
-    tiles: dict[str, np.ndarray],
-) -> Quarter | None:
-    """Level 0 of one shard plus its per-tile arrays; returns its quarter."""
-    for name, values in tiles.items():
-        store.write_tiles(name, *key, values)
-    return write_level_local(store, 0, box, arrays)
-
-
-def _timed_write(key, box, arrays, tiles, store=None) -> tuple[Quarter | None, float]:
-    """``_write_shard`` on ``store`` (None: this writer process's own), with its seconds."""
+    layer: str,
+    a: np.ndarray,
+    tiles: tuple[tuple[int, int], np.ndarray, np.ndarray | None, np.ndarray] | None = None,
+    store: OutputStore | None = None,
+) -> tuple[Quarter | None, float]:
+    """Write ``layer`` of one shard at ``level`` (on ``store``; None: this writer process's
+    own) and, with ``tiles`` = (key, versions, uncertainty or None, confidence), the
+    shard's per-tile arrays; its quarter (None at the top level) and the seconds taken."""
     t0 = time.perf_counter()
-    quarter = _write_shard(store or _STORE, key, box, arrays, tiles)
+    store = store or _STORE
+    if tiles is not None:
+        key, versions, doubt, confidence = tiles
+        if doubt is None:
+            doubt = tile_uncertainty(confidence, store.grid.tile)
+        store.write_tiles("uncertainty", *key, doubt)
+        store.write_tiles("model_version", *key, versions)
+    quarter = write_level_local(store, level, box, {layer: a})
     return quarter, time.perf_counter() - t0
 
 
@@ -119,12 +119,10 @@ class ShardWriter:
                 initializer=_open_in_process,
                 initargs=(str(store.path), store.grid, store.channels, store.dtype.str),
             )
-            write_level = self._write_level_remote
         else:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="segloop-write")
-            write_level = None
         self.pyramid = (
-            PyramidBuilder(store, manifest, write_level) if manifest is not None else None
+            PyramidBuilder(store, manifest, self._write_level) if manifest is not None else None
         )
         self._slots = threading.Semaphore(2 * self.workers)
         self._lock = threading.Lock()
@@ -147,47 +145,67 @@ class ShardWriter:
             work.confidence = self.store.read("confidence", 0, work.box)
 
     def __call__(self, work: ShardWork) -> list:
-        """Stage function: queue ``work`` for a writer (blocks while 2 × workers shards
-        wait)."""
+        """Stage function: queue ``work`` for the writers, one task per layer (different
+        arrays: each shard of each array still has one writer), the per-tile arrays with
+        the labels; blocks while 2 × workers shards wait."""
         self._raise()
         arrays = {"segmentation": work.labels, "confidence": work.confidence}
         if self.select is None and "image" in self.store.layers:
             arrays = {"image": np.ascontiguousarray(work.image), **arrays}
-        tiles = self._tiles(work)
+        tiles = (work.key, self._versions(work), work.uncertainty, work.confidence)
         self._slots.acquire()
         store = None if self.processes else self.store  # a process has its own handle
-        fut = self._pool.submit(_timed_write, work.key, work.box, arrays, tiles, store)
-        fut.add_done_callback(lambda f: self._done.put((work, f)))
+        futs = [
+            self._pool.submit(
+                _timed_layer, 0, work.box, layer, a, tiles if layer == "segmentation" else None,
+                store,
+            )
+            for layer, a in arrays.items()
+        ]  # fmt: skip
+        left = [len(futs)]
+
+        def one_done(_) -> None:
+            with self._lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._done.put((work, futs))
+
+        for fut in futs:
+            fut.add_done_callback(one_done)
         return []
 
-    def _write_level_remote(self, level: int, box: Box, arrays: dict[str, np.ndarray]):
-        return self._pool.submit(_write_level_in_process, level, box, arrays).result()
+    def _write_level(self, level: int, box: Box, arrays: dict[str, np.ndarray]) -> Quarter | None:
+        """A pyramid parent: its layers written in parallel on the pool; its quarter."""
+        store = None if self.processes else self.store
+        futs = [
+            self._pool.submit(_timed_layer, level, box, layer, a, None, store)
+            for layer, a in arrays.items()
+        ]
+        return _merged([f.result()[0] for f in futs])
 
-    def _tiles(self, work: ShardWork) -> dict[str, np.ndarray]:
-        """The shard's per-tile uncertainty and model versions."""
-        doubt = work.uncertainty
-        if doubt is None:
-            doubt = tile_uncertainty(work.confidence, self.grid.tile)
+    def _versions(self, work: ShardWork) -> np.ndarray:
+        """The shard's per-tile model versions (uint16, tiles down × across)."""
         key, per = work.key, self.grid.shard // self.grid.tile
         if self.versions is None:
-            versions = np.full(doubt.shape, self.model_version, np.uint16)
-        else:
-            for t in self.grid.tiles(*key):
-                if tile_key(t, self.grid.tile) in self.select:
-                    self.versions[tile_key(t, self.grid.tile)] = self.model_version
-            versions = self.versions[
-                key[0] * per : (key[0] + 1) * per, key[1] * per : (key[1] + 1) * per
-            ].copy()
-        return {"uncertainty": doubt, "model_version": versions}
+            y0, y1, x0, x1 = work.box
+            shape = (-(-(y1 - y0) // self.grid.tile), -(-(x1 - x0) // self.grid.tile))
+            return np.full(shape, self.model_version, np.uint16)
+        for t in self.grid.tiles(*key):
+            if tile_key(t, self.grid.tile) in self.select:
+                self.versions[tile_key(t, self.grid.tile)] = self.model_version
+        return self.versions[
+            key[0] * per : (key[0] + 1) * per, key[1] * per : (key[1] + 1) * per
+        ].copy()
 
     def _finish_loop(self) -> None:
-        """After each write: manifest, pyramid, progress (one thread: the pyramid's
-        parent writes wait on the pool, which a pool callback must never do)."""
+        """After each shard's writes: manifest, pyramid, progress (one thread: the
+        pyramid's parent writes wait on the pool, which a pool callback must never do)."""
         while (item := self._done.get()) is not None:
-            work, fut = item
+            work, futs = item
             try:
-                quarter, busy = fut.result()
-                self._finished(work, quarter, busy)
+                done = [f.result() for f in futs]
+                self._finished(work, _merged([q for q, _ in done]), sum(b for _, b in done))
             except BaseException as exc:
                 with self._lock:
                     self._errors.append(exc)
@@ -232,3 +250,9 @@ class ShardWriter:
 
     def describe(self) -> dict[str, Any]:
         return {"workers": self.workers, "processes": self.processes}
+
+
+def _merged(quarters: list[Quarter | None]) -> Quarter | None:
+    """One shard's quarter from its layers' (None at the top level)."""
+    parts = [q for q in quarters if q is not None]
+    return {k: v for q in parts for k, v in q.items()} if parts else None
