@@ -115,8 +115,7 @@ function decodeTile(layer, bmp, url) {
   const image = ctx.getImageData(0, 0, c.width, c.height), d = image.data;
   const values = new Uint8Array(c.width * c.height);
   for (let i = 0; i < values.length; i++) {
-    values[i] = layer === "confidence" ? d[4 * i]
-      : d[4 * i + 3] ? (state.rgbToClass.get((d[4 * i] << 16) | (d[4 * i + 1] << 8) | d[4 * i + 2]) ?? 0) : 0;
+    values[i] = layer === "confidence" ? d[4 * i] : d[4 * i + 3] ? classOf(d[4 * i], d[4 * i + 1], d[4 * i + 2]) : 0;
   }
   const [, level, cy, cx] = url.match(/\/(\d+)\/(\d+)\/(\d+)(\?|$)/).map(Number);
   const tile = { layer, ctx, values, image, key: level === 0 ? `${cy}/${cx}` : null };
@@ -154,6 +153,19 @@ async function toggleBefore(id) {
     b.textContent = b.dataset.testid === `before-after-${state.before?.id}` ? "after" : "before";
   }
   showViewState();
+}
+
+// the class of a decoded colour: the store's palette entry, else the nearest one (a
+// translucent class colour may come back off by a rounding step)
+function classOf(r, g, b) {
+  const key = (r << 16) | (g << 8) | b;
+  let c = state.rgbToClass.get(key);
+  if (c === undefined) {
+    const d = state.meta.colors.map(([cr, cg, cb, ca]) => (ca ? (cr - r) ** 2 + (cg - g) ** 2 + (cb - b) ** 2 : Infinity));
+    c = d.indexOf(Math.min(...d));
+    state.rgbToClass.set(key, c);
+  }
+  return c;
 }
 
 function paint(tile) {

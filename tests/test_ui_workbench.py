@@ -561,6 +561,14 @@ def test_copilot_proposes_accepts_and_undoes(rev, bench):
     page.get_by_test_id("undo").click()
     status_starts(page, "undo done")
     np.testing.assert_array_equal(labels(bench["store"]), erased)
+    drag(
+        page,
+        *at(page, x - 25, y - 25),
+        *np.subtract(at(page, x + 25, y + 25), at(page, x - 25, y - 25)),
+    )
+    page.wait_for_function("state.proposal && state.proposal.canvas")  # a box: its component
+    assert len(page.evaluate("state.proposal.points")) == 2 and sketch_pixels(page) > 50
+    page.keyboard.press("Escape")
     assert errors == []
 
 
