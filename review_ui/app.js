@@ -1051,6 +1051,9 @@ async function start() {
     state.firstTileMs = performance.now();
     resolve();
   }));
+  // the page's shortcuts only: OpenSeadragon's own (F flips, R rotates, W A S D pan) would
+  // fire with them whenever the canvas has the focus
+  state.viewer.addHandler("canvas-key", (e) => { e.preventDefaultAction = true; });
   state.viewer.addOnceHandler("open", restoreView);
   state.viewer.addHandler("viewport-change", () => {
     drawOverview();

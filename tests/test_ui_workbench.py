@@ -393,13 +393,24 @@ def test_zoom_past_one_to_one_and_scale_readout(rev):
     shot(page, "w13-pixels")
 
 
-def test_keyboard_panning(rev):
+def test_keyboard_panning_and_no_viewer_shortcuts(rev):
+    """Arrows pan; with the canvas focused, F is the fill tool and R nothing (they were
+    also OpenSeadragon's flip and rotate)."""
     page, _, _ = rev
+    page.get_by_test_id("tool-pan").click()
+    page.mouse.click(*mid(page))  # the canvas takes the focus
     x, y, _ = centre(page)
     page.keyboard.press("ArrowRight")
     page.wait_for_function(f"state.viewer.viewport.getCenter(true).x > {x}")
     page.keyboard.press("ArrowDown")
     page.wait_for_function(f"state.viewer.viewport.getCenter(true).y > {y}")
+    page.keyboard.press("f")
+    page.keyboard.press("r")
+    assert page.get_by_test_id("tool-fill").get_attribute("class") == "active"
+    assert page.evaluate(
+        "[state.viewer.viewport.getFlip(), state.viewer.viewport.getRotation()]"
+    ) == [False, 0]
+    page.get_by_test_id("tool-pan").click()
 
 
 def test_view_kept_across_reloads(rev):
