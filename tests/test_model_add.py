@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -343,20 +342,11 @@ def test_through_triton_equals_the_whole_image_run(added, images, tmp_path):
     pytest.importorskip("tritonclient.grpc.aio")
     from tests.test_triton import Server  # skips the test where no tritonserver exists
 
-    class AddedServer(Server):
-        def ready(self) -> bool:
-            url = f"http://localhost:{self.http}/v2/models/strided5_tiles/ready"
-            try:
-                with urllib.request.urlopen(url, timeout=1) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
     model = added["strided5"][1]
     repo = tmp_path / "repository"
     for part in ("strided5", "strided5_pre", "strided5_post", "strided5_tiles"):
         shutil.copytree(model.parents[2] / part, repo / part)
-    server = AddedServer(repo)
+    server = Server(repo, model="strided5_tiles")
     try:
         out = tmp_path / "triton.zarr"
         env = {**os.environ, "SEGLOOP_MODEL_REPOSITORY": str(repo)}

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -22,10 +21,10 @@ import requests
 import zarr
 from PIL import Image
 
+from segloop.bench.process import ServerProcess
 from segloop.pipeline.pyramid import downsample_mode
 from segloop.review.edits import unpack
 from segloop.review.tile_pack import LEGACY_NAME, pack_path
-from segloop.triton.server import free_port
 from tests.conftest import TILE, assert_user_error, run_cli
 
 
@@ -35,7 +34,9 @@ def add_user(store: Path, name: str, role: str) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-class Server:
+class Server(ServerProcess):
+    """`segloop serve STORE` on a free port, ready once ``/api/health`` answers."""
+
     def __init__(
         self,
         store: Path,
@@ -46,41 +47,10 @@ class Server:
         more: tuple[Path, ...] = (),
     ) -> None:
         """``more``: further stores served beside ``store``."""
-        self.port = port or free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         flags = ["--no-tile-pack"] if no_tile_pack else []
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "segloop",
-                "serve",
-                str(store),
-                *map(str, more),
-                "--port",
-                str(self.port),
-                *flags,
-                *map(str, args),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(self.base + "/api/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert self.proc.poll() is None, self.proc.stderr.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        self.proc.send_signal(sig)
-        self.proc.wait(30)
+        stores = [str(store), *map(str, more)]
+        cmd = [sys.executable, "-m", "segloop", "serve", *stores, "--port", "{port}"]
+        super().__init__([*cmd, *flags, *map(str, args)], port=port, env=env, timeout_s=60)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import psutil
 import pytest
 from onnx import numpy_helper
 
+from segloop.bench.process import ServerProcess
 from segloop.model.card import read_card
 from segloop.triton.server import free_port
 from tests.conftest import ROOT, assert_user_error, read_store, run_cli
@@ -33,35 +33,26 @@ except Exception as exc:
     pytest.skip(f"no tritonserver binary: {exc}", allow_module_level=True)
 
 
-class Server:
-    """`segloop triton serve` in a child process on free ports."""
+class Server(ServerProcess):
+    """`segloop triton serve` in a child process on free ports, ready once ``model`` is."""
 
-    def __init__(self, repo: Path, explicit: bool = False, ports: tuple | None = None):
-        self.http, self.grpc, self.metrics = ports or (free_port(), free_port(), free_port())
+    def __init__(
+        self,
+        repo: Path,
+        explicit: bool = False,
+        ports: tuple | None = None,
+        model: str = "segloop",
+    ) -> None:
+        http, self.grpc, self.metrics = ports or (free_port(), free_port(), free_port())
         cmd = [
-            sys.executable,
-            "-m",
-            "segloop",
-            "triton",
-            "serve",
-            "--model-repository",
-            str(repo),
-            "--http-port",
-            str(self.http),
-            "--grpc-port",
-            str(self.grpc),
-            "--metrics-port",
-            str(self.metrics),
-        ]
+            sys.executable, "-m", "segloop", "triton", "serve", "--model-repository", str(repo),
+            "--http-port", "{port}", "--grpc-port", str(self.grpc),
+            "--metrics-port", str(self.metrics),
+        ]  # fmt: skip
         if explicit:
             cmd += ["--model-control-mode", "explicit"]
-        self.log = open(repo.parent / f"triton_{self.grpc}.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        while not self.ready():
-            assert self.proc.poll() is None, Path(self.log.name).read_text()[-3000:]
-            assert time.monotonic() < deadline, "tritonserver did not become ready"
-            time.sleep(0.5)
+        super().__init__(cmd, f"/v2/models/{model}/ready", port=http, timeout_s=240)
+        self.http = http
 
     @property
     def url(self) -> str:
@@ -71,20 +62,8 @@ class Server:
     def ports(self) -> tuple[int, int, int]:
         return self.http, self.grpc, self.metrics
 
-    def ready(self) -> bool:
-        try:
-            url = f"http://localhost:{self.http}/v2/models/segloop/ready"
-            with urllib.request.urlopen(url, timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(60)
-        self.log.close()
-        return code
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+        return super().stop(sig, timeout_s)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +153,7 @@ def _crash(server: Server) -> list:
     for p in family:
         p.kill()
     server.proc.wait()
-    server.log.close()
+    server.close()
     return family
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from segloop.cli.common import common, emit_json
+from segloop.cli.common import common, emit_json, info
 from segloop.errors import UserError
 
 
@@ -16,13 +16,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     out: Path = args.output
     if (out / "model.onnx").exists() and not args.overwrite:
         raise UserError(f"{out}/model.onnx exists; pass --overwrite or choose another folder")
-    model, info = train(
+    model, trained = train(
         steps=args.steps, batch=args.batch, seed=args.seed, log=lambda s: info(args, s)
     )
-    card = model_card(model, info, version=args.version)
+    card = model_card(model, trained, version=args.version)
     export_onnx(model, out / "model.onnx", card)
     write_card_markdown(card, out / "MODEL_CARD.md")
-    info(args, f"wrote {out}/model.onnx; held-out IoU {info['held_out_iou']}")
+    info(args, f"wrote {out}/model.onnx; held-out IoU {trained['held_out_iou']}")
     return 0
 
 
@@ -38,7 +38,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise UserError("--lr must be in (0, 1)")
     model_path = args.model or default_model()
     repository = args.repository or model_path.parents[2]
-    model, info = finetune(
+    model, tuned = finetune(
         model_path,
         args.corrections,
         epochs=args.epochs,
@@ -47,7 +47,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
         log=lambda s: info(args, s),
     )
-    onnx_path = publish(model, info, repository)
+    onnx_path = publish(model, tuned, repository)
     version = int(onnx_path.parent.name)
     if args.triton:
         from segloop.triton.server import load_version
@@ -60,12 +60,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 "event": "done",
                 "model": str(onnx_path),
                 "version": version,
-                "before": info["before"],
-                "after": info["after"],
+                "before": tuned["before"],
+                "after": tuned["after"],
             }
         )
     else:
-        info(args, f"wrote {onnx_path} (v{version}); after: {info['after']}")
+        info(args, f"wrote {onnx_path} (v{version}); after: {tuned['after']}")
     return 0
 
 
