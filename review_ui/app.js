@@ -284,19 +284,28 @@ function toggleHeat(on = !state.heat) {
 }
 
 // A new version of some chunks: open the overlay again (its tile URLs now carry the new
-// versions; unchanged tiles come from OpenSeadragon's cache), then drop the old one, so
-// the overlay never blinks.
+// versions; unchanged tiles come from OpenSeadragon's cache), then drop the old ones once
+// the newest is fully loaded, so the overlay never blinks. Refreshes may overlap (live
+// updates): only the newest is kept.
+let overlayGen = 0;
+const staleOverlays = [];
+
 function refreshOverlay(versions) {
   const changed = Object.keys(versions).filter((k) => state.versions[k] !== versions[k]);
   Object.assign(state.versions, versions);
   if (!state.seg || !changed.length) return;  // e.g. the live echo of our own edit
-  const old = state.seg;
+  const gen = ++overlayGen, world = state.viewer.world;
   state.viewer.addTiledImage({
-    tileSource: overlaySource("segmentation"), opacity: old.getOpacity(), index: 1,
+    tileSource: overlaySource("segmentation"), opacity: state.seg.getOpacity(), index: 1,
     success: (e) => {
+      if (gen !== overlayGen) { world.removeItem(e.item); return; }  // a newer one is coming
+      staleOverlays.push(state.seg);
       state.seg = e.item;
-      e.item.addOnceHandler("fully-loaded-change", () => state.viewer.world.removeItem(old));
-      if (e.item.getFullyLoaded()) state.viewer.world.removeItem(old);
+      const drop = () => {
+        if (state.seg !== e.item) return;
+        for (const old of staleOverlays.splice(0)) if (world.getIndexOfItem(old) >= 0) world.removeItem(old);
+      };
+      if (e.item.getFullyLoaded()) drop(); else e.item.addOnceHandler("fully-loaded-change", drop);
     },
   });
 }
@@ -984,6 +993,8 @@ async function switchImage(name) {
   state.versions = state.meta.versions.edited_chunks ? await api("GET", `${imagePath()}/versions`) : {};
   history.replaceState(null, "", `?image=${encodeURIComponent(name)}`);
   state.seg = null;
+  overlayGen++;  // a refresh of the other slide still on its way is dropped
+  staleOverlays.length = 0;
   state.heat = null;
   $("confidence").checked = false;
   state.overview = null;

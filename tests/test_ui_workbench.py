@@ -211,6 +211,14 @@ def test_bug3_redo_clears_undone(rev, bench):
     assert page.get_by_test_id(f"edit-{rows[0]['id']}").count() == 0
     assert page.get_by_test_id(f"edit-{rows[1]['id']}").count() == 0
     shot(page, "w03-redo-folded")
+    auth = {"Authorization": f"Bearer {bench['tokens']['reviewer']}"}
+    for op, undone in (("undo", True), ("redo", False), ("undo", True), ("redo", False)):
+        url = f"{bench['server'].base}/api/images/slide/{op}"
+        assert requests.post(url, headers=auth, timeout=30).status_code == 200
+        row = next(r for r in history(bench) if r["id"] == edit_id)
+        assert row["undone"] is undone, (op, row)  # down the chain of reverts, each time
+    # four live refreshes in a burst: one overlay is left (overlapping ones leaked before)
+    page.wait_for_function("state.seg.getFullyLoaded() && state.viewer.world.getItemCount() === 2")
     assert errors == []
 
 
