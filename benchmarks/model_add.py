@@ -7,10 +7,11 @@ Networks added (random seeded weights, exported to ONNX without a card):
 - ``monai_unet``: MONAI's residual UNet (16–128 channels, 3 stride-2 levels, batch norm);
 - ``tiny``: 4 strided and dilated convolutions (the test suite's ``Strided``).
 
-Each is segmented once (after one warm-up run of the shipped model: numba JIT, page
-cache) on a 2048² synthetic slide, ONNX Runtime on the CPU, default options.
+Each is segmented ``--rounds`` times, interleaved (after one warm-up run of the shipped
+model: numba JIT, page cache), on a 2048² synthetic slide, ONNX Runtime on the CPU,
+default options; the fastest run counts.
 
-    python benchmarks/model_add.py [--size 2048] [--save benchmarks/results]
+    python benchmarks/model_add.py [--size 2048] [--rounds 2] [--save benchmarks/results]
 """
 
 from __future__ import annotations
@@ -58,20 +59,21 @@ def _stripped(tmp: Path) -> Path:
 
 
 def _timed_segment(image: Path, out: Path, model: Path, px: int) -> dict:
-    """One segment run: wall s, Mpx/s, CPU s other processes used meanwhile."""
+    """One segment run: wall s, Mpx/s, own CPU s per Mpx, CPU s other processes used."""
     busy0, own0 = cpu_busy_s(), sum(psutil.Process().cpu_times()[:2])
     t0 = time.perf_counter()
-    segment(image, out, SegmentOptions(model=model))
+    segment(image, out, SegmentOptions(model=model, overwrite=True))
     wall = time.perf_counter() - t0
-    foreign = cpu_busy_s() - busy0 - (sum(psutil.Process().cpu_times()[:2]) - own0)
+    own = sum(psutil.Process().cpu_times()[:2]) - own0
     return {
         "wall_s": round(wall, 3),
         "mpx_s": round(px / 1e6 / wall, 3),
-        "foreign_cpu_s": round(max(0.0, foreign), 1),
+        "cpu_s_per_mpx": round(own / (px / 1e6), 3),
+        "foreign_cpu_s": round(max(0.0, cpu_busy_s() - busy0 - own), 1),
     }
 
 
-def run(size: int, tmp: Path) -> dict:
+def run(size: int, rounds: int, tmp: Path) -> dict:
     image = tmp / "slide.ome.tif"
     write_ome_tiff(image, size, size, seed=11, compression="zlib")
     repo = tmp / "repository"
@@ -82,18 +84,17 @@ def run(size: int, tmp: Path) -> dict:
     }
     shipped = default_model()
     segment(image, tmp / "warm.zarr", SegmentOptions(model=shipped))  # not timed
-    result: dict = {"machine": machine(), "size": size, "load_avg_before": os.getloadavg()}
+    result: dict = {"machine": machine(), "size": size, "rounds": rounds}
+    result["load_avg_before"] = os.getloadavg()
     card = read_card(shipped)
     rows = {"shipped segloop_unet": {"halo": card["halo"], "radius": card["receptive_radius"],
                                      "multiple_of": card["input"]["multiple_of"]}}  # fmt: skip
-    rows["shipped segloop_unet"].update(
-        _timed_segment(image, tmp / "shipped.zarr", shipped, size * size)
-    )
+    models = {"shipped segloop_unet": shipped}
     for name, (source, opts) in sources.items():
         t0 = time.perf_counter()
-        model = add_model(source, name, CLASSES, mpp=SYNTH_MPP, repo=repo, **opts)
+        models[name] = add_model(source, name, CLASSES, mpp=SYNTH_MPP, repo=repo, **opts)
         add_s = time.perf_counter() - t0
-        card = read_card(model)
+        card = read_card(models[name])
         rows[name] = {
             "add_s": round(add_s, 3),
             "probe_s": card["probe"]["seconds"],
@@ -102,11 +103,20 @@ def run(size: int, tmp: Path) -> dict:
             "needed": card["probe"]["needed"],
             "multiple_of": card["input"]["multiple_of"],
             "onnx_mb": round(source.stat().st_size / 2**20, 2),
-            **_timed_segment(image, tmp / f"{name}.zarr", model, size * size),
         }
+    runs: dict[str, list[dict]] = {name: [] for name in models}
+    for _ in range(rounds):  # interleaved, so a burst of foreign load hits all alike
+        for name, model in models.items():
+            runs[name].append(_timed_segment(image, tmp / f"{name}.zarr", model, size * size))
+    for name, rs in runs.items():
+        best = min(rs, key=lambda r: r["wall_s"])
+        rows[name].update(best, foreign_cpu_s=round(sum(r["foreign_cpu_s"] for r in rs), 1))
+        rows[name]["runs"] = rs
     labels = {k: zarr.open_array(tmp / f"{k}.zarr/labels/segmentation/0")[...]
-              for k in ("shipped", "unet_again")}  # fmt: skip
-    result["unet_again_label_agreement"] = float(np.mean(labels["shipped"] == labels["unet_again"]))
+              for k in ("shipped segloop_unet", "unet_again")}  # fmt: skip
+    result["unet_again_label_agreement"] = float(
+        np.mean(labels["shipped segloop_unet"] == labels["unet_again"])
+    )
     result["rows"] = rows
     result["load_avg_after"] = os.getloadavg()
     return result
@@ -118,19 +128,21 @@ def markdown(r: dict) -> str:
         f"# model add + segment, {r['size']}², onnx, CPU",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB. Load average before "
-        f"{r['load_avg_before'][0]:.2f}, after {r['load_avg_after'][0]:.2f} (shared VM); "
-        "one run each, after one warm-up run of the shipped model.",
+        f"{r['load_avg_before'][0]:.2f}, after {r['load_avg_after'][0]:.2f} (a VM shared "
+        f"with other engineers' jobs); {r['rounds']} interleaved runs per model after one "
+        "warm-up run of the shipped model: the fastest run's Mpx/s; own CPU s per Mpx and "
+        "the CPU s other processes used during all runs show the noise.",
         "",
         "| model | ONNX MB | model add s (probe s) | factor | radius px | need px | halo px "
-        "| segment Mpx/s | other CPU s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| segment Mpx/s | own CPU s/Mpx | other CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in r["rows"].items():
         add = f"{row['add_s']} ({row['probe_s']})" if "add_s" in row else "— (trained)"
         lines.append(
             f"| {name} | {row.get('onnx_mb', '—')} | {add} | {row['multiple_of']} | "
             f"{row['radius']} | {row.get('needed', '—')} | {row['halo']} | {row['mpx_s']} | "
-            f"{row['foreign_cpu_s']} |"
+            f"{row['cpu_s_per_mpx']} | {row['foreign_cpu_s']} |"
         )
     lines += [
         "",
@@ -148,10 +160,11 @@ def markdown(r: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=2048)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--save", type=Path)
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        r = run(a.size, Path(d))
+        r = run(a.size, a.rounds, Path(d))
     print(markdown(r))
     if a.save:
         a.save.mkdir(parents=True, exist_ok=True)
