@@ -656,6 +656,11 @@ def test_assist_api_box_mode_bad_input_and_openapi(bench):
     wrong = {"points": [[0, 0], [1, 1], [2, 2]], "label": 2}
     r = requests.post(f"{base}/api/images/slide/assist", json=wrong, headers=auth, timeout=30)
     assert r.status_code == 400
+    ann = {"Authorization": f"Bearer {bench['tokens']['annotator']}"}
+    edit = {"op": "assist", "points": [[x, y]], "label": 1, "threshold": 0}  # the window
+    r = requests.post(f"{base}/api/images/slide/edits", json=edit, headers=ann, timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "proposed"  # an annotator's: proposed
+    assert history(bench)[0]["user"] == "annotator"
     spec = requests.get(f"{base}/api/openapi.json", headers=auth, timeout=30).json()
     body = spec["paths"]["/api/images/{image}/assist"]["post"]["requestBody"]
     assert body["content"]["application/json"]["schema"]["$ref"].endswith("/Assist")
