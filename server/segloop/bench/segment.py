@@ -172,6 +172,7 @@ def run_bench(
         px = size * size
         times: dict[str, list[float]] = {"e2e": [], "model": [], "monai": [], "ceiling": []}
         busy0, own0 = cpu_busy_s(), sum(psutil.Process().cpu_times()[:2])
+        load0 = os.getloadavg()
         segment(image, tmp / "warm.zarr", opts)  # JIT + page cache warm-up, not timed
         segment(image, tmp / "warm.zarr", zero_opts)
         for r in range(rounds):
@@ -197,6 +198,7 @@ def run_bench(
         segment(image, tmp / "copy.zarr", replace(zero_opts, copy_image=True))
         copy_ratio = store_bytes(tmp / "copy.zarr") / source_bytes
         busy1, own1 = cpu_busy_s(), sum(psutil.Process().cpu_times()[:2])
+        load1 = os.getloadavg()
         rt.close()
         rss_mb = rss_monai = None
         if rss:
@@ -229,6 +231,10 @@ def run_bench(
         "host_ceiling_how": "the same segment job with the model replaced by an ONNX Identity "
         "graph carrying the shipped model card (segloop.bench.zero_model), ONNX Runtime, CPU",
         "stage_busy_s_per_mpx_host_ceiling": per_mpx(ceiling["stats"]["stages"], px),
+        # the writers' seconds with at least one write task running (busy_s sums the tasks)
+        "write_busy_any_s_per_mpx_host_ceiling": round(
+            ceiling["stats"]["stages"]["write"]["busy_any_s"] / (px / 1e6), 4
+        ),
         "stage_busy_s_per_mpx": per_mpx(summary["stats"]["stages"], px),
         "halo_overhead": summary["stats"]["halo_overhead"],
         "image_mode": summary["image"]["mode"],
@@ -238,6 +244,7 @@ def run_bench(
         "monai_peak_rss_mb": rss_monai,
         "stages_last_run": summary["stats"]["stages"],
         "foreign_cpu_s": round((busy1 - busy0) - (own1 - own0), 1),
+        "load_avg_1min_start_end": [round(load0[0], 2), round(load1[0], 2)],
         "all_times_s": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
         "machine": machine(),
         "gpu": torch.cuda.get_device_name(0) if on_gpu else None,
@@ -339,7 +346,8 @@ def _save(result: dict[str, Any], folder: Path) -> None:
         f"# segment benchmark, {result['size']}², {result['runtime']}, {result['date']}\n\n"
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB. Tile {result['tile']}"
         f" + halo {result['halo']}, batch {result['batch']}, {result['threads']} threads. "
-        f"CPU used by other processes during the run: {result['foreign_cpu_s']} s.\n\n"
+        f"CPU used by other processes during the run: {result['foreign_cpu_s']} s; 1-min load "
+        f"average at start / end {result['load_avg_1min_start_end']}.\n\n"
         f"| pipeline | Mpx/s | relative to segloop |\n|---|---|---|\n{table}\n\n"
         f"efficiency (end-to-end / model-only) = **{result['efficiency']}**, "
         f"vs_monai = **{result['vs_monai']}**, vs_monai_torch = {result['vs_monai_torch']}"
@@ -357,5 +365,7 @@ def _save(result: dict[str, Any], folder: Path) -> None:
         f"(image {result['image_mode']}), {result['store_bytes_per_source_byte_copy_image']} "
         "with --copy-image.\n\n"
         "| stage | busy s per output Mpx, zero-cost model | with the model |\n|---|---|---|\n"
-        f"{stages}\n"
+        f"{stages}\n\nwrite: busy summed over its tasks (two writers at once count twice); "
+        "seconds with at least one write task running, per output Mpx, zero-cost model: "
+        f"{result['write_busy_any_s_per_mpx_host_ceiling']}.\n"
     )

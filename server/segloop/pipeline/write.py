@@ -38,6 +38,7 @@ from segloop.pipeline.uncertainty import tile_uncertainty
 from segloop.tiling import Tile, TileGrid
 
 TileKey = tuple[int, int]  # (ty, tx) level-0 tile = chunk
+Span = tuple[float, float]  # (start, end) of a write task, time.perf_counter() seconds
 #: writer processes (instead of threads) for jobs of at least this many shards on hosts of
 #: at least this many cores: on 2 cores threads measured faster (the pipeline's other
 #: stages release the GIL; two more processes only compete for the cores)
@@ -62,10 +63,10 @@ def _timed_layer(
     a: np.ndarray,
     tiles: tuple[tuple[int, int], np.ndarray, np.ndarray | None, np.ndarray] | None = None,
     store: OutputStore | None = None,
-) -> tuple[Quarter | None, float]:
+) -> tuple[Quarter | None, Span]:
     """Write ``layer`` of one shard at ``level`` (on ``store``; None: this writer process's
     own) and, with ``tiles`` = (key, versions, uncertainty or None, confidence), the
-    shard's per-tile arrays; its quarter (None at the top level) and the seconds taken."""
+    shard's per-tile arrays; its quarter (None at the top level) and when it ran."""
     t0 = time.perf_counter()
     store = store or _STORE
     if tiles is not None:
@@ -75,7 +76,7 @@ def _timed_layer(
         store.write_tiles("uncertainty", *key, doubt)
         store.write_tiles("model_version", *key, versions)
     quarter = write_level_local(store, level, box, {layer: a})
-    return quarter, time.perf_counter() - t0
+    return quarter, (t0, time.perf_counter())
 
 
 class ShardWriter:
@@ -127,6 +128,7 @@ class ShardWriter:
         self._slots = threading.Semaphore(2 * self.workers)
         self._lock = threading.Lock()
         self._errors: list[BaseException] = []
+        self._spans: list[Span] = []
         self._done: queue.Queue = queue.Queue()
         self._finisher = threading.Thread(
             target=self._finish_loop, name="segloop-finish", daemon=True
@@ -182,7 +184,10 @@ class ShardWriter:
             self._pool.submit(_timed_layer, level, box, layer, a, None, store)
             for layer, a in arrays.items()
         ]
-        return _merged([f.result()[0] for f in futs])
+        done = [f.result() for f in futs]
+        with self._lock:
+            self._spans.extend(span for _, span in done)
+        return _merged([q for q, _ in done])
 
     def _versions(self, work: ShardWork) -> np.ndarray:
         """The shard's per-tile model versions (uint16, tiles down × across)."""
@@ -205,7 +210,10 @@ class ShardWriter:
             work, futs = item
             try:
                 done = [f.result() for f in futs]
-                self._finished(work, _merged([q for q, _ in done]), sum(b for _, b in done))
+                with self._lock:
+                    self._spans.extend(span for _, span in done)
+                busy = sum(t1 - t0 for _, (t0, t1) in done)
+                self._finished(work, _merged([q for q, _ in done]), busy)
             except BaseException as exc:
                 with self._lock:
                     self._errors.append(exc)
@@ -249,7 +257,22 @@ class ShardWriter:
         self._raise()
 
     def describe(self) -> dict[str, Any]:
-        return {"workers": self.workers, "processes": self.processes}
+        """Pool shape, and ``busy_any_s``: seconds during which at least one write task ran
+        (``busy_s`` sums the tasks, so overlapping writers count twice there)."""
+        return {
+            "workers": self.workers,
+            "processes": self.processes,
+            "busy_any_s": round(_union(self._spans), 3),
+        }
+
+
+def _union(spans: list[Span]) -> float:
+    """Total length of the union of ``spans`` (seconds)."""
+    total, end = 0.0, -np.inf
+    for t0, t1 in sorted(spans):
+        total += max(0.0, t1 - max(t0, end))
+        end = max(end, t1)
+    return total
 
 
 def _merged(quarters: list[Quarter | None]) -> Quarter | None:
