@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from pathlib import Path
 
 from segloop.cli.common import Progress, common, emit_json, format_stats, info, path_or_url
 from segloop.errors import UserError
@@ -166,7 +165,11 @@ def segment_args(sp: argparse.ArgumentParser) -> None:
         default="auto",
         help="triton: system shared memory (auto = when the server is local)",
     )
-    sp.add_argument("--model", type=Path, help="ONNX model (default: newest in model_repository)")
+    sp.add_argument(
+        "--model",
+        help="a model name in the repository (segloop models) or an ONNX file "
+        "(default: the newest segloop_unet)",
+    )
     sp.add_argument("--tile", type=int, default=512, help="tile core = output chunk side")
     sp.add_argument(
         "--shard",
