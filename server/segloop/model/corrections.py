@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segloop.errors import UserError
+from segloop.review.db import EXPERTS
 from segloop.review.export import FORMAT, FORMAT_VERSION, INDEX
 
 IGNORE = 255  # target value of pixels no human vouched for (CrossEntropyLoss ignore_index)
@@ -41,9 +42,7 @@ class CorrectionsDataset(Dataset):
         self.folder = folder
         self.index = read_index(folder)
         self.items = [
-            it
-            for it in self.index["items"]
-            if not approved_only or it["role"] in ("reviewer", "admin")
+            it for it in self.index["items"] if not approved_only or it["role"] in EXPERTS
         ]
 
     def __len__(self) -> int:

@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from segloop.assets import OSD_DIR, UI_DIR
-from segloop.review import assist, handlers, raster, tiles
+from segloop.review import assist, handlers, keys, raster, tiles
 from segloop.review.check import DamagedChunk
 from segloop.review.db import BUSY_S, ROLES, Busy, Full, ReviewDB, require_intact, translate
 from segloop.review.edits import Edit
@@ -111,12 +111,12 @@ async def guard(request: web.Request, handler):
     database → 503 + Retry-After, a full disk → 507), metrics."""
     route = request.match_info.route
     canonical = route.resource.canonical if route.resource else None
-    need = request.app["roles"].get((route.method, canonical))
+    need = request.app[keys.ROLES].get((route.method, canonical))
     t0 = time.perf_counter()
     try:
         if need is not None:
             token = _token(request, canonical)
-            user = request.app["db"].user_by_token(token) if token else None
+            user = request.app[keys.DB].user_by_token(token) if token else None
             if user is None:
                 raise json_error(
                     401, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"}
@@ -141,7 +141,7 @@ async def guard(request: web.Request, handler):
     except Exception as exc:
         raise _as_http(request, exc) from None
     finally:
-        request.app["metrics"].latency.labels(canonical or "unmatched").observe(
+        request.app[keys.METRICS].latency.labels(canonical or "unmatched").observe(
             time.perf_counter() - t0
         )
 
@@ -205,7 +205,7 @@ def ui_page() -> tuple[str, str]:
 
 async def index(request: web.Request) -> web.Response:
     """The browser UI (holds no data; everything it shows comes through the API)."""
-    html, csp = request.app["page"]
+    html, csp = request.app[keys.PAGE]
     return web.Response(
         text=html,
         content_type="text/html",
@@ -219,7 +219,7 @@ async def me(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "images": list(request.app["images"])})
+    return web.json_response({"status": "ok", "images": list(request.app[keys.IMAGES])})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -227,15 +227,15 @@ async def metrics(request: web.Request) -> web.Response:
     token = _token(request, None) or ""
     scrape = os.environ.get("SEGLOOP_METRICS_TOKEN", "")
     if not (scrape and hmac.compare_digest(token, scrape)) and (
-        not token or request.app["db"].user_by_token(token) is None
+        not token or request.app[keys.DB].user_by_token(token) is None
     ):
         raise json_error(401, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"})
-    body = generate_latest(request.app["metrics"].registry)
+    body = generate_latest(request.app[keys.METRICS].registry)
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(request.app["openapi"])
+    return web.json_response(request.app[keys.OPENAPI])
 
 
 def openapi_spec() -> dict:
@@ -305,15 +305,15 @@ def create_app(stores: list[Path], tile_pack: bool = True, log=None) -> web.Appl
     raster.warm_up()  # compiling holds the GIL: before serving, not during the first edit
     app = web.Application(middlewares=[guard], client_max_size=handlers.MAX_BODY)
     app.on_response_prepare.append(security_headers)
-    app["images"] = images
+    app[keys.IMAGES] = images
     # users live in the first store's database (one server, one set of users)
-    app["db"] = next(iter(images.values())).db  # the first store's connection
-    app["metrics"] = Metrics()
-    app["openapi"] = openapi_spec()
-    app["loop_pool"] = ThreadPoolExecutor(8, thread_name_prefix="segloop-tiles")
-    app["tile_cache"] = tiles.EncodedTiles()
-    app["rendering"] = [0]  # tile requests being encoded on demand right now
-    app["page"] = ui_page()
+    app[keys.DB] = next(iter(images.values())).db  # the first store's connection
+    app[keys.METRICS] = Metrics()
+    app[keys.OPENAPI] = openapi_spec()
+    app[keys.LOOP_POOL] = ThreadPoolExecutor(8, thread_name_prefix="segloop-tiles")
+    app[keys.TILE_CACHE] = tiles.EncodedTiles()
+    app[keys.RENDERING] = [0]  # tile requests being encoded on demand right now
+    app[keys.PAGE] = ui_page()
     local = {
         "health": health,
         "metrics": metrics,
@@ -321,53 +321,53 @@ def create_app(stores: list[Path], tile_pack: bool = True, log=None) -> web.Appl
         "index": index,
         "me": me,
     }
-    app["roles"] = {}
+    app[keys.ROLES] = {}
     for method, path, handler, role in ROUTES:
         fn = local[handler] if isinstance(handler, str) else handler
         route = app.router.add_route(method, path, fn)
-        app["roles"][(method, route.resource.canonical)] = role
+        app[keys.ROLES][(method, route.resource.canonical)] = role
 
     async def close(app: web.Application) -> None:
-        for img in app["images"].values():
-            img.close()  # closes app["db"] too
-        app["loop_pool"].shutdown(wait=False)
+        for img in app[keys.IMAGES].values():
+            img.close()  # closes app[keys.DB] too
+        app[keys.LOOP_POOL].shutdown(wait=False)
 
     if OSD_DIR.is_dir():
         app.router.add_static("/vendor/openseadragon", OSD_DIR)
     else:
         app.logger.warning("review UI: %s missing; run `make install` (npm)", OSD_DIR)
-    app["websockets"] = {}  # open WebSocket → its user's id
+    app[keys.WEBSOCKETS] = {}  # open WebSocket → its user's id
 
     async def close_websockets(app: web.Application) -> None:
-        app["revocations"].cancel()
-        for ws in list(app["websockets"]):
+        app[keys.REVOCATIONS].cancel()
+        for ws in list(app[keys.WEBSOCKETS]):
             await ws.close(code=1001, message=b"server shutdown")
 
     async def watch_revocations(app: web.Application) -> None:
         """Close the WebSockets of revoked users (``segloop users revoke``, any process)."""
-        db: ReviewDB = app["db"]
+        db: ReviewDB = app[keys.DB]
         while True:
             await asyncio.sleep(REVOKE_POLL_S)
-            if not app["websockets"]:
+            if not app[keys.WEBSOCKETS]:
                 continue
             try:
                 active = db.active_user_ids()
             except sqlite3.Error:
                 continue  # the next round
-            for ws, uid in list(app["websockets"].items()):
+            for ws, uid in list(app[keys.WEBSOCKETS].items()):
                 if uid not in active:
                     await ws.close(code=4401, message=b"access revoked")
 
     async def start_watch(app: web.Application) -> None:
-        app["revocations"] = asyncio.create_task(watch_revocations(app))
+        app[keys.REVOCATIONS] = asyncio.create_task(watch_revocations(app))
 
     app.on_startup.append(start_watch)
 
     async def build_packs(app: web.Application) -> None:
-        for img in app["images"].values():
+        for img in app[keys.IMAGES].values():
             if img.pack is not None:
                 img.pack.start(
-                    functools.partial(tiles.render_packed, img), lambda: app["rendering"][0] > 0
+                    functools.partial(tiles.render_packed, img), lambda: app[keys.RENDERING][0] > 0
                 )
 
     app.on_startup.append(build_packs)
@@ -461,8 +461,8 @@ def run(
     db.close()
     app = create_app(stores, tile_pack, log)
     url = f"http://{host}:{port}/"
-    log(f"serving {', '.join(app['images'])} on {url}")
-    for img in app["images"].values():
+    log(f"serving {', '.join(app[keys.IMAGES])} on {url}")
+    for img in app[keys.IMAGES].values():
         if img.replayed:
             log(f"{img.name}: wrote {img.replayed} committed edits a crash had left out of zarr")
     if first:

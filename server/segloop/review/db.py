@@ -32,6 +32,8 @@ from segloop.review.edits import unpack_lazy, unpack_part
 
 DB_NAME = "review.sqlite"
 ROLES = ("viewer", "annotator", "reviewer", "admin")  # each includes the ones before
+#: the roles whose word is a verdict: they accept tiles and decide annotators' proposals
+EXPERTS = ("reviewer", "admin")
 #: review states; an annotator's "corrected" is stored as "correction_proposed" until a
 #: reviewer decides (only "accepted" and "corrected" are trusted as a human's verdict)
 STATES = ("unseen", "in_review", "accepted", "corrected", "flagged", "correction_proposed")

@@ -33,7 +33,7 @@ import zarr
 
 from segloop.errors import UserError
 from segloop.io.ome_zarr import array_path, own_path, read_record
-from segloop.review.db import DB_NAME, FINAL_STATES, DeltaReader, ReviewDB, require_intact
+from segloop.review.db import DB_NAME, EXPERTS, FINAL_STATES, DeltaReader, ReviewDB, require_intact
 from segloop.review.edits import rewind
 from segloop.review.source_image import StoreImage
 
@@ -119,7 +119,7 @@ def _export(
         state, tile_edits = states.get((ty, tx)), edits.get((ty, tx), [])
         if approved_only and (
             state is None
-            or state["role"] not in ("reviewer", "admin")
+            or state["role"] not in EXPERTS
             or any(e["status"] == "proposed" for e in tile_edits)
         ):
             continue

@@ -12,16 +12,15 @@ import msgspec
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from segloop.review import assist
+from segloop.review import assist, keys
 from segloop.review import stats as review_stats
-from segloop.review.db import FLAG_REASONS, STATES
+from segloop.review.db import EXPERTS, FLAG_REASONS, STATES
 from segloop.review.edits import BadEdit, Edit, TooLarge, unpack
 from segloop.review.image import Conflict, NoSuchEdit, NothingToDo, ReviewImage
 from segloop.review.tiles import image_of
 
 MAX_BODY = 1 << 20  # bytes
 LEASE_MINUTES = 10
-EXPERTS = ("reviewer", "admin")
 #: states that are a reviewer's verdict when a reviewer set them: annotators leave them be
 VERDICTS = ("accepted", "corrected", "flagged")
 
@@ -92,7 +91,7 @@ async def post_edit(request: web.Request) -> web.Response:
         raise json_error(
             409, "the chunks changed since you drew; rebase and retry", versions=exc.versions
         ) from None
-    request.app["metrics"].edits.labels(edit.op).inc()
+    request.app[keys.METRICS].edits.labels(edit.op).inc()
     return web.json_response(result)
 
 
@@ -148,7 +147,7 @@ async def _undo_redo(request: web.Request, op: str) -> web.Response:
         result = await asyncio.wrap_future(getattr(img, op)(request["user"]))
     except NothingToDo as exc:
         raise json_error(409, str(exc)) from None
-    request.app["metrics"].edits.labels(op).inc()
+    request.app[keys.METRICS].edits.labels(op).inc()
     return web.json_response(result)
 
 
@@ -400,7 +399,7 @@ async def queue_next(request: web.Request) -> web.Response:
     out = await _writer(img, lease)
     if out is None:
         return web.json_response({"tile": None, "remaining": 0})
-    request.app["metrics"].queue.labels(img.name).set(out["remaining"])
+    request.app[keys.METRICS].queue.labels(img.name).set(out["remaining"])
     return web.json_response(out)
 
 
@@ -451,13 +450,13 @@ async def live(request: web.Request) -> web.WebSocketResponse:
             await ws.send_json(await q.get())
 
     task = asyncio.create_task(pump())
-    request.app["websockets"][ws] = request["user"]["id"]  # closed if the user is revoked
+    request.app[keys.WEBSOCKETS][ws] = request["user"]["id"]  # closed if the user is revoked
     try:
         async for msg in ws:
             if msg.type == WSMsgType.ERROR:
                 break
     finally:
-        request.app["websockets"].pop(ws, None)
+        request.app[keys.WEBSOCKETS].pop(ws, None)
         task.cancel()
         img.listeners.remove(listener)
     return ws

@@ -15,12 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from segloop.review.db import FINAL_STATES, DeltaReader
+from segloop.review.db import EXPERTS, FINAL_STATES, DeltaReader
 from segloop.review.edits import rewind
 from segloop.review.image import SEG, ReviewImage
 from segloop.scores import iou
-
-EXPERTS = ("reviewer", "admin")
 
 
 def user_stats(img: ReviewImage) -> list[dict[str, Any]]:

@@ -23,16 +23,17 @@ import numpy as np
 from aiohttp import web
 from PIL import Image
 
+from segloop.io.ome_zarr import LAYERS
+from segloop.review import keys
 from segloop.review.image import SEG, ReviewImage
 from segloop.review.tile_pack import TilePack, pack_path
 
-LAYERS = ("image", SEG, "confidence")
 #: tiles need a token: browsers may keep them, shared caches must not
 IMMUTABLE = "private, max-age=31536000, immutable"
 
 
 def image_of(request: web.Request) -> ReviewImage:
-    images = request.app["images"]
+    images = request.app[keys.IMAGES]
     name = request.match_info["image"]
     if name not in images:
         raise web.HTTPNotFound(
@@ -90,7 +91,7 @@ def describe(img: ReviewImage) -> dict:
 
 
 async def list_images(request: web.Request) -> web.Response:
-    return web.json_response([describe(i) for i in request.app["images"].values()])
+    return web.json_response([describe(i) for i in request.app[keys.IMAGES].values()])
 
 
 async def get_image(request: web.Request) -> web.Response:
@@ -289,11 +290,11 @@ async def get_tile(request: web.Request) -> web.Response:
         return web.Response(status=304, headers=_headers(etag, asked == str(version)))
     if passed:  # the source's own JPEG tile: one pread, no decode (``source_image``)
         body = img.image.jpeg(level, ty, tx)
-        request.app["metrics"].tiles.labels(layer).inc()
+        request.app[keys.METRICS].tiles.labels(layer).inc()
         return web.Response(
             body=body, content_type=MIME[fmt], headers=_headers(etag, asked == str(version))
         )
-    cache: EncodedTiles = request.app["tile_cache"]
+    cache: EncodedTiles = request.app[keys.TILE_CACHE]
     key = (img.name, img.tag, layer, level, ty, tx, version, fmt)
     body = cache.get(key)
     if body is None and version == 0 and img.pack is not None:
@@ -301,7 +302,7 @@ async def get_tile(request: web.Request) -> web.Response:
         if body is not None:
             cache.put(key, body)
     if body is None:
-        pool, rendering = request.app["loop_pool"], request.app["rendering"]
+        pool, rendering = request.app[keys.LOOP_POOL], request.app[keys.RENDERING]
         rendering[0] += 1  # the tile pack's builder waits meanwhile
         try:
             version, body = await request.loop.run_in_executor(
@@ -311,7 +312,7 @@ async def get_tile(request: web.Request) -> web.Response:
             rendering[0] -= 1
         cache.put((*key[:6], version, fmt), body)
         etag = _etag(img, layer, level, ty, tx, version, fmt)
-    request.app["metrics"].tiles.labels(layer).inc()
+    request.app[keys.METRICS].tiles.labels(layer).inc()
     return web.Response(
         body=body, content_type=MIME[fmt], headers=_headers(etag, asked == str(version))
     )
