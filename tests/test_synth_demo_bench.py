@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
+import requests
 import tifffile
 
+from segloop.bench.process import ServerProcess
 from segloop.synth import render
 from tests.conftest import run_cli
 
@@ -57,14 +60,20 @@ def test_synth_seed_and_stain_change_the_image():
 
 
 def test_demo_small(tmp_path):
-    proc = run_cli("demo", "--size", "1024", "--dir", tmp_path / "demo")
+    """``demo --no-serve`` segments and scores; plain ``demo`` (what ``make demo`` runs)
+    then ends in the review server with one login URL."""
+    proc = run_cli("demo", "--size", "1024", "--dir", tmp_path / "demo", "--no-serve")
     assert proc.returncode == 0, proc.stderr
     store = tmp_path / "demo" / "slide_1024x1024.zarr"
-    assert str(store) in proc.stdout
+    assert f"The OME-Zarr store is {store}" in proc.stderr
     assert json.loads((store / "segloop" / "segloop.json").read_text())["status"] == "complete"
     assert "IoU vs ground truth" in proc.stderr
-    again = run_cli("demo", "--size", "1024", "--dir", tmp_path / "demo")
-    assert again.returncode == 0 and "already complete" in again.stderr
+    cmd = [sys.executable, "-m", "segloop", "demo", "--size", "1024", "--dir", tmp_path / "demo"]
+    with ServerProcess([*cmd, "--port", "{port}"]) as server:
+        logins = [ln for ln in server.stderr_text().splitlines() if "?token=" in ln]
+        assert len(logins) == 1 and f"{server.base}/?token=" in logins[0], logins
+        assert "already complete" in server.stderr_text()
+        assert requests.get(server.base + "/", timeout=30).status_code == 200
 
 
 def test_bench_segment_reports_side_by_side(tmp_path):
