@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from segloop.review import raster
+from segloop.review.chunks import ChunkKey
 from segloop.review.db import DeltaReader
 from segloop.review.edits import (
     BadEdit,
@@ -85,7 +86,9 @@ def propose(
 
     def predicted(cy: int, cx: int) -> np.ndarray:
         now, done = img.read_chunk("segmentation", 0, cy, cx), edits.get((cy, cx), ())
-        return rewind(now, (deltas.get(e["id"], f"{cy}/{cx}") for e in done)) if done else now
+        return (
+            rewind(now, (deltas.get(e["id"], ChunkKey(0, cy, cx)) for e in done)) if done else now
+        )
 
     prediction = region(img, predicted, y0, y1, x0, x1)
     conf = region(img, functools.partial(img.read_chunk, "confidence", 0), y0, y1, x0, x1)

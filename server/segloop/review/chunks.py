@@ -21,10 +21,44 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
-Key = tuple[int, int, int]  # level, cy, cx
+
+class ChunkKey(NamedTuple):
+    """One label chunk: (level, cy, cx). Its text form is "level/cy/cx" (``str``); the
+    level-0 form "cy/cx" (``short``: edits' chunk lists and deltas in the database, an
+    edit's ``base``) parses too."""
+
+    level: int
+    cy: int
+    cx: int
+
+    @classmethod
+    def parse(cls, text: str) -> ChunkKey:
+        """ "level/cy/cx" or "cy/cx" (level 0) → the key; ``ValueError`` otherwise."""
+        parts = text.split("/")
+        if len(parts) == 2:
+            parts.insert(0, "0")
+        if len(parts) != 3 or not all(p.isdigit() and len(p) < 9 for p in parts):
+            raise ValueError(f'a chunk key is "level/cy/cx" or "cy/cx", got {text!r}')
+        return cls(*map(int, parts))
+
+    def __str__(self) -> str:
+        return f"{self.level}/{self.cy}/{self.cx}"
+
+    @property
+    def short(self) -> str:
+        """The level-0 form "cy/cx"."""
+        assert self.level == 0, self
+        return f"{self.cy}/{self.cx}"
+
+    @property
+    def yx(self) -> tuple[int, int]:
+        return self.cy, self.cx
+
+
 log = logging.getLogger("segloop.review")
 
 
@@ -34,8 +68,8 @@ class ChunkCache:
 
     def __init__(
         self,
-        read: Callable[[Key], np.ndarray],
-        write: Callable[[int, dict[Key, np.ndarray]], None],
+        read: Callable[[ChunkKey], np.ndarray],
+        write: Callable[[int, dict[ChunkKey, np.ndarray]], None],
         applied: Callable[[list[int]], None],
         budget: int = 256 << 20,
         idle: float = 0.05,
@@ -43,10 +77,10 @@ class ChunkCache:
     ) -> None:
         self._read, self._write, self._applied = read, write, applied
         self.budget, self.idle, self.delay = budget, idle, delay
-        self._chunks: OrderedDict[Key, np.ndarray] = OrderedDict()
-        self._dirty: set[Key] = set()
-        self._pending: list[tuple[int, list[Key]]] = []  # (edit id, keys) to flush
-        self._puts: dict[Key, int] = {}  # puts per key: a read racing a put is not kept
+        self._chunks: OrderedDict[ChunkKey, np.ndarray] = OrderedDict()
+        self._dirty: set[ChunkKey] = set()
+        self._pending: list[tuple[int, list[ChunkKey]]] = []  # (edit id, keys) to flush
+        self._puts: dict[ChunkKey, int] = {}  # puts per key: a read racing a put is not kept
         self._bytes = 0
         self._cv = threading.Condition()
         self._last_put = self._first_put = 0.0
@@ -56,7 +90,7 @@ class ChunkCache:
         self._flusher = threading.Thread(target=self._run, name="segloop-flush", daemon=True)
         self._flusher.start()
 
-    def get(self, key: Key) -> np.ndarray:
+    def get(self, key: ChunkKey) -> np.ndarray:
         with self._cv:
             chunk = self._chunks.get(key)
             if chunk is not None:
@@ -72,7 +106,7 @@ class ChunkCache:
                 self._insert(key, chunk)
             return chunk
 
-    def put(self, edit_id: int, chunks: dict[Key, np.ndarray]) -> None:
+    def put(self, edit_id: int, chunks: dict[ChunkKey, np.ndarray]) -> None:
         """New contents of ``chunks`` (from edit ``edit_id``): visible now, flushed later."""
         with self._cv:
             for key, chunk in chunks.items():
@@ -89,7 +123,7 @@ class ChunkCache:
             self._error = None  # a failed flush is tried again with this edit
             self._cv.notify_all()
 
-    def _insert(self, key: Key, chunk: np.ndarray) -> None:
+    def _insert(self, key: ChunkKey, chunk: np.ndarray) -> None:
         old = self._chunks.pop(key, None)
         self._bytes += chunk.nbytes - (old.nbytes if old is not None else 0)
         self._chunks[key] = chunk

@@ -28,6 +28,7 @@ import msgspec
 import numpy as np
 
 from segloop.io.ome_zarr import own_path
+from segloop.review.chunks import ChunkKey
 from segloop.review.edits import unpack_lazy, unpack_part
 
 DB_NAME = "review.sqlite"
@@ -281,7 +282,7 @@ class ReviewDB:
             for r in cur:
                 row = rows.setdefault(r["id"], dict(r))
                 for key in json.loads(row.pop("chunks")):
-                    out.setdefault(tuple(map(int, key.split("/"))), []).append(row)
+                    out.setdefault(ChunkKey.parse(key).yx, []).append(row)
         return out
 
     @staticmethod
@@ -300,7 +301,7 @@ class ReviewDB:
                     )
                 }
                 for (chunks,) in db.conn.execute("SELECT chunks FROM edits"):
-                    out |= {tuple(map(int, k.split("/"))) for k in json.loads(chunks)}
+                    out |= {ChunkKey.parse(k).yx for k in json.loads(chunks)}
         finally:
             db.close()
         return out
@@ -323,14 +324,15 @@ class ReviewDB:
         finally:
             db.close()
 
-    def all_versions(self) -> dict[tuple[str, int, int, int], int]:
+    def all_versions(self) -> dict[tuple[str, ChunkKey], int]:
+        """(layer, chunk) → version of every chunk edited (or re-segmented) so far."""
         with self.lock:
             rows = self.conn.execute("SELECT layer, level, cy, cx, version FROM versions")
-            return {(r[0], r[1], r[2], r[3]): r[4] for r in rows.fetchall()}
+            return {(r[0], ChunkKey(r[1], r[2], r[3])): r[4] for r in rows.fetchall()}
 
 
 class DeltaReader:
-    """One chunk's part of an edit's delta: ``get(edit_id, "cy/cx")`` → (idx, before,
+    """One level-0 chunk's part of an edit's delta: ``get(edit_id, key)`` → (idx, before,
     after) or None. Decompresses one blob at a time and keeps the last few (up to
     ``budget`` bytes) for the neighbouring tiles of a large edit."""
 
@@ -339,7 +341,7 @@ class DeltaReader:
         self._blobs: OrderedDict[int, tuple[int, dict[str, msgspec.Raw]]] = OrderedDict()
         self._bytes = 0
 
-    def get(self, edit_id: int, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def get(self, edit_id: int, key: ChunkKey) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         hit = self._blobs.get(edit_id)
         if hit is None:
             with self.db.lock:
@@ -353,7 +355,7 @@ class DeltaReader:
                 self._bytes -= self._blobs.popitem(last=False)[1][0]
         else:
             self._blobs.move_to_end(edit_id)
-        part = hit[1].get(key)
+        part = hit[1].get(key.short)
         return None if part is None else unpack_part(part)
 
 

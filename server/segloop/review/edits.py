@@ -17,6 +17,7 @@ import numpy as np
 from numcodecs import Zstd
 
 from segloop.review import raster
+from segloop.review.chunks import ChunkKey
 
 MAX_POINTS = 10_000
 MAX_RADIUS = 256
@@ -89,9 +90,16 @@ def validate(edit: Edit, shape: tuple[int, int], n_classes: int) -> None:
     if edit.only is not None and not edit.only < n_classes:
         raise BadEdit(f"only must be in 0..{n_classes - 1}")
     for key in edit.base or {}:
-        parts = key.split("/")
-        if len(parts) != 2 or not all(p.isdigit() and len(p) < 9 for p in parts):
+        if key.count("/") != 1 or not _is_key(key):
             raise BadEdit(f'base keys are "cy/cx" chunk indices, got {key!r}')
+
+
+def _is_key(text: str) -> bool:
+    try:
+        ChunkKey.parse(text)
+    except ValueError:
+        return False
+    return True
 
 
 def box(edit: Edit, shape: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -33,6 +33,7 @@ import zarr
 
 from segloop.errors import UserError
 from segloop.io.ome_zarr import array_path, own_path, read_record
+from segloop.review.chunks import ChunkKey
 from segloop.review.db import DB_NAME, EXPERTS, FINAL_STATES, DeltaReader, ReviewDB, require_intact
 from segloop.review.edits import rewind
 from segloop.review.source_image import StoreImage
@@ -128,7 +129,7 @@ def _export(
             continue
         y0, y1, x0, x1 = ty * tile, min(h, (ty + 1) * tile), tx * tile, min(w, (tx + 1) * tile)
         corrected = seg[y0:y1, x0:x1]
-        key = f"{ty}/{tx}"
+        key = ChunkKey(0, ty, tx)
         prediction = rewind(corrected, (deltas.get(e["id"], key) for e in tile_edits))
         changed = prediction != corrected
         if state is None and not changed.any():

@@ -29,7 +29,7 @@ from segloop.kernels.pyramid import downsample_mode
 from segloop.review import assist
 from segloop.review import db as review_db
 from segloop.review.check import DamagedChunk, damaged
-from segloop.review.chunks import ChunkCache, Key
+from segloop.review.chunks import ChunkCache, ChunkKey
 from segloop.review.db import Full, ReviewDB
 from segloop.review.edits import (
     BadEdit,
@@ -83,7 +83,7 @@ class ReviewImage:
         #: the image layer: the store's copy or the input read in place (``source_image``)
         self.image = StoreImage(path, record, self.shape)
         self.db = ReviewDB(path)
-        self.versions = self.db.all_versions()  # (layer, level, cy, cx) → version
+        self.versions = self.db.all_versions()  # (layer, chunk) → version
         # part of every ETag: tiles of another store (or a re-segmented one) never match
         # … and the generation, bumped by each re-segmentation
         params = json.dumps([record["params"], record.get("generation", 0)]).encode()
@@ -131,7 +131,7 @@ class ReviewImage:
         return (self.path / array_path(layer, level) / "c").joinpath(*key).exists()
 
     def version(self, layer: str, level: int, cy: int, cx: int) -> int:
-        return self.versions.get((layer, level, cy, cx), 0)
+        return self.versions.get((layer, ChunkKey(level, cy, cx)), 0)
 
     def chunk_box(self, level: int, cy: int, cx: int) -> tuple[int, int, int, int]:
         h, w = self.level_shape(level)
@@ -141,7 +141,7 @@ class ReviewImage:
     def read_chunk(self, layer: str, level: int, cy: int, cx: int) -> np.ndarray:
         """(h, w) labels / confidence, (C, h, w) image in the source dtype."""
         if layer == SEG:
-            return self.chunks.get((level, cy, cx))
+            return self.chunks.get(ChunkKey(level, cy, cx))
         box = self.chunk_box(level, cy, cx)
         try:
             if layer == "image":
@@ -164,7 +164,7 @@ class ReviewImage:
     def _level0(self, cy: int, cx: int) -> np.ndarray:
         return self.read_chunk(SEG, 0, cy, cx)
 
-    def _read_seg(self, key: Key) -> np.ndarray:
+    def _read_seg(self, key: ChunkKey) -> np.ndarray:
         level, cy, cx = key
         y0, y1, x0, x1 = self.chunk_box(level, cy, cx)
         with self.shard_lock(level, cy, cx):
@@ -186,7 +186,7 @@ class ReviewImage:
             self.path, array_path(layer, level), (0, *key) if layer == "image" else key, exc
         )
 
-    def _write_seg(self, level: int, chunks: dict[Key, np.ndarray]) -> None:
+    def _write_seg(self, level: int, chunks: dict[ChunkKey, np.ndarray]) -> None:
         """Write label chunks of one level, one zarr write per shard (the box around the
         shard's chunks; the others in the box from the cache) under the shard's lock."""
         per = self.shard // self.tile
@@ -206,17 +206,18 @@ class ReviewImage:
 
     # --- applying deltas ---------------------------------------------------------------
 
-    def _new_chunks(self, delta: Delta) -> dict[Key, np.ndarray]:
+    def _new_chunks(self, delta: Delta) -> dict[ChunkKey, np.ndarray]:
         """The chunks a delta rewrites: its level-0 chunks with the "after" pixels set, then
         the chunks above them, level by level, where only the box over the changed pixels
         below is recomputed (2×2 mode of the new or cached chunks under it)."""
-        new: dict[Key, np.ndarray] = {}
+        new: dict[ChunkKey, np.ndarray] = {}
         boxes: dict[tuple[int, int], list[int]] = {}  # chunk → changed box (y0, y1, x0, x1)
-        for key, (idx, _, after) in delta.items():
-            cy, cx = map(int, key.split("/"))
+        for text, (idx, _, after) in delta.items():
+            key = ChunkKey.parse(text)
+            cy, cx = key.yx
             chunk = self.read_chunk(SEG, 0, cy, cx).copy()
             chunk.reshape(-1)[idx] = after
-            new[0, cy, cx] = chunk
+            new[key] = chunk
             ys, xs = np.divmod(idx, chunk.shape[1])
             y0, _, x0, _ = self.chunk_box(0, cy, cx)
             boxes[cy, cx] = [y0 + ys.min(), y0 + ys.max() + 1, x0 + xs.min(), x0 + xs.max() + 1]
@@ -234,32 +235,30 @@ class ReviewImage:
                 chunk[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0] = downsample_mode(src)[
                     : y1 - y0, : x1 - x0
                 ]
-                new[level, cy, cx] = chunk
+                new[ChunkKey(level, cy, cx)] = chunk
             boxes = up
         return new
 
     def _assemble(
-        self, level: int, y0: int, y1: int, x0: int, x1: int, new: dict[Key, np.ndarray]
+        self, level: int, y0: int, y1: int, x0: int, x1: int, new: dict[ChunkKey, np.ndarray]
     ) -> np.ndarray:
         """Labels of one level's box, from the chunks in ``new`` or else the cache."""
         out = np.empty((y1 - y0, x1 - x0), np.uint8)
         for cy, cx in chunk_keys((y0, y1, x0, x1), self.tile):
             a, b, c, d = self.chunk_box(level, cy, cx)
-            chunk = new.get((level, cy, cx))
+            chunk = new.get(ChunkKey(level, cy, cx))
             if chunk is None:
                 chunk = self.read_chunk(SEG, level, cy, cx)
             ya, yb, xa, xb = max(a, y0), min(b, y1), max(c, x0), min(d, x1)
             out[ya - y0 : yb - y0, xa - x0 : xb - x0] = chunk[ya - a : yb - a, xa - c : xb - c]
         return out
 
-    def _bump(self, conn, touched: list[tuple[int, int, int]]) -> dict[str, int]:
+    def _bump(self, conn, touched: list[ChunkKey]) -> dict[ChunkKey, int]:
         out = {}
-        for level, cy, cx in touched:
-            v = self.version(SEG, level, cy, cx) + 1
-            conn.execute(
-                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?)", (SEG, level, cy, cx, v)
-            )
-            out[f"{level}/{cy}/{cx}"] = v
+        for key in touched:
+            v = self.version(SEG, *key) + 1
+            conn.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?)", (SEG, *key, v))
+            out[key] = v
         return out
 
     def _replay(self) -> int:
@@ -285,7 +284,7 @@ class ReviewImage:
         undone: tuple[int, int] | None = None,
         client_id: str | None = None,
         decided: tuple[str, int] | None = None,
-    ) -> tuple[int, dict[str, int]]:
+    ) -> tuple[int, dict[ChunkKey, int]]:
         """Commit the edit + new versions (fsync'd); then its chunks are visible at once and
         written to zarr behind the answer (marked applied when they are). ``undone``:
         (flag, edit id) to set; ``decided``: (status, edit id) of the proposal this one
@@ -341,15 +340,14 @@ class ReviewImage:
         try:
             self.chunks.put(edit_id, chunks)
             for key, v in versions.items():
-                level, cy, cx = map(int, key.split("/"))
-                self.versions[(SEG, level, cy, cx)] = v
+                self.versions[SEG, key] = v
         finally:
             self._seq += 1
         self._notify(
             {
                 "type": "chunks",
                 "layer": SEG,
-                "versions": versions,
+                "versions": _text(versions),
                 "edit_id": edit_id,
                 "user": user["name"],
             }
@@ -381,12 +379,12 @@ class ReviewImage:
             if row is not None and row["user_id"] != user["id"]:
                 raise BadEdit("client_id is taken by another user's edit; use a fresh one")
             if row is not None:
-                keys = [tuple(map(int, k.split("/"))) for k in json.loads(row["chunks"])]
-                versions = {f"{cy}/{cx}": self.version(SEG, 0, cy, cx) for cy, cx in keys}
+                keys = map(ChunkKey.parse, json.loads(row["chunks"]))
+                versions = {k.short: self.version(SEG, *k) for k in keys}
                 return {"edit_id": row["id"], "versions": versions, "status": row["status"],
                         "duplicate": True, "changed_px": 0}  # fmt: skip
         if edit.base:
-            current = {k: self.version(SEG, 0, *map(int, k.split("/"))) for k in edit.base}
+            current = {k: self.version(SEG, *ChunkKey.parse(k)) for k in edit.base}
             if current != edit.base:
                 raise Conflict(current)
         label = 0 if edit.op == "erase" else edit.label
@@ -404,7 +402,11 @@ class ReviewImage:
                 paint &= flat == edit.only
             idx = np.flatnonzero(paint)
             if idx.size:
-                delta[f"{cy}/{cx}"] = (idx, flat[idx], np.full(idx.size, label, np.uint8))
+                delta[ChunkKey(0, cy, cx).short] = (
+                    idx,
+                    flat[idx],
+                    np.full(idx.size, label, np.uint8),
+                )
         status = "proposed" if user["role"] == "annotator" else "applied"
         if not delta:
             return {"edit_id": None, "versions": {}, "changed_px": 0}
@@ -415,7 +417,7 @@ class ReviewImage:
         return {
             "edit_id": edit_id,
             "versions": _level0(versions),
-            "pyramid": versions,
+            "pyramid": _text(versions),
             "status": status,
             "changed_px": int(sum(i.size for i, _, _ in delta.values())),
         }
@@ -485,8 +487,7 @@ class ReviewImage:
             ).fetchone()
         delta = {}
         for key, (idx, before, after) in unpack(blob).items():
-            cy, cx = map(int, key.split("/"))
-            now = self.read_chunk(SEG, 0, cy, cx).reshape(-1)[idx]
+            now = self.read_chunk(SEG, *ChunkKey.parse(key)).reshape(-1)[idx]
             still = now == after  # pixels nobody changed since: revert those only
             if still.any():
                 delta[key] = (idx[still], after[still], before[still])
@@ -512,7 +513,7 @@ class ReviewImage:
             "reverts": target,
             "status": status,
             "versions": _level0(versions),
-            "pyramid": versions,
+            "pyramid": _text(versions),
         }
 
     def close(self) -> None:
@@ -535,9 +536,14 @@ def _set_undone(conn, flag: int, edit_id: int) -> None:
         flag = 1 - flag
 
 
-def _level0(versions: dict[str, int]) -> dict[str, int]:
-    """{"0/cy/cx": v, "1/…": …} → {"cy/cx": v} for level 0 (what clients send as base)."""
-    return {k[2:]: v for k, v in versions.items() if k.startswith("0/")}
+def _level0(versions: dict[ChunkKey, int]) -> dict[str, int]:
+    """{"cy/cx": v} of the level-0 chunks (what clients send as ``base``)."""
+    return {k.short: v for k, v in versions.items() if k.level == 0}
+
+
+def _text(versions: dict[ChunkKey, int]) -> dict[str, int]:
+    """{"level/cy/cx": v}: the versions as the HTTP API and live updates give them."""
+    return {str(k): v for k, v in versions.items()}
 
 
 def msgspec_to_dict(edit: Edit) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from segloop.review.chunks import ChunkKey
 from segloop.review.db import EXPERTS, FINAL_STATES, DeltaReader
 from segloop.review.edits import rewind
 from segloop.review.image import SEG, ReviewImage
@@ -79,7 +80,7 @@ def agreement(img: ReviewImage) -> dict[str, Any]:
     tiles = []
     deltas = DeltaReader(img.db)  # one delta in memory at a time (and a few recent ones)
     for (cy, cx), tile_edits in sorted(img.db.edits_by_tile().items()):
-        key = f"{cy}/{cx}"
+        key = ChunkKey(0, cy, cx)
         last = next((i for i, e in enumerate(tile_edits) if e["role"] == "annotator"), None)
         if last is None:
             continue

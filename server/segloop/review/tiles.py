@@ -71,7 +71,7 @@ def pixel_size_um(img: ReviewImage) -> float | None:
 
 def describe(img: ReviewImage) -> dict:
     ny, nx = img.grid(0)
-    edited = sum(1 for (layer, level, _, _) in img.versions if layer == SEG and level == 0)
+    edited = sum(1 for layer, key in img.versions if layer == SEG and key.level == 0)
     return {
         "name": img.name,
         "shape": list(img.shape),
@@ -103,11 +103,7 @@ async def get_versions(request: web.Request) -> web.Response:
     them in tile URLs and send the level-0 ones as an edit's ``base``)."""
     img = image_of(request)
     return web.json_response(
-        {
-            f"{lv}/{cy}/{cx}": v
-            for (layer, lv, cy, cx), v in dict(img.versions).items()
-            if layer == SEG
-        }
+        {str(key): v for (layer, key), v in dict(img.versions).items() if layer == SEG}
     )
 
 
