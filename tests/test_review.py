@@ -74,6 +74,32 @@ def call(env, method: str, path: str, who: str = "reviewer", **kw) -> requests.R
     return requests.request(method, env["server"].base + path, headers=headers, timeout=30, **kw)
 
 
+def with_deltas(lab: np.ndarray, blobs: list[bytes]) -> np.ndarray:
+    """Level-0 labels ``lab`` with the packed edit deltas ``blobs`` applied in order."""
+    out = lab.copy()
+    for blob in blobs:
+        for key, (idx, _before, after) in unpack(blob).items():
+            cy, cx = map(int, key.split("/"))
+            chunk = out[cy * TILE : (cy + 1) * TILE, cx * TILE : (cx + 1) * TILE]
+            flat = chunk.copy().reshape(-1)
+            flat[idx] = after
+            chunk[...] = flat.reshape(chunk.shape)
+    return out
+
+
+def grow_review_db(store: Path) -> None:
+    """Fill the store's review database with 40 flagged tiles (long comments: several
+    pages), checkpointed into the file: room to damage a page in the middle."""
+    db = sqlite3.connect(store / "segloop" / "review.sqlite")
+    db.executemany(
+        "INSERT INTO review VALUES (?, ?, 'flagged', 'unsure', ?, 1, 0, NULL)",
+        [(k, 0, "x" * 3000) for k in range(40)],
+    )
+    db.commit()
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+
+
 def labels(store: Path, level: int = 0) -> np.ndarray:
     """The store's labels once every acknowledged edit is in zarr: the server writes the
     shards behind the answer and marks each edit applied (within about a second; 10 s at
@@ -516,17 +542,10 @@ def test_sigkill_during_edit_storm_loses_no_acknowledged_edit(base_store, tmp_pa
     assert {a[0] for a in acked} <= ids, "an acknowledged edit is missing from history"
     # zarr must equal the base store with every committed edit applied in order:
     # nothing lost, nothing half-applied
-    expect = labels(base_store).copy()
     with sqlite3.connect(store / "segloop" / "review.sqlite") as db:
         rows = db.execute("SELECT delta, applied FROM edits ORDER BY id").fetchall()
     assert all(applied for _, applied in rows), "replay left an edit unapplied"
-    for blob, _ in rows:
-        for key, (idx, _before, after) in unpack(blob).items():
-            cy, cx = map(int, key.split("/"))
-            chunk = expect[cy * TILE : (cy + 1) * TILE, cx * TILE : (cx + 1) * TILE]
-            flat = chunk.copy().reshape(-1)
-            flat[idx] = after
-            chunk[...] = flat.reshape(chunk.shape)
+    expect = with_deltas(labels(base_store), [blob for blob, _ in rows])
     lab = labels(store)
     np.testing.assert_array_equal(lab, expect)
     np.testing.assert_array_equal(labels(store, 1), downsample_mode(lab))

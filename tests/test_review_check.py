@@ -4,7 +4,6 @@ JSON error naming the file, never a bare 500."""
 from __future__ import annotations
 
 import shutil
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ShardingCodec
 
 from tests.conftest import TILE, assert_user_error, run_cli
-from tests.test_review import Server, add_user, call, wait_applied
+from tests.test_review import Server, add_user, call, grow_review_db, wait_applied
 
 SEG0 = "labels/segmentation/0"
 
@@ -63,14 +62,7 @@ def test_check_names_every_problem(store):
     _truncate(_shard(store, "confidence/0", "0/0"))
     meta = store / "confidence/1/zarr.json"
     meta.write_text(meta.read_text()[:40])
-    db = sqlite3.connect(store / "segloop" / "review.sqlite")
-    db.executemany(
-        "INSERT INTO review VALUES (?, ?, 'flagged', 'unsure', ?, 1, 0, NULL)",
-        [(k, 0, "x" * 3000) for k in range(40)],
-    )
-    db.commit()
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    db.close()
+    grow_review_db(store)
     raw = bytearray((store / "segloop" / "review.sqlite").read_bytes())
     raw[3 * 4096 : 4 * 4096] = b"\xa5" * 4096
     (store / "segloop" / "review.sqlite").write_bytes(raw)

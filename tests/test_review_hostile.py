@@ -22,7 +22,7 @@ import requests
 
 from segloop.triton.server import free_port
 from tests.conftest import TILE, assert_user_error, run_cli
-from tests.test_review import Server, add_user, call, labels
+from tests.test_review import Server, add_user, call, grow_review_db, labels
 
 EDITS = "/api/images/slide/edits"
 H, W = 1500, 1300  # the test slide
@@ -309,14 +309,7 @@ def test_damaged_or_truncated_database_is_refused_at_start(base_store, tmp_path)
         store = tmp_path / damage / "slide.zarr"
         shutil.copytree(base_store, store)
         add_user(store, "a", "admin")
-        db = sqlite3.connect(store / "segloop" / "review.sqlite")
-        db.executemany(
-            "INSERT INTO review VALUES (?, ?, 'flagged', 'unsure', ?, 1, 0, NULL)",
-            [(k, 0, "x" * 3000) for k in range(40)],
-        )
-        db.commit()
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        db.close()
+        grow_review_db(store)
         path = store / "segloop" / "review.sqlite"
         raw = bytearray(path.read_bytes())
         if damage == "truncate":

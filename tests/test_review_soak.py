@@ -24,10 +24,9 @@ import numpy as np
 import requests
 
 from segloop.pipeline.pyramid import downsample_mode
-from segloop.review.edits import unpack
 from segloop.review.worst import worst_polygon, worst_stroke
 from tests.conftest import TILE
-from tests.test_review import Server, add_user, labels
+from tests.test_review import Server, add_user, labels, with_deltas
 
 SOAK_S = float(os.environ.get("SEGLOOP_SOAK_S", "20"))
 H, W = 1500, 1300  # the test slide
@@ -203,18 +202,11 @@ def test_soak_then_sigkill_loses_nothing(base_store, tmp_path, record_property):
     assert not missing, f"{len(missing)} acknowledged edits missing from the history"
     # zarr = the original with every committed delta applied in order (undo, redo and
     # the worst edits included): nothing acknowledged lost, nothing half-applied
-    expect = labels(base_store).copy()
     with sqlite3.connect(store / "segloop" / "review.sqlite") as db:
         rows = db.execute("SELECT id, delta, applied FROM edits ORDER BY id").fetchall()
     assert tally.acked <= {r[0] for r in rows}
     assert all(applied for _, _, applied in rows), "replay left an edit unapplied"
-    for _, blob, _ in rows:
-        for key, (idx, _before, after) in unpack(blob).items():
-            cy, cx = map(int, key.split("/"))
-            chunk = expect[cy * TILE : (cy + 1) * TILE, cx * TILE : (cx + 1) * TILE]
-            flat = chunk.copy().reshape(-1)
-            flat[idx] = after
-            chunk[...] = flat.reshape(chunk.shape)
+    expect = with_deltas(labels(base_store), [blob for _, blob, _ in rows])
     lab = labels(store)
     np.testing.assert_array_equal(lab, expect)
     np.testing.assert_array_equal(labels(store, 1), downsample_mode(lab))

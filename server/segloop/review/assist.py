@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import base64
 import functools
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Protocol
 
 import msgspec
 import numpy as np
@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from segloop.review import raster
 from segloop.review.chunks import ChunkKey
-from segloop.review.db import DeltaReader
+from segloop.review.db import DeltaReader, ReviewDB
 from segloop.review.edits import (
     BadEdit,
     Edit,
@@ -37,13 +37,21 @@ from segloop.review.edits import (
     validate,
 )
 
-if TYPE_CHECKING:
-    from segloop.review.image import ReviewImage
-
 WINDOW = 512  # a click grows at most WINDOW // 2 pixels each way
 #: the largest box side: a structure, not a slide (a 2048² box: ~30 MB and ~0.3 s to label)
 MAX_SIDE = 2048
 EIGHT = np.ones((3, 3), bool)
+
+
+class Labels(Protocol):
+    """What the copilot reads of a reviewed image (``segloop.review.image.ReviewImage``)."""
+
+    tile: int
+    shape: tuple[int, ...]
+    classes: list[str]
+    db: ReviewDB
+
+    def read_chunk(self, layer: str, level: int, cy: int, cx: int) -> np.ndarray: ...
 
 
 class Assist(msgspec.Struct, forbid_unknown_fields=True):
@@ -55,7 +63,7 @@ class Assist(msgspec.Struct, forbid_unknown_fields=True):
     threshold: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
 
 
-def region(img: ReviewImage, read, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+def region(img: Labels, read, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     """Level-0 (y1 − y0, x1 − x0) uint8 of the chunks ``read(cy, cx)`` gives."""
     out = np.empty((y1 - y0, x1 - x0), np.uint8)
     t = img.tile
@@ -69,7 +77,7 @@ def region(img: ReviewImage, read, y0: int, y1: int, x0: int, x1: int) -> np.nda
 
 
 def propose(
-    img: ReviewImage, points: list[tuple[int, int]], label: int, threshold: float
+    img: Labels, points: list[tuple[int, int]], label: int, threshold: float
 ) -> tuple[int, int, np.ndarray]:
     """(y0, x0, mask) of the proposal: mask (h, w) uint8, 1 = proposed."""
     h, w = img.shape
@@ -105,13 +113,13 @@ def propose(
     return y0, x0, (parts == 1 + int(np.argmax(sizes))).astype(np.uint8)
 
 
-def rasterise(img: ReviewImage, edit: Edit) -> tuple[list[tuple[int, int]], np.ndarray]:
+def rasterise(img: Labels, edit: Edit) -> tuple[list[tuple[int, int]], np.ndarray]:
     """An ``assist`` edit → ``edits.rasterise``'s (keys, masks)."""
     y0, x0, mask = propose(img, edit.points, edit.label, edit.threshold)
     return per_chunk(mask, y0, x0, img.tile)
 
 
-def preview(img: ReviewImage, body: Assist) -> dict:
+def preview(img: Labels, body: Assist) -> dict:
     """The proposal for the browser: its box (x0, y0, width, height in level-0 pixels), the
     mask as base64 of ``numpy.packbits`` (rows of ``width`` bits, big-endian), the pixels
     it covers and how many of them it would change."""

@@ -91,12 +91,10 @@ def _expected_arrays(record: dict) -> list[str]:
 def _check_db(path: Path, report: Report) -> None:
     if not path.exists():
         return
+    from segloop.review.db import integrity_check
+
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        try:
-            rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
-        finally:
-            conn.close()
+        rows = integrity_check(path)
     except sqlite3.DatabaseError as exc:
         report.problems.append(f"review.sqlite: damaged ({exc})")
         return

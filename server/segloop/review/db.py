@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,16 @@ def quick_check(path: Path) -> None:
         raise Damaged(" ".join(rows[0][0].replace("*", "").split()))  # one line
 
 
+def integrity_check(path: Path) -> list[str]:
+    """The lines of ``PRAGMA integrity_check`` on a review database, read-only (["ok"]:
+    intact); ``sqlite3.DatabaseError`` when it is not a database at all."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return [r[0] for r in conn.execute("PRAGMA integrity_check")]
+    finally:
+        conn.close()
+
+
 def require_intact(store: Path) -> None:
     """``UserError`` (one line) if ``STORE/review.sqlite`` exists and is damaged."""
     from segloop.errors import UserError
@@ -148,6 +159,16 @@ def require_intact(store: Path) -> None:
 
 #: review states that mean a human vouched for the whole tile
 FINAL_STATES = ("accepted", "corrected")
+#: states that are a reviewer's verdict when a reviewer set them: annotators leave them be
+VERDICTS = ("accepted", "corrected", "flagged")
+
+
+class VerdictTaken(Exception):
+    """An annotator would change the verdict an expert gave a tile (→ 403)."""
+
+    def __init__(self, state: str, user: str) -> None:
+        super().__init__(f"{state} by {user}")
+        self.state, self.user = state, user
 
 
 def hash_token(token: str) -> str:
@@ -330,6 +351,299 @@ class ReviewDB:
             rows = self.conn.execute("SELECT layer, level, cy, cx, version FROM versions")
             return {(r[0], ChunkKey(r[1], r[2], r[3])): r[4] for r in rows.fetchall()}
 
+    # --- edits -------------------------------------------------------------------------
+
+    def add_edit(
+        self,
+        user: dict[str, Any],
+        op: str,
+        label: int | None,
+        body: dict[str, Any],
+        blob: bytes,
+        chunks: list[str],
+        pixels: int,
+        versions: dict[ChunkKey, int],
+        reverts: int | None = None,
+        status: str = "applied",
+        undone: tuple[int, int] | None = None,
+        client_id: str | None = None,
+        decided: tuple[str, int] | None = None,
+    ) -> int:
+        """Commit one edit (its packed delta ``blob`` over the level-0 ``chunks``) with the
+        new segmentation ``versions``, in one transaction; returns its id. ``undone``:
+        (flag, edit id) to set (``set_undone``); ``decided``: (status, edit id) of the
+        proposal it rejects. A drawing edit (``reverts`` None) past the user's edit quota
+        raises ``Full``."""
+        with self.tx() as c:
+            if reverts is None:  # undo, redo and rejections stay possible past the quota
+                row = c.execute("SELECT bytes FROM usage WHERE user_id = ?", (user["id"],))
+                used = (row.fetchone() or (0,))[0]
+                if used + len(blob) > EDIT_QUOTA_BYTES:
+                    raise Full(
+                        f"edit quota reached: {user['name']} stores {used >> 20} MB of edits "
+                        f"in this store, the limit is {EDIT_QUOTA_BYTES >> 20} MB "
+                        "(SEGLOOP_EDIT_QUOTA_MB)"
+                    )
+            c.execute(
+                "INSERT INTO usage VALUES (?, ?) "
+                "ON CONFLICT(user_id) DO UPDATE SET bytes = bytes + excluded.bytes",
+                (user["id"], len(blob)),
+            )
+            cur = c.execute(
+                "INSERT INTO edits (user_id, created, op, label, body, chunks, delta, pixels,"
+                " reverts, status, client_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    user["id"],
+                    time.time(),
+                    op,
+                    label,
+                    json.dumps(body),
+                    json.dumps(chunks),
+                    blob,
+                    pixels,
+                    reverts,
+                    status,
+                    client_id,
+                ),
+            )
+            if undone is not None:
+                _set_undone(c, *undone)
+            if decided is not None:
+                c.execute("UPDATE edits SET status = ? WHERE id = ?", decided)
+            c.executemany(
+                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?)",
+                [("segmentation", *key, v) for key, v in versions.items()],
+            )
+        return cur.lastrowid
+
+    def mark_reverted(self, edit_id: int, status: str | None = None) -> None:
+        """Mark ``edit_id`` (and its chain, ``set_undone``) reverted without a new edit
+        (nothing of it was left to put back); ``status``: its new status, if any."""
+        with self.tx() as c:
+            _set_undone(c, 1, edit_id)
+            if status is not None:
+                c.execute("UPDATE edits SET status = ? WHERE id = ?", (status, edit_id))
+
+    def set_status(self, edit_id: int, status: str) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE edits SET status = ? WHERE id = ?", (status, edit_id))
+
+    def mark_applied(self, edit_ids: list[int]) -> None:
+        """The edits' chunks are written to zarr."""
+        with self.tx() as c:
+            c.executemany("UPDATE edits SET applied = 1 WHERE id = ?", [(i,) for i in edit_ids])
+
+    def pending_edits(self) -> list[tuple[int, bytes]]:
+        """(id, delta) of the edits committed but not written to zarr (after a crash)."""
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT id, delta FROM edits WHERE applied = 0 ORDER BY id"
+            ).fetchall()
+        return [(r["id"], r["delta"]) for r in rows]
+
+    def edit_by_client_id(self, client_id: str) -> dict[str, Any] | None:
+        """id, user_id, chunks (level-0 keys) and status of the edit a client sent."""
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT id, user_id, chunks, status FROM edits WHERE client_id = ?",
+                (client_id,),
+            ).fetchone()
+        return None if row is None else {**dict(row), "chunks": json.loads(row["chunks"])}
+
+    def edit_status(self, edit_id: int) -> str | None:
+        with self.lock:
+            row = self.conn.execute("SELECT status FROM edits WHERE id = ?", (edit_id,)).fetchone()
+        return None if row is None else row["status"]
+
+    def edit_delta(self, edit_id: int) -> tuple[int, bytes] | None:
+        """(pixels changed, packed delta) of one edit."""
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT pixels, delta FROM edits WHERE id = ?", (edit_id,)
+            ).fetchone()
+        return None if row is None else (row["pixels"], row["delta"])
+
+    def revert_target(self, user_id: int, op: str) -> int | None:
+        """The edit an ``op`` ("undo" or "redo") of the user reverts: for undo their newest
+        edit that is no undo and not undone; for redo their newest undo not undone, if no
+        drawing edit came after it."""
+        with self.lock:  # newest first, from the covering index; stops at the target
+            rows = self.conn.execute(
+                "SELECT id, op, undone FROM edits INDEXED BY edits_by_user WHERE user_id = ? "
+                "ORDER BY id DESC",
+                (user_id,),
+            )
+            for r in rows:
+                if op == "undo" and r["op"] != "undo" and not r["undone"]:
+                    return r["id"]
+                if op == "redo" and r["op"] == "undo" and not r["undone"]:
+                    return r["id"]
+                if op == "redo" and r["op"] not in ("undo", "redo"):
+                    return None
+        return None
+
+    def history(self, before: int, limit: int) -> list[dict[str, Any]]:
+        """Edits older than id ``before``, newest first, with their authors (no deltas)."""
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT e.id, u.name AS user, e.created, e.op, e.label, e.chunks, e.reverts, "
+                "e.undone, e.status FROM edits e JOIN users u ON u.id = e.user_id "
+                "WHERE e.id < ? ORDER BY e.id DESC LIMIT ?",
+                (before, limit),
+            ).fetchall()
+        return [
+            {**dict(r), "chunks": json.loads(r["chunks"]), "undone": bool(r["undone"])}
+            for r in rows
+        ]
+
+    # --- review states -----------------------------------------------------------------
+
+    def set_review(
+        self,
+        ty: int,
+        tx: int,
+        user_id: int,
+        state: str,
+        reason: str | None,
+        comment: str | None,
+        keep_verdicts: bool,
+    ) -> None:
+        """Set a tile's state, with the seconds since this user leased it (or marked it in
+        review), and end its lease unless the state is ``in_review``. ``keep_verdicts``:
+        raise ``VerdictTaken`` where an expert's verdict stands."""
+        now = time.time()
+        with self.tx() as c:
+            current = c.execute(
+                "SELECT r.state, u.name, u.role FROM review r LEFT JOIN users u "
+                "ON u.id = r.user_id WHERE cy = ? AND cx = ?",
+                (ty, tx),
+            ).fetchone()
+            if keep_verdicts and current and current[2] in EXPERTS and current[0] in VERDICTS:
+                raise VerdictTaken(current[0], current[1])
+            start = c.execute(
+                "SELECT started FROM leases WHERE cy = ? AND cx = ? AND user_id = ? UNION ALL "
+                "SELECT updated FROM review WHERE cy = ? AND cx = ? AND user_id = ? "
+                "AND state = 'in_review'",
+                (ty, tx, user_id) * 2,
+            ).fetchone()
+            c.execute(
+                "INSERT OR REPLACE INTO review VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    ty,
+                    tx,
+                    state,
+                    reason,
+                    comment,
+                    user_id,
+                    now,
+                    now - start[0] if start and state != "in_review" else None,
+                ),
+            )
+            if state != "in_review":
+                c.execute("DELETE FROM leases WHERE cy = ? AND cx = ?", (ty, tx))
+
+    def review(self, ty: int, tx: int) -> dict[str, Any] | None:
+        """state, reason, comment, updated and user of one tile (None: never set)."""
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT r.state, r.reason, r.comment, r.updated, u.name AS user FROM review r "
+                "LEFT JOIN users u ON u.id = r.user_id WHERE cy = ? AND cx = ?",
+                (ty, tx),
+            ).fetchone()
+        return None if row is None else dict(row)
+
+    def states(self) -> list[tuple[int, int, str]]:
+        """(cy, cx, state) of every tile whose state was set."""
+        with self.lock:
+            return [tuple(r) for r in self.conn.execute("SELECT cy, cx, state FROM review")]
+
+    def review_seconds(self) -> float:
+        """Time reviewers spent on the tiles they decided, in all."""
+        with self.lock:
+            return self.conn.execute("SELECT TOTAL(seconds) FROM review").fetchone()[0]
+
+    def final_states(self) -> dict[tuple[int, int], dict[str, Any]]:
+        """Per tile with a final state: cy, cx, state, reason, comment, updated, seconds,
+        user and role."""
+        with self.lock:
+            return {
+                (r["cy"], r["cx"]): dict(r)
+                for r in self.conn.execute(
+                    "SELECT r.cy, r.cx, r.state, r.reason, r.comment, r.updated, r.seconds, "
+                    "u.name AS user, u.role FROM review r LEFT JOIN users u "
+                    f"ON u.id = r.user_id WHERE r.state IN {FINAL_STATES}"
+                )
+            }
+
+    # --- leases ------------------------------------------------------------------------
+
+    def lease(
+        self,
+        user_id: int,
+        pick: Callable[[set[tuple[int, int]], set[tuple[int, int]]], tuple[int, int] | None],
+        minutes: float,
+    ) -> tuple[tuple[int, int] | None, float, int]:
+        """Lease the tile ``pick(taken, done)`` chooses (None: none left) to the user for
+        ``minutes``, in one transaction that first drops expired leases and the user's own
+        (one lease each). Returns (tile, expiry time, tiles taken or done before)."""
+        now = time.time()
+        expires = now + 60 * minutes
+        with self.tx() as c:
+            c.execute("DELETE FROM leases WHERE expires <= ?", (now,))
+            c.execute("DELETE FROM leases WHERE user_id = ?", (user_id,))
+            taken = {(r[0], r[1]) for r in c.execute("SELECT cy, cx FROM leases")}
+            done = {
+                (r[0], r[1]) for r in c.execute("SELECT cy, cx FROM review WHERE state != 'unseen'")
+            }
+            tile = pick(taken, done)
+            if tile is not None:
+                c.execute("INSERT INTO leases VALUES (?,?,?,?,?)", (*tile, user_id, now, expires))
+        return tile, expires, len(taken) + len(done)
+
+    def release(self, ty: int, tx: int, user_id: int) -> bool:
+        """End the user's lease of a tile; False if they held none."""
+        with self.tx() as c:
+            cur = c.execute(
+                "DELETE FROM leases WHERE cy = ? AND cx = ? AND user_id = ?", (ty, tx, user_id)
+            )
+        return cur.rowcount > 0
+
+    # --- stats rows --------------------------------------------------------------------
+
+    def stats_rows(self) -> dict[str, list[dict[str, Any]]]:
+        """The rows of the per-user stats, read together: ``edits`` (user_id, op, status,
+        n, px), ``states`` (user_id, state, n) and ``seconds`` (user_id, seconds of each
+        final state)."""
+        with self.lock:
+            c = self.conn
+            edits = c.execute(
+                "SELECT user_id, op, status, COUNT(*) AS n, SUM(pixels) AS px FROM edits "
+                "GROUP BY user_id, op, status"
+            ).fetchall()
+            states = c.execute(
+                "SELECT user_id, state, COUNT(*) AS n FROM review GROUP BY user_id, state"
+            ).fetchall()
+            seconds = c.execute(
+                f"SELECT user_id, seconds FROM review WHERE state IN {FINAL_STATES} "
+                "AND seconds IS NOT NULL"
+            ).fetchall()
+        return {
+            "edits": [dict(r) for r in edits],
+            "states": [dict(r) for r in states],
+            "seconds": [dict(r) for r in seconds],
+        }
+
+    def expert_verdicts(self) -> dict[tuple[int, int], str]:
+        """(cy, cx) → the name of the expert who gave the tile its final state."""
+        with self.lock:
+            return {
+                (r["cy"], r["cx"]): r["name"]
+                for r in self.conn.execute(
+                    "SELECT r.cy, r.cx, u.name FROM review r JOIN users u ON u.id = r.user_id "
+                    f"WHERE r.state IN {FINAL_STATES} AND u.role IN {EXPERTS}"
+                )
+            }
+
 
 class DeltaReader:
     """One level-0 chunk's part of an edit's delta: ``get(edit_id, key)`` → (idx, before,
@@ -392,3 +706,13 @@ class _Tx:
                     raise translate(exc) from exc
         finally:
             self.db.wlock.release()
+
+
+def _set_undone(conn: sqlite3.Connection, flag: int, edit_id: int | None) -> None:
+    """Mark ``edit_id`` reverted (1) or in effect (0), and the chain it reverts with it:
+    reverting an undo puts its edit back in effect (a redo), reverting that redo reverts
+    the edit again, and so on down the chain of ``reverts``."""
+    while edit_id is not None:
+        conn.execute("UPDATE edits SET undone = ? WHERE id = ?", (flag, edit_id))
+        (edit_id,) = conn.execute("SELECT reverts FROM edits WHERE id = ?", (edit_id,)).fetchone()
+        flag = 1 - flag

@@ -34,7 +34,7 @@ import zarr
 from segloop.errors import UserError
 from segloop.io.ome_zarr import array_path, own_path, read_record
 from segloop.review.chunks import ChunkKey
-from segloop.review.db import DB_NAME, EXPERTS, FINAL_STATES, DeltaReader, ReviewDB, require_intact
+from segloop.review.db import DB_NAME, EXPERTS, DeltaReader, ReviewDB, require_intact
 from segloop.review.edits import rewind
 from segloop.review.source_image import StoreImage
 
@@ -54,20 +54,6 @@ def _prepare(out: Path, overwrite: bool) -> None:
             )
         shutil.rmtree(out)
     (out / "tiles").mkdir(parents=True, exist_ok=True)
-
-
-def _rows(db: ReviewDB) -> tuple[dict, dict]:
-    """(final review state per tile, edits per level-0 tile newest first)."""
-    with db.lock:
-        states = {
-            (r["cy"], r["cx"]): dict(r)
-            for r in db.conn.execute(
-                "SELECT r.cy, r.cx, r.state, r.reason, r.comment, r.updated, r.seconds, "
-                "u.name AS user, u.role FROM review r LEFT JOIN users u ON u.id = r.user_id "
-                f"WHERE r.state IN {FINAL_STATES}"
-            )
-        }
-    return states, db.edits_by_tile()
 
 
 def export_corrections(
@@ -108,7 +94,7 @@ def _export(
 ) -> dict[str, Any]:
     """The export, reading one delta at a time (``DeltaReader``); ``image``: the store's
     image layer (``source_image``)."""
-    states, edits = _rows(db)
+    states, edits = db.final_states(), db.edits_by_tile()
     deltas = DeltaReader(db)
     root = zarr.open_group(store, mode="r")
     seg = root[array_path("segmentation", 0)]

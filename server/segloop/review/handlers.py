@@ -5,24 +5,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 from typing import Annotated, Literal
 
 import msgspec
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from segloop.review import assist, keys
+from segloop.review import assist, keys, leases
 from segloop.review import stats as review_stats
-from segloop.review.db import EXPERTS, FLAG_REASONS, STATES
+from segloop.review.db import EXPERTS, FLAG_REASONS, STATES, VerdictTaken
 from segloop.review.edits import BadEdit, Edit, TooLarge, unpack
 from segloop.review.image import Conflict, NoSuchEdit, NothingToDo, ReviewImage
 from segloop.review.tiles import image_of
 
 MAX_BODY = 1 << 20  # bytes
-LEASE_MINUTES = 10
-#: states that are a reviewer's verdict when a reviewer set them: annotators leave them be
-VERDICTS = ("accepted", "corrected", "flagged")
 
 
 def json_error(status: int, message: str, headers=None, **extra) -> web.HTTPException:
@@ -158,16 +154,7 @@ async def history(request: web.Request) -> web.Response:
         before = max(0, min(2**62, int(request.query.get("before", str(2**62)))))
     except ValueError:
         raise json_error(400, "limit and before must be integers") from None
-    with img.db.lock:
-        rows = img.db.conn.execute(
-            "SELECT e.id, u.name AS user, e.created, e.op, e.label, e.chunks, e.reverts, "
-            "e.undone, e.status FROM edits e JOIN users u ON u.id = e.user_id "
-            "WHERE e.id < ? ORDER BY e.id DESC LIMIT ?",
-            (before, limit),
-        ).fetchall()
-    return web.json_response(
-        [{**dict(r), "chunks": json.loads(r["chunks"]), "undone": bool(r["undone"])} for r in rows]
-    )
+    return web.json_response(img.db.history(before, limit))
 
 
 #: an edit larger than this is not sent to the browser whole (its before/after view)
@@ -178,31 +165,35 @@ async def edit_delta(request: web.Request) -> web.Response:
     """The pixels one edit changed, per level-0 chunk: flat indices (uint32 little-endian)
     and the values before and after (uint8), each base64 (the before/after view)."""
     img = image_of(request)
-    try:
-        edit_id = int(request.match_info["edit_id"])
-        if not 0 < edit_id < 2**62:
-            raise ValueError
-    except ValueError:
-        raise json_error(404, "no such edit") from None
+    edit_id = _edit_id(request)
 
     def read() -> dict | None:
-        with img.db.lock:
-            row = img.db.conn.execute(
-                "SELECT pixels, delta FROM edits WHERE id = ?", (edit_id,)
-            ).fetchone()
+        row = img.db.edit_delta(edit_id)
         if row is None:
             return None
-        if row["pixels"] > MAX_DELTA_PIXELS:
+        pixels, blob = row
+        if pixels > MAX_DELTA_PIXELS:
             raise json_error(413, f"edit {edit_id} changed more than {MAX_DELTA_PIXELS} pixels")
         return {
             key: {"idx": _b64(idx.astype("<u4")), "before": _b64(before), "after": _b64(after)}
-            for key, (idx, before, after) in unpack(row["delta"]).items()
+            for key, (idx, before, after) in unpack(blob).items()
         }
 
     chunks = await _run(request, read)
     if chunks is None:
         raise json_error(404, "no such edit")
     return web.json_response({"edit_id": edit_id, "chunks": chunks})
+
+
+def _edit_id(request: web.Request) -> int:
+    """The ``{edit_id}`` of the URL (404 unless a positive integer)."""
+    try:
+        edit_id = int(request.match_info["edit_id"])
+        if not 0 < edit_id < 2**62:
+            raise ValueError
+    except ValueError:
+        raise json_error(404, "no such edit") from None
+    return edit_id
 
 
 def _b64(a: np.ndarray) -> str:
@@ -217,12 +208,7 @@ async def decide(request: web.Request) -> web.Response:
     """Reviewer approves or rejects an annotator's proposed edit (reject reverts it)."""
     img = image_of(request)
     body = await decode(request, Decision)
-    try:
-        edit_id = int(request.match_info["edit_id"])
-        if not 0 < edit_id < 2**62:
-            raise ValueError
-    except ValueError:
-        raise json_error(404, "no such edit") from None
+    edit_id = _edit_id(request)
     try:
         result = await asyncio.wrap_future(img.decide(edit_id, body.decision, request["user"]))
     except NoSuchEdit:
@@ -270,58 +256,27 @@ async def put_review(request: web.Request) -> web.Response:
         raise json_error(400, "comment longer than 2000 characters")
 
     def write() -> None:
-        now = time.time()
-        with img.db.tx() as c:
-            current = c.execute(
-                "SELECT r.state, u.name, u.role FROM review r LEFT JOIN users u "
-                "ON u.id = r.user_id WHERE cy = ? AND cx = ?",
-                (ty, tx),
-            ).fetchone()
-            if not expert and current and current[2] in EXPERTS and current[0] in VERDICTS:
-                raise json_error(
-                    403,
-                    f"tile {ty}/{tx} is {current[0]} by reviewer {current[1]}; "
-                    "only reviewers change a reviewer's verdict",
-                )
-            # time spent: since this user leased the tile, or else marked it in review
-            start = c.execute(
-                "SELECT started FROM leases WHERE cy = ? AND cx = ? AND user_id = ? UNION ALL "
-                "SELECT updated FROM review WHERE cy = ? AND cx = ? AND user_id = ? "
-                "AND state = 'in_review'",
-                (ty, tx, user["id"]) * 2,
-            ).fetchone()
-            c.execute(
-                "INSERT OR REPLACE INTO review VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    ty,
-                    tx,
-                    state,
-                    body.reason,
-                    body.comment,
-                    user["id"],
-                    now,
-                    now - start[0] if start and state != "in_review" else None,
-                ),
+        try:
+            img.db.set_review(
+                ty, tx, user["id"], state, body.reason, body.comment, keep_verdicts=not expert
             )
-            if state != "in_review":
-                c.execute("DELETE FROM leases WHERE cy = ? AND cx = ?", (ty, tx))
+        except VerdictTaken as exc:
+            raise json_error(
+                403,
+                f"tile {ty}/{tx} is {exc.state} by reviewer {exc.user}; "
+                "only reviewers change a reviewer's verdict",
+            ) from None
 
     await _writer(img, write)
     event = {"type": "review", "tile": [ty, tx], "state": state, "user": user["name"]}
-    img._notify(event)
+    img.notify(event)
     return web.json_response(event)
 
 
 async def get_review(request: web.Request) -> web.Response:
     img = image_of(request)
     ty, tx = _tile(request, img)
-    with img.db.lock:
-        row = img.db.conn.execute(
-            "SELECT r.state, r.reason, r.comment, r.updated, u.name AS user FROM review r "
-            "LEFT JOIN users u ON u.id = r.user_id WHERE cy = ? AND cx = ?",
-            (ty, tx),
-        ).fetchone()
-    return web.json_response(dict(row) if row else {"state": "unseen"})
+    return web.json_response(img.db.review(ty, tx) or {"state": "unseen"})
 
 
 async def coverage(request: web.Request) -> web.Response:
@@ -329,11 +284,9 @@ async def coverage(request: web.Request) -> web.Response:
     img = image_of(request)
     ny, nx = img.grid(0)
     grid = np.zeros((ny, nx), np.uint8)
-    with img.db.lock:
-        for r in img.db.conn.execute("SELECT cy, cx, state FROM review"):
-            grid[r["cy"], r["cx"]] = STATES.index(r["state"])
-    with img.db.lock:
-        (seconds,) = img.db.conn.execute("SELECT TOTAL(seconds) FROM review").fetchone()
+    for cy, cx, state in img.db.states():
+        grid[cy, cx] = STATES.index(state)
+    seconds = img.db.review_seconds()
     counts = {s: int((grid == i).sum()) for i, s in enumerate(STATES)}
     return web.json_response(
         {
@@ -362,41 +315,13 @@ async def queue_next(request: web.Request) -> web.Response:
     img = image_of(request)
     user = request["user"]
     try:
-        minutes = float(request.query.get("minutes", LEASE_MINUTES))
+        minutes = float(request.query.get("minutes", leases.LEASE_MINUTES))
     except ValueError:
         raise json_error(400, "minutes must be a number") from None
-    if not 0 < minutes <= 240:
-        raise json_error(400, "minutes must be in (0, 240]")
-    u = await _run(request, img.uncertainty)
-    order = np.argsort(-u, axis=None, kind="stable")
-
-    def lease() -> dict | None:
-        now = time.time()
-        with img.db.tx() as c:
-            c.execute("DELETE FROM leases WHERE expires <= ?", (now,))
-            c.execute("DELETE FROM leases WHERE user_id = ?", (user["id"],))  # one lease each
-            taken = {(r[0], r[1]) for r in c.execute("SELECT cy, cx FROM leases")}
-            done = {
-                (r[0], r[1]) for r in c.execute("SELECT cy, cx FROM review WHERE state != 'unseen'")
-            }
-            for flat in order:
-                ty, tx = divmod(int(flat), u.shape[1])
-                if (ty, tx) not in taken and (ty, tx) not in done:
-                    c.execute(
-                        "INSERT INTO leases VALUES (?,?,?,?,?)",
-                        (ty, tx, user["id"], now, now + 60 * minutes),
-                    )
-                    break
-            else:
-                return None
-        return {
-            "tile": [ty, tx],
-            "uncertainty": round(float(u[ty, tx]), 2),
-            "expires": now + 60 * minutes,
-            "remaining": u.size - len(done) - len(taken) - 1,
-        }
-
-    out = await _writer(img, lease)
+    if not leases.valid_minutes(minutes):
+        raise json_error(400, f"minutes must be in (0, {leases.MAX_MINUTES}]")
+    await _run(request, img.uncertainty)  # read once, off the writer thread
+    out = await _writer(img, leases.lease_next, img, user, minutes)
     if out is None:
         return web.json_response({"tile": None, "remaining": 0})
     request.app[keys.METRICS].queue.labels(img.name).set(out["remaining"])
@@ -414,15 +339,8 @@ async def queue_release(request: web.Request) -> web.Response:
     img = image_of(request)
     body = await decode(request, Release)
 
-    def release() -> int:
-        with img.db.tx() as c:
-            cur = c.execute(
-                "DELETE FROM leases WHERE cy = ? AND cx = ? AND user_id = ?",
-                (*body.tile, request["user"]["id"]),
-            )
-        return cur.rowcount
-
-    return web.json_response({"released": await _writer(img, release) > 0})
+    released = await _writer(img, img.db.release, *body.tile, request["user"]["id"])
+    return web.json_response({"released": released})
 
 
 # --- live updates -----------------------------------------------------------------------

@@ -93,7 +93,7 @@ class ReviewImage:
         self.writer = ThreadPoolExecutor(1, thread_name_prefix=f"segloop-edit-{name}")
         self.listeners: list = []  # callables(event dict), e.g. websocket broadcasters
         self.pack: TilePack | None = None  # tiles as segmented, encoded once (set by the app)
-        self.chunks = ChunkCache(self._read_seg, self._write_seg, self._mark_applied)
+        self.chunks = ChunkCache(self._read_seg, self._write_seg, self.db.mark_applied)
         self._seq = 0  # odd while an edit's chunks and versions are being swapped in
         self.replayed = self._replay()
 
@@ -200,10 +200,6 @@ class ReviewImage:
             with self.shard_lock(level, *keys[0]):
                 self.array(SEG, level)[y0:y1, x0:x1] = region
 
-    def _mark_applied(self, edit_ids: list[int]) -> None:
-        with self.db.tx() as c:
-            c.executemany("UPDATE edits SET applied = 1 WHERE id = ?", [(i,) for i in edit_ids])
-
     # --- applying deltas ---------------------------------------------------------------
 
     def _new_chunks(self, delta: Delta) -> dict[ChunkKey, np.ndarray]:
@@ -253,22 +249,11 @@ class ReviewImage:
             out[ya - y0 : yb - y0, xa - x0 : xb - x0] = chunk[ya - a : yb - a, xa - c : xb - c]
         return out
 
-    def _bump(self, conn, touched: list[ChunkKey]) -> dict[ChunkKey, int]:
-        out = {}
-        for key in touched:
-            v = self.version(SEG, *key) + 1
-            conn.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?)", (SEG, *key, v))
-            out[key] = v
-        return out
-
     def _replay(self) -> int:
         """Write edits committed to the database but not yet to zarr (after a crash)."""
-        with self.db.lock:
-            rows = self.db.conn.execute(
-                "SELECT id, delta FROM edits WHERE applied = 0 ORDER BY id"
-            ).fetchall()
-        for row in rows:
-            self.chunks.put(row["id"], self._new_chunks(unpack(row["delta"])))
+        rows = self.db.pending_edits()
+        for edit_id, blob in rows:
+            self.chunks.put(edit_id, self._new_chunks(unpack(blob)))
         self.chunks.drain()
         return len(rows)
 
@@ -298,44 +283,22 @@ class ReviewImage:
                 f"{review_db.MIN_FREE_BYTES >> 20} MB kept in reserve; free space and retry"
             )
         chunks = self._new_chunks(delta)  # its keys: every level's chunks to version
-        with self.db.tx() as c:
-            if reverts is None:  # undo, redo and rejections stay possible past the quota
-                row = c.execute("SELECT bytes FROM usage WHERE user_id = ?", (user["id"],))
-                used = (row.fetchone() or (0,))[0]
-                if used + len(blob) > review_db.EDIT_QUOTA_BYTES:
-                    raise Full(
-                        f"edit quota reached: {user['name']} stores {used >> 20} MB of edits "
-                        f"in this store, the limit is {review_db.EDIT_QUOTA_BYTES >> 20} MB "
-                        "(SEGLOOP_EDIT_QUOTA_MB)"
-                    )
-            c.execute(
-                "INSERT INTO usage VALUES (?, ?) "
-                "ON CONFLICT(user_id) DO UPDATE SET bytes = bytes + excluded.bytes",
-                (user["id"], len(blob)),
-            )
-            cur = c.execute(
-                "INSERT INTO edits (user_id, created, op, label, body, chunks, delta, pixels,"
-                " reverts, status, client_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    user["id"],
-                    time.time(),
-                    op,
-                    label,
-                    json.dumps(body),
-                    json.dumps(list(delta)),
-                    blob,
-                    sum(len(i) for i, _, _ in delta.values()),
-                    reverts,
-                    status,
-                    client_id,
-                ),
-            )
-            if undone is not None:
-                _set_undone(c, *undone)
-            if decided is not None:
-                c.execute("UPDATE edits SET status = ? WHERE id = ?", decided)
-            versions = self._bump(c, list(chunks))
-        edit_id = cur.lastrowid
+        versions = {key: self.version(SEG, *key) + 1 for key in chunks}
+        edit_id = self.db.add_edit(
+            user,
+            op,
+            label,
+            body,
+            blob,
+            list(delta),
+            sum(len(i) for i, _, _ in delta.values()),
+            versions,
+            reverts=reverts,
+            status=status,
+            undone=undone,
+            client_id=client_id,
+            decided=decided,
+        )
         self._seq += 1  # readers wait: chunks and versions change together
         try:
             self.chunks.put(edit_id, chunks)
@@ -343,7 +306,7 @@ class ReviewImage:
                 self.versions[SEG, key] = v
         finally:
             self._seq += 1
-        self._notify(
+        self.notify(
             {
                 "type": "chunks",
                 "layer": SEG,
@@ -354,7 +317,8 @@ class ReviewImage:
         )
         return edit_id, versions
 
-    def _notify(self, event: dict[str, Any]) -> None:
+    def notify(self, event: dict[str, Any]) -> None:
+        """Tell every listener (the live-update WebSockets) of ``event``."""
         for listener in list(self.listeners):
             listener(event)
 
@@ -371,15 +335,11 @@ class ReviewImage:
     def _apply(self, edit: Edit, user: dict) -> dict[str, Any]:
         validate(edit, self.shape, len(self.classes))
         if edit.client_id is not None:  # a re-send of an edit already made: its result
-            with self.db.lock:
-                row = self.db.conn.execute(
-                    "SELECT id, user_id, chunks, status FROM edits WHERE client_id = ?",
-                    (edit.client_id,),
-                ).fetchone()
+            row = self.db.edit_by_client_id(edit.client_id)
             if row is not None and row["user_id"] != user["id"]:
                 raise BadEdit("client_id is taken by another user's edit; use a fresh one")
             if row is not None:
-                keys = map(ChunkKey.parse, json.loads(row["chunks"]))
+                keys = map(ChunkKey.parse, row["chunks"])
                 versions = {k.short: self.version(SEG, *k) for k in keys}
                 return {"edit_id": row["id"], "versions": versions, "status": row["status"],
                         "duplicate": True, "changed_px": 0}  # fmt: skip
@@ -432,22 +392,7 @@ class ReviewImage:
         """Undo the user's newest drawing edit (or redo) not undone yet, or redo the newest
         undo if no drawing edit came after it. An annotator's undo and redo are proposals,
         like the edits they revert (a reviewer decides them)."""
-        target = None
-        with self.db.lock:  # newest first, from the covering index; stops at the target
-            rows = self.db.conn.execute(
-                "SELECT id, op, undone FROM edits INDEXED BY edits_by_user WHERE user_id = ? "
-                "ORDER BY id DESC",
-                (user["id"],),
-            )
-            for r in rows:
-                if op == "undo" and r["op"] != "undo" and not r["undone"]:
-                    target = r["id"]
-                    break
-                if op == "redo" and r["op"] == "undo" and not r["undone"]:
-                    target = r["id"]
-                    break
-                if op == "redo" and r["op"] not in ("undo", "redo"):
-                    break
+        target = self.db.revert_target(user["id"], op)
         if target is None:
             raise NothingToDo(f"nothing to {op}")
         status = "proposed" if user["role"] == "annotator" else "applied"
@@ -459,21 +404,17 @@ class ReviewImage:
         return self.submit(self._decide, edit_id, decision, user)
 
     def _decide(self, edit_id: int, decision: str, user: dict) -> dict[str, Any]:
-        with self.db.lock:
-            row = self.db.conn.execute(
-                "SELECT status FROM edits WHERE id = ?", (edit_id,)
-            ).fetchone()
-        if row is None:
+        current = self.db.edit_status(edit_id)
+        if current is None:
             raise NoSuchEdit(f"no edit {edit_id}")
-        if row["status"] != "proposed":
-            raise NothingToDo(f"edit {edit_id} is {row['status']}, not proposed")
+        if current != "proposed":
+            raise NothingToDo(f"edit {edit_id} is {current}, not proposed")
         status = "approved" if decision == "approve" else "rejected"
         result: dict[str, Any] = {"edit_id": edit_id, "status": status}
         if decision == "reject":
             result["revert"] = self._revert(edit_id, user, "reject", decided=status)
         else:
-            with self.db.tx() as c:
-                c.execute("UPDATE edits SET status = ? WHERE id = ?", (status, edit_id))
+            self.db.set_status(edit_id, status)
         return result
 
     def _revert(
@@ -481,10 +422,7 @@ class ReviewImage:
     ) -> dict[str, Any]:
         """Put back edit ``target``'s "before" values where its "after" values still stand;
         ``decided``: the status to give ``target`` in the same transaction."""
-        with self.db.lock:
-            (blob,) = self.db.conn.execute(
-                "SELECT delta FROM edits WHERE id = ?", (target,)
-            ).fetchone()
+        _, blob = self.db.edit_delta(target)
         delta = {}
         for key, (idx, before, after) in unpack(blob).items():
             now = self.read_chunk(SEG, *ChunkKey.parse(key)).reshape(-1)[idx]
@@ -492,10 +430,7 @@ class ReviewImage:
             if still.any():
                 delta[key] = (idx[still], after[still], before[still])
         if not delta:
-            with self.db.tx() as c:
-                _set_undone(c, 1, target)
-                if decided is not None:
-                    c.execute("UPDATE edits SET status = ? WHERE id = ?", (decided, target))
+            self.db.mark_reverted(target, decided)
             return {"edit_id": None, "reverts": target, "versions": {}}
         edit_id, versions = self._commit(
             user,
@@ -524,16 +459,6 @@ class ReviewImage:
         self.db.close()
         self.image.close()
         self.lock.__exit__()
-
-
-def _set_undone(conn, flag: int, edit_id: int) -> None:
-    """Mark ``edit_id`` reverted (1) or in effect (0), and the chain it reverts with it:
-    reverting an undo puts its edit back in effect (a redo), reverting that redo reverts
-    the edit again, and so on down the chain of ``reverts``."""
-    while edit_id is not None:
-        conn.execute("UPDATE edits SET undone = ? WHERE id = ?", (flag, edit_id))
-        (edit_id,) = conn.execute("SELECT reverts FROM edits WHERE id = ?", (edit_id,)).fetchone()
-        flag = 1 - flag
 
 
 def _level0(versions: dict[ChunkKey, int]) -> dict[str, int]:

@@ -109,21 +109,10 @@ def stroke(pts, r, h, w, tile, gy0, gx0, slots, masks, write):
     covered = 0
     y = y_lo[order[0]]
     while y < h and (nxt < nseg or n_active > 0):
-        if n_active == 0 and y < y_lo[order[nxt]]:
-            y = y_lo[order[nxt]]
-        while nxt < nseg and y_lo[order[nxt]] <= y:
-            active[n_active] = order[nxt]
-            n_active += 1
-            nxt += 1
+        y, nxt, n_active = _next_row(y, y_lo, y_hi, order, nxt, active, n_active)
         k = 0
-        i = 0
-        while i < n_active:
+        for i in range(n_active):
             s = active[i]
-            if y_hi[s] < y:
-                n_active -= 1
-                active[i] = active[n_active]
-                continue
-            i += 1
             a, b = pts[s], pts[min(s + 1, n - 1)]
             ax, ay, dx, dy = a[0], a[1], b[0] - a[0], b[1] - a[1]
             flo, fhi = _capsule_row(y, ax, ay, dx, dy, r)
@@ -143,6 +132,30 @@ def stroke(pts, r, h, w, tile, gy0, gx0, slots, masks, write):
             covered += _merge_emit(y, spans[:k], tile, gy0, gx0, slots, masks, write)
         y += 1
     return covered
+
+
+@nb.njit(nogil=True, cache=True)
+def _next_row(y, y_lo, y_hi, order, nxt, active, n_active):
+    """One step of a row scan over edges (rows ``y_lo[e]..y_hi[e]``, ``order`` sorted by
+    ``y_lo``): skip to the next edge's first row when none is active, add the edges that
+    start by row ``y`` (none that covers no row: a horizontal polygon edge never crosses),
+    drop those that ended before it. Returns (y, nxt, n_active): ``active[:n_active]`` are
+    the edges on row ``y``, in the order the scan leaves them."""
+    if n_active == 0 and y < y_lo[order[nxt]]:
+        y = y_lo[order[nxt]]
+    while nxt < len(order) and y_lo[order[nxt]] <= y:
+        if y_hi[order[nxt]] >= y_lo[order[nxt]]:
+            active[n_active] = order[nxt]
+            n_active += 1
+        nxt += 1
+    i = 0
+    while i < n_active:
+        if y_hi[active[i]] < y:
+            n_active -= 1
+            active[i] = active[n_active]
+        else:
+            i += 1
+    return y, nxt, n_active
 
 
 @nb.njit(nogil=True, cache=True)
@@ -191,22 +204,10 @@ def polygon(pts, h, w, tile, gy0, gx0, slots, masks, write):
     covered = 0
     y = y_lo[order[0]]
     while y < h and (nxt < n or n_active > 0):
-        if n_active == 0 and y < y_lo[order[nxt]]:
-            y = y_lo[order[nxt]]
-        while nxt < n and y_lo[order[nxt]] <= y:
-            if y_hi[order[nxt]] >= y_lo[order[nxt]]:  # horizontal edges never cross
-                active[n_active] = order[nxt]
-                n_active += 1
-            nxt += 1
+        y, nxt, n_active = _next_row(y, y_lo, y_hi, order, nxt, active, n_active)
         k = 0
-        i = 0
-        while i < n_active:
+        for i in range(n_active):
             e = active[i]
-            if y_hi[e] < y:
-                n_active -= 1
-                active[i] = active[n_active]
-                continue
-            i += 1
             a, b = pts[e], pts[(e + 1) % n]
             xs[k] = a[0] + (y - a[1]) * (b[0] - a[0]) / (b[1] - a[1])
             k += 1

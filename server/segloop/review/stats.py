@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from segloop.review.chunks import ChunkKey
-from segloop.review.db import EXPERTS, FINAL_STATES, DeltaReader
+from segloop.review.db import EXPERTS, DeltaReader
 from segloop.review.edits import rewind
 from segloop.review.image import SEG, ReviewImage
 from segloop.scores import iou
@@ -25,20 +25,8 @@ from segloop.scores import iou
 def user_stats(img: ReviewImage) -> list[dict[str, Any]]:
     """Per user: edits by op, pixels changed, own proposals by outcome, tiles by the
     review state they set, median seconds from lease to final state."""
-    with img.db.lock:
-        c = img.db.conn
-        users = {r["id"]: dict(r) for r in c.execute("SELECT id, name, role FROM users")}
-        edits = c.execute(
-            "SELECT user_id, op, status, COUNT(*) AS n, SUM(pixels) AS px FROM edits "
-            "GROUP BY user_id, op, status"
-        ).fetchall()
-        states = c.execute(
-            "SELECT user_id, state, COUNT(*) AS n FROM review GROUP BY user_id, state"
-        ).fetchall()
-        seconds = c.execute(
-            f"SELECT user_id, seconds FROM review WHERE state IN {FINAL_STATES} "
-            "AND seconds IS NOT NULL"
-        ).fetchall()
+    users = {u["id"]: u for u in img.db.users()}
+    rows = img.db.stats_rows()
     out = {
         uid: {
             "user": u["name"],
@@ -51,16 +39,16 @@ def user_stats(img: ReviewImage) -> list[dict[str, Any]]:
         }
         for uid, u in users.items()
     }
-    for r in edits:
+    for r in rows["edits"]:
         s = out[r["user_id"]]
         s["edits"][r["op"]] = s["edits"].get(r["op"], 0) + r["n"]
         s["pixels"] += r["px"] or 0
         if s["role"] == "annotator" and r["op"] not in ("undo", "redo"):
             s["proposals"][r["status"]] = s["proposals"].get(r["status"], 0) + r["n"]
-    for r in states:
+    for r in rows["states"]:
         out[r["user_id"]]["tiles"][r["state"]] = r["n"]
     by_user: dict[int, list[float]] = {}
-    for r in seconds:
+    for r in rows["seconds"]:
         by_user.setdefault(r["user_id"], []).append(r["seconds"])
     for uid, values in by_user.items():
         out[uid]["median_seconds_per_tile"] = round(statistics.median(values), 1)
@@ -69,14 +57,7 @@ def user_stats(img: ReviewImage) -> list[dict[str, Any]]:
 
 def agreement(img: ReviewImage) -> dict[str, Any]:
     """Annotator–reviewer IoU on doubly-seen tiles (see the module docstring)."""
-    with img.db.lock:
-        final = {
-            (r["cy"], r["cx"]): r["name"]
-            for r in img.db.conn.execute(
-                "SELECT r.cy, r.cx, u.name FROM review r JOIN users u ON u.id = r.user_id "
-                f"WHERE r.state IN {FINAL_STATES} AND u.role IN {EXPERTS}"
-            )
-        }
+    final = img.db.expert_verdicts()
     tiles = []
     deltas = DeltaReader(img.db)  # one delta in memory at a time (and a few recent ones)
     for (cy, cx), tile_edits in sorted(img.db.edits_by_tile().items()):
