@@ -25,7 +25,7 @@ from pathlib import Path
 
 import msgspec
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 
 from segloop.assets import OSD_DIR, UI_DIR
 from segloop.review import assist, handlers, keys, raster, tiles
@@ -66,25 +66,6 @@ ROUTES = [
     ("POST", "/api/images/{image}/queue/release", handlers.queue_release, "annotator"),
     ("GET", "/api/images/{image}/live", handlers.live, "viewer"),
 ]
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.latency = Histogram(
-            "segloop_request_seconds",
-            "request latency",
-            ["route"],
-            registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
-        )
-        self.tiles = Counter(
-            "segloop_tiles_served", "tiles served", ["layer"], registry=self.registry
-        )
-        self.edits = Counter("segloop_edits", "edits applied", ["op"], registry=self.registry)
-        self.queue = Gauge(
-            "segloop_queue_depth", "unreviewed, unleased tiles", ["image"], registry=self.registry
-        )
 
 
 #: the one route that takes ``?token=`` (browsers cannot set a WebSocket's headers)
@@ -308,10 +289,10 @@ def create_app(stores: list[Path], tile_pack: bool = True, log=None) -> web.Appl
     app[keys.IMAGES] = images
     # users live in the first store's database (one server, one set of users)
     app[keys.DB] = next(iter(images.values())).db  # the first store's connection
-    app[keys.METRICS] = Metrics()
+    app[keys.METRICS] = keys.Metrics()
     app[keys.OPENAPI] = openapi_spec()
     app[keys.LOOP_POOL] = ThreadPoolExecutor(8, thread_name_prefix="segloop-tiles")
-    app[keys.TILE_CACHE] = tiles.EncodedTiles()
+    app[keys.TILE_CACHE] = keys.EncodedTiles()
     app[keys.RENDERING] = [0]  # tile requests being encoded on demand right now
     app[keys.PAGE] = ui_page()
     local = {

@@ -1,5 +1,6 @@
 """The review database: ``STORE/segloop/review.sqlite`` (users, edits, chunk versions, review
-state, queue leases).
+state, queue leases). The only module that speaks SQL to it: the others call the named
+methods of ``ReviewDB`` (the tile pack's cache, ``tile_pack.py``, is a file of its own).
 
 WAL journal with ``synchronous=FULL``: a committed edit survives a crash of the process
 or the machine, so it is committed *before* the edit is acknowledged; the zarr write

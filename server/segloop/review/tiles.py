@@ -4,7 +4,7 @@ Tile = one store chunk. ETag = layer/level/chunk/version (+ the store's tag); a 
 whose If-None-Match matches gets 304 before zarr is touched; ``?v=<version>`` URLs that
 match the current version are immutable for a year. Chunks in a shard file that was
 never written are answered from an encoded fill tile, without decoding. Encoded tiles are
-kept in memory (``EncodedTiles``, keyed by version, so an edit never serves a stale one),
+kept in memory (``keys.EncodedTiles``, keyed by version, so an edit never serves a stale one),
 and every tile as segmented (version 0) in the store's tile pack
 (``segloop.review.tile_pack``), built in the background at start. Image tiles the source
 holds as JPEG of the tile size are passed through as stored (``source_image``), whatever
@@ -16,8 +16,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import threading
-from collections import OrderedDict
 
 import numpy as np
 from aiohttp import web
@@ -175,33 +173,6 @@ def _encode(img: ReviewImage, layer: str, data: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-class EncodedTiles:
-    """Encoded tiles in memory, least recently used dropped beyond ``budget`` bytes.
-
-    Keys carry the chunk version, so an edited chunk's old tile is never served again."""
-
-    def __init__(self, budget: int = 256 << 20) -> None:
-        self.budget = budget
-        self._tiles: OrderedDict[tuple, bytes] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> bytes | None:
-        with self._lock:
-            body = self._tiles.get(key)
-            if body is not None:
-                self._tiles.move_to_end(key)
-            return body
-
-    def put(self, key: tuple, body: bytes) -> None:
-        with self._lock:
-            old = self._tiles.pop(key, None)
-            self._bytes += len(body) - (len(old) if old is not None else 0)
-            self._tiles[key] = body
-            while self._bytes > self.budget and len(self._tiles) > 1:
-                self._bytes -= len(self._tiles.popitem(last=False)[1])
-
-
 def _chunk(img: ReviewImage, layer: str, level: int, ty: int, tx: int):
     """(version, chunk) of one moment (``ReviewImage.read_versioned``), chunk None for a
     shard file never written (all fill value) — unless it was edited, since its edit may
@@ -290,7 +261,7 @@ async def get_tile(request: web.Request) -> web.Response:
         return web.Response(
             body=body, content_type=MIME[fmt], headers=_headers(etag, asked == str(version))
         )
-    cache: EncodedTiles = request.app[keys.TILE_CACHE]
+    cache = request.app[keys.TILE_CACHE]
     key = (img.name, img.tag, layer, level, ty, tx, version, fmt)
     body = cache.get(key)
     if body is None and version == 0 and img.pack is not None:
