@@ -255,19 +255,16 @@ async def put_review(request: web.Request) -> web.Response:
     if body.comment is not None and len(body.comment) > 2000:
         raise json_error(400, "comment longer than 2000 characters")
 
-    def write() -> None:
-        try:
-            img.db.set_review(
-                ty, tx, user["id"], state, body.reason, body.comment, keep_verdicts=not expert
-            )
-        except VerdictTaken as exc:
-            raise json_error(
-                403,
-                f"tile {ty}/{tx} is {exc.state} by reviewer {exc.user}; "
-                "only reviewers change a reviewer's verdict",
-            ) from None
-
-    await _writer(img, write)
+    try:
+        await _writer(
+            img, img.db.set_review, ty, tx, user["id"], state, body.reason, body.comment, not expert
+        )
+    except VerdictTaken as exc:
+        raise json_error(
+            403,
+            f"tile {ty}/{tx} is {exc.state} by reviewer {exc.user}; "
+            "only reviewers change a reviewer's verdict",
+        ) from None
     event = {"type": "review", "tile": [ty, tx], "state": state, "user": user["name"]}
     img.notify(event)
     return web.json_response(event)
