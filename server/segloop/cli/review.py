@@ -9,6 +9,7 @@ from pathlib import Path
 
 from segloop.cli.common import common, emit_json, info
 from segloop.errors import UserError
+from segloop.review.db import ROLES
 
 #: review server port: not 8000–8002, which tritonserver takes by default
 SERVE_PORT = 8080
@@ -31,7 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_users(args: argparse.Namespace) -> int:
     from segloop.review.app import open_stores
-    from segloop.review.db import ROLES, ReviewDB
+    from segloop.review.db import ReviewDB
 
     open_stores([args.store])
     db = ReviewDB(args.store)
@@ -133,7 +134,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("users", help="review-server users: add, list, revoke")
     s.add_argument("action", choices=["add", "list", "revoke"])
     s.add_argument("name", nargs="?")
-    s.add_argument("--role", choices=["viewer", "annotator", "reviewer", "admin"])
+    s.add_argument("--role", choices=ROLES, help="each role includes the ones before it")
     s.add_argument("--store", type=Path, required=True, help="the store whose users to manage")
     s.add_argument(
         "--url",
