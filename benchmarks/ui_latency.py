@@ -31,8 +31,8 @@ import numpy as np
 import requests
 from playwright.sync_api import sync_playwright
 
+from segloop.bench.process import ServerProcess
 from segloop.bench.segment import machine
-from segloop.triton.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VIEWPORT = {"width": 1280, "height": 800}
@@ -75,20 +75,11 @@ def main() -> None:
     cli("segment", str(slide), "-o", str(store), "--quiet")
     token = cli("users", "add", "bench", "--role", "reviewer", "--store", str(store))
     token = token.strip().splitlines()[-1]
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "segloop", "serve", str(store), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "SEGLOOP_CACHE": str(tmp / "cache")},  # its tile pack: here
+    server = ServerProcess(
+        [sys.executable, "-m", "segloop", "serve", str(store), "--port", "{port}"],
+        env={"SEGLOOP_CACHE": str(tmp / "cache")},  # its tile pack: here
     )
-    base = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            requests.get(f"{base}/api/health", timeout=1)
-            break
-        except requests.ConnectionError:
-            time.sleep(0.2)
+    base = server.base
     while True:  # the tile pack is built in the background at start
         meta = requests.get(
             f"{base}/api/images/slide", headers={"Authorization": f"Bearer {token}"}, timeout=10
@@ -187,8 +178,7 @@ def main() -> None:
             ctx.close()
             browser.close()
     finally:
-        server.terminate()
-        server.wait(30)
+        server.close()
         shutil.rmtree(tmp, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"ui_latency_{args.size}_cpu{os.cpu_count()}"
