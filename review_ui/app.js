@@ -1072,7 +1072,7 @@ async function start() {
     keepView();
     if (state.proposal?.canvas || state.drawing?.op === "polygon") drawSketch();
   });
-  addOverlay();
+  firstTile.then(addOverlay);  // the image first: overlay tiles are decoded on this thread
   $("opacity").oninput = (e) => setOpacity(Number(e.target.value));
   $("outline").onchange = (e) => { state.style.outline = e.target.checked; restyle(); };
   $("confidence").onchange = (e) => toggleHeat(e.target.checked);
