@@ -32,7 +32,7 @@ from segloop.bench.segment import machine, store_bytes
 from segloop.bench.zero_model import identity_model
 from segloop.pipeline.segment import default_model
 from segloop.review.db import ReviewDB
-from segloop.synth import write_ome_tiff
+from segloop.synth import SYNTH_MPP, write_ome_tiff
 
 TILE = 512
 
@@ -64,8 +64,10 @@ def make_slide(path: Path, height: int, width: int, tmp: Path) -> None:
 def segment(image: Path, out: Path, model: Path) -> dict:
     cmd = [sys.executable, "-m", "segloop", "segment", str(image), "-o", str(out)]
     proc = subprocess.run(
-        [*cmd, "--model", str(model), "--json", "--overwrite"], capture_output=True, text=True
-    )
+        [*cmd, "--model", str(model), "--mpp", str(SYNTH_MPP), "--json", "--overwrite"],
+        capture_output=True,
+        text=True,
+    )  # the tiles come from `segloop synth`: its µm/px (the TIFF made here states none)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     return json.loads(proc.stdout.splitlines()[-1])
