@@ -6,7 +6,6 @@ computes, the shard and the writer count only how the store is cut and written.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import tifffile
 
 from segloop.io.formats import open_image
+from segloop.io.ome_zarr import read_record
 from segloop.pipeline.read import BlockCache, plan_windows
 from segloop.synth import write_ome_tiff
 from segloop.tiling import TileGrid
@@ -56,15 +56,13 @@ def test_same_bits_for_every_window_shard_and_writer_count(variants):
 
 
 def test_writer_processes_were_used(variants):
-    write = json.loads((variants["writer-processes"] / "segloop" / "segloop.json").read_text())["stats"]
+    write = read_record(variants["writer-processes"])["stats"]
     assert write["stages"]["write"]["processes"] is True
     assert write["stages"]["write"]["items"] == 36  # 6 × 6 shards of 256²
 
 
 def test_halo_overhead_is_reported_and_falls_with_the_window(variants):
-    stats = {
-        name: json.loads((s / "segloop" / "segloop.json").read_text())["stats"] for name, s in variants.items()
-    }
+    stats = {name: read_record(s)["stats"] for name, s in variants.items()}
     small, whole = stats["window-256"], stats["window-shard"]
     # 1500×1300 in 256² windows + 2×48 halo vs one 1504×1304 (+ halo) window
     assert small["halo_overhead"] > 1.8 > 1.2 > whole["halo_overhead"]
@@ -74,7 +72,7 @@ def test_halo_overhead_is_reported_and_falls_with_the_window(variants):
 def test_every_source_chunk_is_decoded_once(variants):
     """Shards overlap by 2 × halo; the block cache still decodes each TIFF tile once."""
     for name, store in variants.items():
-        read = json.loads((store / "segloop" / "segloop.json").read_text())["stats"]["stages"]["read"]
+        read = read_record(store)["stats"]["stages"]["read"]
         assert read["max_decodes_per_chunk"] == 1, name
         assert read["decoded_chunks"] > 0
 

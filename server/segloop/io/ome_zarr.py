@@ -128,8 +128,7 @@ class StoreLock:
         except BlockingIOError:
             fh.close()
             raise UserError(
-                f"{self.store} is in use by another segloop process (segloop serve?); "
-                "stop it first"
+                f"{self.store} is in use by another segloop process (segloop serve?); stop it first"
             ) from None
         self._fh = fh
         return self
