@@ -43,7 +43,8 @@ class BlockCache:
         self.decodes: Counter[tuple[int, int]] = Counter()
         self.peak_blocks = 0  # most blocks held at once
         self.peak_bytes = 0  # most decoded bytes held at once
-        self._bytes: dict[tuple[int, int], int] = {}
+        self._bytes: dict[tuple[int, int], int] = {}  # per block held, and their sum:
+        self._held_bytes = 0
         chunk = src.block_shape
         self.chunk = chunk
         if chunk is None:  # in memory: nothing to cache
@@ -92,17 +93,15 @@ class BlockCache:
             except BaseException as exc:
                 fut.set_exception(exc)
             else:
-                self._held(key, fut.result()[2].nbytes)
+                with self._lock:
+                    self._account(key, fut.result()[2].nbytes)
         return fut.result()
 
-    def _held(self, key: tuple[int, int], nbytes: int) -> None:
-        """Account block ``key`` at ``nbytes`` (0: dropped)."""
-        with self._lock:
-            if nbytes:
-                self._bytes[key] = nbytes
-            else:
-                self._bytes.pop(key, None)
-            self.peak_bytes = max(self.peak_bytes, sum(self._bytes.values()))
+    def _account(self, key: tuple[int, int], nbytes: int) -> None:
+        """Block ``key`` holds ``nbytes`` now (decoded, or cut down); the lock is held."""
+        self._held_bytes += nbytes - self._bytes.get(key, 0)
+        self._bytes[key] = nbytes
+        self.peak_bytes = max(self.peak_bytes, self._held_bytes)
 
     def _release(self, key: tuple[int, int], box: Box) -> None:
         """``box`` is read: drop the block after its last read, else keep (a copy of) only
@@ -114,7 +113,7 @@ class BlockCache:
             if not pending:
                 self._cached.pop(key, None)
                 self._pending.pop(key, None)
-                self._bytes.pop(key, None)
+                self._held_bytes -= self._bytes.pop(key, 0)
                 return
             fut = self._cached.get(key)
         if fut is None or not fut.done() or fut.exception() is not None:
@@ -132,7 +131,7 @@ class BlockCache:
             if self._cached.get(key) is not fut:  # replaced or dropped meanwhile
                 return
             self._cached[key] = kept
-        self._held(key, kept.result()[2].nbytes)
+            self._account(key, kept.result()[2].nbytes)
 
     def read(self, box: Box) -> np.ndarray:
         """Region ``box`` → (h, w, C) in the source dtype."""
