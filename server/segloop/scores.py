@@ -18,3 +18,8 @@ def iou(pred: np.ndarray, truth: np.ndarray, classes: Sequence[str] = CLASS_NAME
         union = np.logical_or(pred == k, truth == k).sum()
         out[name] = float(inter / union) if union else 1.0
     return out
+
+
+def mean_iou(scores: dict[str, float]) -> float:
+    """The mean of per-class IoUs (``iou``'s dict), rounded to 4 decimals."""
+    return round(float(np.mean(list(scores.values()))), 4) if scores else 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +20,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from segloop.review.app import run
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    setup = check = None
+    if args.learn:
+        from segloop.learn import serve as learning
+
+        config = learn_config(args)
+        check = functools.partial(learning.check, config)
+        setup = functools.partial(learning.attach, config, log=log)
+    elif args.runtime != "onnx" or args.url:
+        raise UserError("--runtime and --url are for --learn (how the learner predicts)")
     run(
         args.stores,
         args.host,
@@ -26,8 +36,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log=log,
         tile_pack=not args.no_tile_pack,
         images=args.image,
+        setup=setup,
+        check=check,
     )
     return 0
+
+
+def learn_config(args: argparse.Namespace):
+    """``serve --learn``'s settings, checked (``segloop.learn.loop.LearnConfig``)."""
+    from segloop.learn.loop import LearnConfig
+    from segloop.model.registry import repository
+
+    if args.every < 1:
+        raise UserError("--every must be at least 1 (verdicts per learning round)")
+    if args.learn_steps < 1:
+        raise UserError("--learn-steps must be at least 1")
+    if not 0 < args.learn_lr < 1:
+        raise UserError("--learn-lr must be in (0, 1)")
+    if args.learn_threads < 1:
+        raise UserError("--learn-threads must be at least 1")
+    if args.runtime == "triton" and not args.url:
+        raise UserError("--runtime triton needs --url HOST:PORT (Triton's gRPC address)")
+    job = {
+        "steps": args.learn_steps,
+        "lr": args.learn_lr,
+        "threads": args.learn_threads,
+        "memory_mb": args.learn_memory_mb,
+        "runtime": args.runtime,
+        "url": args.url,
+    }
+    return LearnConfig(repository(args.model_repository), args.every, job)
 
 
 def cmd_users(args: argparse.Namespace) -> int:
@@ -128,6 +166,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="the input a store reads its image from, moved since `segloop segment` (checked "
         "by fingerprint, then kept in the store's segloop.json); once per store, in order",
+    )
+    g = s.add_argument_group("continuous learning (--learn; see segloop.learn)")
+    g.add_argument(
+        "--learn",
+        action="store_true",
+        help="fine-tune on the reviewers' verdicts as they come, serve the new version if it "
+        "validates, re-predict the unreviewed tiles",
+    )
+    g.add_argument("--every", type=int, default=5, metavar="K", help="verdicts per round")
+    g.add_argument(
+        "--runtime", choices=["onnx", "triton"], default="onnx", help="how the learner predicts"
+    )
+    g.add_argument("--url", help="Triton's gRPC HOST:PORT (--runtime triton, explicit mode)")
+    g.add_argument(
+        "--model-repository",
+        type=Path,
+        help="where new versions are written (default: $SEGLOOP_MODEL_REPOSITORY or the "
+        "shipped one); must be writable",
+    )
+    g.add_argument("--learn-steps", type=int, default=120, help="optimiser steps per round")
+    g.add_argument("--learn-lr", type=float, default=5e-4, help="peak learning rate")
+    g.add_argument(
+        "--learn-threads", type=int, default=1, help="CPU threads of the learner (nice 19)"
+    )
+    g.add_argument(
+        "--learn-memory-mb", type=int, default=6144, help="address-space limit of the learner"
     )
     s.set_defaults(func=cmd_serve)
 

@@ -48,6 +48,20 @@ class CorrectionsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def weights(self) -> np.ndarray:
+        """(n,) float64 sampling probability of each tile (its ``weight``, 1 when the
+        export gave none; ``segloop.learn.trust``), summing to 1."""
+        w = np.array([it.get("weight", 1.0) for it in self.items], np.float64)
+        return w / w.sum()
+
+    def subset(self, keep: list[int]) -> CorrectionsDataset:
+        """The same export, only the items at the indices ``keep``."""
+        out = CorrectionsDataset.__new__(CorrectionsDataset)
+        out.folder, out.index = self.folder, self.index
+        out.items = [self.items[i] for i in keep]
+        return out
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, torch.Tensor]:
         with np.load(self.folder / self.items[i]["file"]) as z:
             image, corrected, ignore = z["image"], z["corrected"], z["ignore"]

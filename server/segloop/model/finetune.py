@@ -29,10 +29,11 @@ from segloop.scores import iou
 def _crops(
     data: CorrectionsDataset, rng: np.random.Generator, n: int, size: int
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """n random (size², flipped/rotated) crops of random corrected tiles."""
+    """n random (size², flipped/rotated) crops of corrected tiles, drawn by their weights."""
     imgs, targets = [], []
+    weights = data.weights
     for _ in range(n):
-        rgb, target = data[int(rng.integers(len(data)))]
+        rgb, target = data[int(rng.choice(len(data), p=weights))]
         h, w = target.shape
         s = min(size, h, w) // 8 * 8
         y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
@@ -60,9 +61,15 @@ def corrections_iou(model: nn.Module, data: CorrectionsDataset) -> dict[str, flo
     return iou(np.concatenate(preds), np.concatenate(truths))
 
 
-def validate(model: nn.Module, data: CorrectionsDataset) -> dict[str, dict[str, float]]:
-    """IoU on the corrections and on the held-out in-distribution synthetic image."""
-    return {"corrections": corrections_iou(model, data), "in_distribution": evaluate(model)}
+def validate(
+    model: nn.Module, data: CorrectionsDataset, size: int = 1024
+) -> dict[str, dict[str, float]]:
+    """IoU on the corrections ``data`` and on the held-out in-distribution synthetic image
+    (``size``² px)."""
+    return {
+        "corrections": corrections_iou(model, data),
+        "in_distribution": evaluate(model, size),
+    }
 
 
 def finetune(
@@ -75,14 +82,24 @@ def finetune(
     lr: float = 5e-4,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    steps: int | None = None,
+    held_out: list[int] | None = None,
+    validation_px: int = 1024,
 ) -> tuple[nn.Module, dict]:
     """Fine-tune ``model_path`` on ``corrections``; (model, training info for the card).
 
     One epoch = as many correction crops as the corrected tiles hold patch-sized
     pieces; each batch is ``1 − replay`` correction crops + ``replay`` synthetic ones.
+    ``steps``: this many optimiser steps instead of ``epochs``. ``held_out``: indices
+    of corrected tiles kept out of training and validated on (default: validate on the
+    training tiles); ``validation_px``: side of the synthetic in-distribution image.
+    Scores ``before`` (the model it starts from) and ``after`` are on the same data.
     """
     card = read_card(model_path)
-    data = CorrectionsDataset(corrections)
+    everything = CorrectionsDataset(corrections)
+    held = sorted(set(held_out or ()))
+    data = everything.subset([i for i in range(len(everything)) if i not in held])
+    check = everything.subset(held) if held else data
     if len(data) == 0:
         raise UserError(f"{corrections} holds no corrected tiles; review some tiles first")
     torch.manual_seed(seed)
@@ -92,8 +109,8 @@ def finetune(
     pieces = sum(
         max(1, (b[1] - b[0]) * (b[3] - b[2]) // patch**2) for b in (it["box"] for it in data.items)
     )
-    steps = epochs * max(1, -(-pieces // n_real))
-    before = validate(model.eval(), data)
+    steps = steps or epochs * max(1, -(-pieces // n_real))
+    before = validate(model.eval(), check, validation_px)
     log(f"fine-tuning on {len(data)} tiles: {steps} steps; before {before}")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -114,12 +131,13 @@ def finetune(
         if step % 25 == 0 or step == steps - 1:
             log(f"step {step:4d}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
     model.eval()
-    after = validate(model, data)
+    after = validate(model, check, validation_px)
     index = data.index
     info = {
         "finetuned_from": {"version": card.get("version"), "sha256": card["sha256"]},
         "corrections": {
             "tiles": len(data),
+            "held_out": [everything.items[i]["tile"] for i in held],
             "store": index["store"],
             "exported": index["exported"],
             "reviewers": sorted({it["reviewer"] for it in data.items}),
@@ -140,21 +158,48 @@ def finetune(
     return model, info
 
 
-def publish(model: nn.Module, info: dict, repository: Path) -> Path:
-    """Write ``model`` as the next version of ``repository/segloop_unet``; returns its
-    model.onnx. The folder appears whole (written aside, then renamed), so a Triton
-    polling the repository never sees half a version."""
-    models = repository / "segloop_unet"
-    versions = sorted(int(p.name) for p in models.glob("[0-9]*") if p.name.isdigit())
-    if not versions:
-        raise UserError(f"{models} has no version folder; is {repository} a segloop repository?")
-    version = versions[-1] + 1
+#: sub-folders of a model folder that keep versions Triton must not load (non-numeric
+#: names, which Triton and ``registry.versions`` skip): scored worse than their parent,
+#: or rolled back (``segloop.learn``)
+ASIDE = ("rejected", "retired")
+
+
+def next_version(models: Path) -> int:
+    """The next unused version number under ``models`` (set-aside versions count too)."""
+    found = [
+        int(p.name)
+        for folder in (models, *(models / a for a in ASIDE))
+        for p in folder.glob("[0-9]*")
+        if p.name.isdigit()
+    ]
+    if not any(p.name.isdigit() for p in models.glob("[0-9]*")):
+        raise UserError(f"{models} has no version folder; is it a segloop model repository?")
+    return max(found) + 1
+
+
+def publish(
+    model: nn.Module,
+    info: dict,
+    repository: Path,
+    name: str = "segloop_unet",
+    version: int | None = None,
+    aside: str | None = None,
+) -> Path:
+    """Write ``model`` as version ``version`` (default: the next) of ``repository/name``,
+    or set aside in ``name/<aside>/`` (one of ``ASIDE``); returns its model.onnx. The
+    folder appears whole (written aside, then renamed), so a Triton polling the
+    repository never sees half a version."""
+    models = repository / name
+    version = version or next_version(models)
+    newest = max(int(p.name) for p in models.glob("[0-9]*") if p.name.isdigit())
     tmp = models / f".v{version}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    shutil.copy(models / str(versions[-1]) / "model.py", tmp / "model.py")  # the same shim
+    shutil.copy(models / str(newest) / "model.py", tmp / "model.py")  # the same shim
     card = model_card(model, info, version=version, parent=info["finetuned_from"]["version"])
     export_onnx(model, tmp / "model.onnx", card)
     write_card_markdown(card, tmp / "MODEL_CARD.md")
-    os.replace(tmp, models / str(version))
-    return models / str(version) / "model.onnx"
+    final = models / str(version) if aside is None else models / aside / str(version)
+    final.parent.mkdir(exist_ok=True)
+    os.replace(tmp, final)
+    return final / "model.onnx"

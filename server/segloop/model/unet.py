@@ -57,7 +57,8 @@ class UNet(nn.Module):
 
 
 def receptive_radius(model: nn.Module, size: int = 320) -> int:
-    """Measured receptive-field radius (px): how far an input change reaches an output pixel."""
+    """Measured receptive-field radius (px): how far an input change reaches an output pixel
+    (0 for a network whose output no input reaches, e.g. one a bad fine-tune killed)."""
     x = torch.randn(1, 3, size, size, dtype=torch.float64, requires_grad=True)
     m = model.double()
     try:
@@ -67,4 +68,6 @@ def receptive_radius(model: nn.Module, size: int = 320) -> int:
         model.float()
     g = x.grad.abs().sum(dim=(0, 1))
     ys, xs = torch.nonzero(g, as_tuple=True)
+    if ys.numel() == 0:
+        return 0
     return int(max(c - ys.min(), ys.max() - c, c - xs.min(), xs.max() - c))

@@ -20,6 +20,7 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from segloop.assets import OSD_DIR, UI_DIR
-from segloop.review import assist, handlers, keys, raster, tiles
+from segloop.review import assist, handlers, keys, learning, raster, tiles
 from segloop.review.check import DamagedChunk
 from segloop.review.db import BUSY_S, ROLES, Busy, Full, ReviewDB, require_intact, translate
 from segloop.review.edits import Edit
@@ -65,6 +66,10 @@ ROUTES = [
     ("POST", "/api/images/{image}/queue/next", handlers.queue_next, "annotator"),
     ("POST", "/api/images/{image}/queue/release", handlers.queue_release, "annotator"),
     ("GET", "/api/images/{image}/live", handlers.live, "viewer"),
+    ("GET", "/api/images/{image}/model", learning.get_model, "viewer"),
+    ("GET", "/api/images/{image}/model/updates", learning.get_updates, "viewer"),
+    ("POST", "/api/images/{image}/model/rollback", learning.post_rollback, "reviewer"),
+    ("POST", "/api/images/{image}/model/learn", learning.post_learn, "reviewer"),
 ]
 
 
@@ -226,6 +231,7 @@ def openapi_spec() -> dict:
         "/review/{ty}/{tx}": handlers.TileReview,
         "/decision": handlers.Decision,
         "/queue/release": handlers.Release,
+        "/model/rollback": learning.Rollback,
     }
     schemas, components = msgspec.json.schema_components(
         list(bodies.values()), ref_template="#/components/schemas/{name}"
@@ -272,7 +278,8 @@ def openapi_spec() -> dict:
 def create_app(stores: list[Path], tile_pack: bool = True, log=None) -> web.Application:
     """One app serving the given stores (image name = store folder name without .zarr);
     ``tile_pack``: encode every tile as segmented once, in the background (``tile_pack.py``,
-    in the cache folder; a cache folder that cannot be written: no pack, a warning)."""
+    in the cache folder; a cache folder that cannot be written: no pack, a warning).
+    ``app[keys.LEARNERS]`` is empty: ``segloop.learn.serve.attach`` fills it."""
     images = {}
     for store in stores:
         name = store.name.removesuffix(".zarr")
@@ -352,6 +359,7 @@ def create_app(stores: list[Path], tile_pack: bool = True, log=None) -> web.Appl
                 )
 
     app.on_startup.append(build_packs)
+    app[keys.LEARNERS] = {}
     app.on_shutdown.append(close_websockets)
     app.on_cleanup.append(close)
     return app
@@ -407,10 +415,14 @@ def run(
     log=print,
     tile_pack: bool = True,
     images: list[str] | None = None,
+    setup: Callable[[web.Application], None] | None = None,
+    check: Callable[[list[Path]], None] | None = None,
 ) -> None:
     """Serve until Ctrl-C. With no users yet, create an admin and print its login URL.
     ``images``: the moved inputs of source-mode stores, one per store in order
-    (``--image``; checked by fingerprint, then written into each run record)."""
+    (``--image``; checked by fingerprint, then written into each run record).
+    ``check(stores)`` runs before anything is made (raise ``UserError`` to refuse);
+    ``setup(app)`` extends the app before it serves (``segloop.learn.serve.attach``)."""
     import socket
 
     from segloop.errors import UserError
@@ -429,6 +441,8 @@ def run(
         image = image_mode(read_record(store))
         if image["mode"] == "source":
             verify_source(store, image)  # moved or changed: one line naming --image
+    if check is not None:
+        check(stores)
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -441,6 +455,8 @@ def run(
     first = None if db.users() else db.add_user("admin", "admin")
     db.close()
     app = create_app(stores, tile_pack, log)
+    if setup is not None:
+        setup(app)
     url = f"http://{host}:{port}/"
     log(f"serving {', '.join(app[keys.IMAGES])} on {url}")
     for img in app[keys.IMAGES].values():

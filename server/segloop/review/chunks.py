@@ -106,8 +106,9 @@ class ChunkCache:
                 self._insert(key, chunk)
             return chunk
 
-    def put(self, edit_id: int, chunks: dict[ChunkKey, np.ndarray]) -> None:
-        """New contents of ``chunks`` (from edit ``edit_id``): visible now, flushed later."""
+    def put(self, edit_id: int | None, chunks: dict[ChunkKey, np.ndarray]) -> None:
+        """New contents of ``chunks`` (from edit ``edit_id``; None: not an edit, e.g. a new
+        model's predictions): visible now, flushed later."""
         with self._cv:
             for key, chunk in chunks.items():
                 chunk.setflags(write=False)
@@ -154,7 +155,7 @@ class ChunkCache:
             try:
                 for level in sorted({k[0] for k in snapshot}):
                     self._write(level, {k: c for k, c in snapshot.items() if k[0] == level})
-                self._applied([edit_id for edit_id, _ in jobs])
+                self._applied([edit_id for edit_id, _ in jobs if edit_id is not None])
             except BaseException as exc:  # kept for the next put or drain; a restart replays
                 log.exception("writing %d edits to zarr failed; they stay pending", len(jobs))
                 with self._cv:

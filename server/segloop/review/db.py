@@ -76,7 +76,20 @@ CREATE TABLE IF NOT EXISTS leases (
     started REAL NOT NULL, expires REAL NOT NULL, PRIMARY KEY (cy, cx));
 CREATE TABLE IF NOT EXISTS usage (   -- bytes of stored deltas per user (the edit quota)
     user_id INTEGER PRIMARY KEY, bytes INTEGER NOT NULL);
+-- continuous learning (segloop.learn): model versions and what they changed
+CREATE TABLE IF NOT EXISTS models (
+    version INTEGER PRIMARY KEY, parent INTEGER, created REAL NOT NULL,
+    status TEXT NOT NULL,            -- see MODEL_STATES
+    info TEXT NOT NULL);             -- JSON: scores before/after, training set, round
+CREATE TABLE IF NOT EXISTS model_updates (
+    id INTEGER PRIMARY KEY, version INTEGER NOT NULL, kind TEXT NOT NULL,  -- learned/rollback
+    user_id INTEGER REFERENCES users(id), at REAL NOT NULL,
+    tiles TEXT NOT NULL);            -- JSON list of [cy, cx] re-predicted (level 0)
 """
+#: a model version's status: the one ``served`` (its predictions are what tiles show),
+#: ``kept`` (served before, superseded by a better child), ``rejected`` (scored worse
+#: than its parent: never served), ``retired`` (rolled back), ``failed`` (its round died)
+MODEL_STATES = ("served", "kept", "rejected", "retired", "failed")
 #: seconds a write waits for another process's lock on the database before ``Busy``
 BUSY_S = 2.0
 #: bytes of stored edits (compressed deltas) each user may keep in a store
@@ -315,18 +328,32 @@ class ReviewDB:
             return set()
         db = ReviewDB(store)
         try:
-            with db.lock:
-                out = {
-                    (r[0], r[1])
-                    for r in db.conn.execute(
-                        f"SELECT cy, cx FROM review WHERE state IN {FINAL_STATES}"
-                    )
-                }
-                for (chunks,) in db.conn.execute("SELECT chunks FROM edits"):
-                    out |= {ChunkKey.parse(k).yx for k in json.loads(chunks)}
+            return db.human()
         finally:
             db.close()
+
+    def human(self) -> set[tuple[int, int]]:
+        """Level-0 tiles a human edited, accepted or marked corrected."""
+        with self.lock:
+            rows = self.conn.execute(f"SELECT cy, cx FROM review WHERE state IN {FINAL_STATES}")
+            out = {(r[0], r[1]) for r in rows}
+            for (chunks,) in self.conn.execute("SELECT chunks FROM edits"):
+                out |= {ChunkKey.parse(k).yx for k in json.loads(chunks)}
         return out
+
+    def leased(self) -> set[tuple[int, int]]:
+        """Level-0 tiles lent to someone right now (a reviewer is looking at them)."""
+        with self.lock:
+            rows = self.conn.execute("SELECT cy, cx FROM leases WHERE expires > ?", (time.time(),))
+            return {(r[0], r[1]) for r in rows}
+
+    def set_versions(self, versions: dict[tuple[str, ChunkKey], int]) -> None:
+        """Store new chunk versions ((layer, chunk) → version), in one transaction."""
+        with self.tx() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?)",
+                [(layer, *key, v) for (layer, key), v in versions.items()],
+            )
 
     @staticmethod
     def bump_versions(store: Path, tiles: set[tuple[int, int]], levels: int) -> None:
@@ -644,6 +671,55 @@ class ReviewDB:
                     f"WHERE r.state IN {FINAL_STATES} AND u.role IN {EXPERTS}"
                 )
             }
+
+    # --- model versions (continuous learning) ---------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every model version recorded, oldest first: version, parent, created, status, info."""
+        with self.lock:
+            rows = self.conn.execute("SELECT * FROM models ORDER BY version").fetchall()
+        return [{**dict(r), "info": json.loads(r["info"])} for r in rows]
+
+    def put_model(self, version: int, parent: int | None, status: str, info: dict) -> None:
+        """Record a model version (or replace its record); a ``served`` one makes the one
+        served before ``kept`` (exactly one is served)."""
+        if status not in MODEL_STATES:
+            raise ValueError(f"model status {status!r}")
+        with self.tx() as c:
+            if status == "served":
+                c.execute("UPDATE models SET status = 'kept' WHERE status = 'served'")
+            c.execute(
+                "INSERT OR REPLACE INTO models VALUES (?,?,?,?,?)",
+                (version, parent, time.time(), status, json.dumps(info)),
+            )
+
+    def set_model_status(self, versions: list[int], status: str) -> None:
+        with self.tx() as c:
+            c.executemany(
+                "UPDATE models SET status = ? WHERE version = ?", [(status, v) for v in versions]
+            )
+
+    def add_model_update(
+        self, version: int, kind: str, tiles: list[tuple[int, int]], user_id: int | None
+    ) -> int:
+        """Record that ``tiles`` now show ``version``'s predictions; returns the update's id."""
+        with self.tx() as c:
+            cur = c.execute(
+                "INSERT INTO model_updates (version, kind, user_id, at, tiles) VALUES (?,?,?,?,?)",
+                (version, kind, user_id, time.time(), json.dumps([list(t) for t in tiles])),
+            )
+        return cur.lastrowid
+
+    def model_updates(self, after: int = 0) -> list[dict[str, Any]]:
+        """Updates with an id above ``after``, oldest first: id, version, kind, user, at, tiles."""
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT m.id, m.version, m.kind, u.name AS user, m.at, m.tiles "
+                "FROM model_updates m LEFT JOIN users u ON u.id = m.user_id "
+                "WHERE m.id > ? ORDER BY m.id",
+                (after,),
+            ).fetchall()
+        return [{**dict(r), "tiles": json.loads(r["tiles"])} for r in rows]
 
 
 class DeltaReader:

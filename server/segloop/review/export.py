@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,14 @@ def export_corrections(
     approved_only: bool = False,
     since: float | None = None,
     overwrite: bool = False,
+    tiles: dict[tuple[int, int], float] | None = None,
+    labels: Callable[[int, int], np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Write the training pairs of ``store`` into ``out``; returns the index."""
+    """Write the training pairs of ``store`` into ``out``; returns the index.
+
+    ``tiles``: only these level-0 tiles, each item given its ``weight`` (the trust rule,
+    ``segloop.learn.trust``); ``labels(ty, tx)``: a tile's labels now (a running review
+    server's, whose newest edits may not be in zarr yet; default: read from zarr)."""
     record = read_record(store)
     if record is None or record.get("status") != "complete":
         raise UserError(f"{store} is not a finished segloop store")
@@ -76,7 +83,7 @@ def export_corrections(
         _prepare(out, overwrite)
         db = ReviewDB(store)
         try:
-            return _export(db, store, record, out, approved_only, since, image)
+            return _export(db, store, record, out, approved_only, since, image, tiles, labels)
         finally:
             db.close()
     finally:
@@ -91,6 +98,8 @@ def _export(
     approved_only: bool,
     since: float | None,
     image: StoreImage,
+    tiles: dict[tuple[int, int], float] | None = None,
+    labels: Callable[[int, int], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """The export, reading one delta at a time (``DeltaReader``); ``image``: the store's
     image layer (``source_image``)."""
@@ -103,6 +112,8 @@ def _export(
     h, w = seg.shape
     items = []
     for ty, tx in sorted(set(states) | set(edits)):
+        if tiles is not None and (ty, tx) not in tiles:
+            continue
         state, tile_edits = states.get((ty, tx)), edits.get((ty, tx), [])
         if approved_only and (
             state is None
@@ -114,7 +125,7 @@ def _export(
         if since is not None and last < since:
             continue
         y0, y1, x0, x1 = ty * tile, min(h, (ty + 1) * tile), tx * tile, min(w, (tx + 1) * tile)
-        corrected = seg[y0:y1, x0:x1]
+        corrected = seg[y0:y1, x0:x1] if labels is None else labels(ty, tx)
         key = ChunkKey(0, ty, tx)
         prediction = rewind(corrected, (deltas.get(e["id"], key) for e in tile_edits))
         changed = prediction != corrected
@@ -148,6 +159,7 @@ def _export(
                 "editors": sorted({e["user"] for e in tile_edits}),
                 "changed_px": int(changed.sum()),
                 "labelled_px": int((~ignore).sum()),
+                "weight": 1.0 if tiles is None else tiles[ty, tx],
             }
         )
     index = {
@@ -155,7 +167,11 @@ def _export(
         "version": FORMAT_VERSION,
         "store": store.name,
         "exported": time.time(),
-        "filters": {"approved_only": approved_only, "since": since},
+        "filters": {
+            "approved_only": approved_only,
+            "since": since,
+            "tiles": None if tiles is None else "trust rule (segloop.learn.trust)",
+        },
         "classes": record["model"]["classes"],
         "model": {k: record["model"].get(k) for k in ("name", "version", "sha256")},
         "tile": tile,

@@ -215,6 +215,8 @@ async def decide(request: web.Request) -> web.Response:
         raise json_error(404, "no such edit") from None
     except NothingToDo as exc:
         raise json_error(409, str(exc)) from None
+    user = request["user"]["name"]
+    img.notify({"type": "decision", "edit_id": edit_id, "status": result["status"], "user": user})
     return web.json_response(result)
 
 

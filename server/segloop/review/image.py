@@ -16,16 +16,17 @@ import shutil
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
 import zarr
 
 from segloop.io.ome_zarr import StoreLock, array_path, read_record
-from segloop.kernels.pyramid import downsample_mode
+from segloop.kernels.pyramid import downsample_mean, downsample_mode
 from segloop.review import assist
 from segloop.review import db as review_db
 from segloop.review.check import DamagedChunk, damaged
@@ -45,6 +46,16 @@ from segloop.review.source_image import StoreImage
 from segloop.review.tile_pack import TilePack
 
 SEG = "segmentation"
+
+
+class Prediction(NamedTuple):
+    """One level-0 tile as a model predicted it: labels and confidence (h, w) uint8,
+    uncertainty (``pipeline.uncertainty``), and the model version that made it."""
+
+    labels: np.ndarray
+    confidence: np.ndarray
+    uncertainty: float
+    version: int
 
 
 class Conflict(Exception):
@@ -119,8 +130,15 @@ class ReviewImage:
     @functools.cache  # noqa: B019 - one per image, lives as long as the server
     def uncertainty(self) -> np.ndarray:
         """(ny, nx) float32 per level-0 tile, stored at segment time (higher = less
-        certain; see ``segloop.pipeline.uncertainty``)."""
+        certain; see ``segloop.pipeline.uncertainty``); updated in place when a new
+        model's predictions replace tiles."""
         return self.root["tiles/uncertainty"][...]
+
+    @functools.cache  # noqa: B019 - one per image, lives as long as the server
+    def tile_versions(self) -> np.ndarray:
+        """(ny, nx) uint16: the model version whose predictions each level-0 tile shows
+        (``tiles/model_version``), updated in place like ``uncertainty``."""
+        return self.root["tiles/model_version"][...]
 
     def chunk_written(self, layer: str, level: int, cy: int, cx: int) -> bool:
         """Whether the shard file holding this chunk exists (else it is all fill value)."""
@@ -187,8 +205,12 @@ class ReviewImage:
         )
 
     def _write_seg(self, level: int, chunks: dict[ChunkKey, np.ndarray]) -> None:
-        """Write label chunks of one level, one zarr write per shard (the box around the
-        shard's chunks; the others in the box from the cache) under the shard's lock."""
+        """The chunk cache's writer: label chunks of one level (``_write_layer``)."""
+        self._write_layer(SEG, level, chunks)
+
+    def _write_layer(self, layer: str, level: int, chunks: dict[ChunkKey, np.ndarray]) -> None:
+        """Write one layer's chunks of one level, one zarr write per shard (the box around
+        the shard's chunks; the others in the box from ``read_chunk``) under the shard's lock."""
         per = self.shard // self.tile
         by_shard: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
         for _, cy, cx in chunks:
@@ -196,22 +218,24 @@ class ReviewImage:
         for keys in by_shard.values():
             y0, _, x0, _ = self.chunk_box(level, min(k[0] for k in keys), min(k[1] for k in keys))
             _, y1, _, x1 = self.chunk_box(level, max(k[0] for k in keys), max(k[1] for k in keys))
-            region = self._assemble(level, y0, y1, x0, x1, chunks)
+            region = self._assemble(level, y0, y1, x0, x1, chunks, layer)
             with self.shard_lock(level, *keys[0]):
-                self.array(SEG, level)[y0:y1, x0:x1] = region
+                self.array(layer, level)[y0:y1, x0:x1] = region
 
     # --- applying deltas ---------------------------------------------------------------
 
-    def _new_chunks(self, delta: Delta) -> dict[ChunkKey, np.ndarray]:
+    def _new_chunks(self, delta: Delta, layer: str = SEG) -> dict[ChunkKey, np.ndarray]:
         """The chunks a delta rewrites: its level-0 chunks with the "after" pixels set, then
         the chunks above them, level by level, where only the box over the changed pixels
-        below is recomputed (2×2 mode of the new or cached chunks under it)."""
+        below is recomputed (2×2 mode of the new or cached chunks under it; the mean for
+        the confidence, as the store's pyramid has it)."""
+        down = downsample_mode if layer == SEG else downsample_mean
         new: dict[ChunkKey, np.ndarray] = {}
         boxes: dict[tuple[int, int], list[int]] = {}  # chunk → changed box (y0, y1, x0, x1)
         for text, (idx, _, after) in delta.items():
             key = ChunkKey.parse(text)
             cy, cx = key.yx
-            chunk = self.read_chunk(SEG, 0, cy, cx).copy()
+            chunk = self.read_chunk(layer, 0, cy, cx).copy()
             chunk.reshape(-1)[idx] = after
             new[key] = chunk
             ys, xs = np.divmod(idx, chunk.shape[1])
@@ -224,27 +248,35 @@ class ReviewImage:
                 u = up.setdefault((cy // 2, cx // 2), b)
                 u[:] = [min(u[0], b[0]), max(u[1], b[1]), min(u[2], b[2]), max(u[3], b[3])]
             for (cy, cx), (y0, y1, x0, x1) in up.items():
-                chunk = self.read_chunk(SEG, level, cy, cx).copy()
+                chunk = self.read_chunk(layer, level, cy, cx).copy()
                 cy0, _, cx0, _ = self.chunk_box(level, cy, cx)
                 h, w = self.level_shape(level - 1)
-                src = self._assemble(level - 1, 2 * y0, min(h, 2 * y1), 2 * x0, min(w, 2 * x1), new)
-                chunk[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0] = downsample_mode(src)[
-                    : y1 - y0, : x1 - x0
-                ]
+                src = self._assemble(
+                    level - 1, 2 * y0, min(h, 2 * y1), 2 * x0, min(w, 2 * x1), new, layer
+                )
+                chunk[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0] = down(src)[: y1 - y0, : x1 - x0]
                 new[ChunkKey(level, cy, cx)] = chunk
             boxes = up
         return new
 
     def _assemble(
-        self, level: int, y0: int, y1: int, x0: int, x1: int, new: dict[ChunkKey, np.ndarray]
+        self,
+        level: int,
+        y0: int,
+        y1: int,
+        x0: int,
+        x1: int,
+        new: dict[ChunkKey, np.ndarray],
+        layer: str = SEG,
     ) -> np.ndarray:
-        """Labels of one level's box, from the chunks in ``new`` or else the cache."""
+        """One layer's (h, w) uint8 pixels of one level's box, from the chunks in ``new``
+        or else ``read_chunk`` (labels: the cache)."""
         out = np.empty((y1 - y0, x1 - x0), np.uint8)
         for cy, cx in chunk_keys((y0, y1, x0, x1), self.tile):
             a, b, c, d = self.chunk_box(level, cy, cx)
             chunk = new.get(ChunkKey(level, cy, cx))
             if chunk is None:
-                chunk = self.read_chunk(SEG, level, cy, cx)
+                chunk = self.read_chunk(layer, level, cy, cx)
             ya, yb, xa, xb = max(a, y0), min(b, y1), max(c, x0), min(d, x1)
             out[ya - y0 : yb - y0, xa - x0 : xb - x0] = chunk[ya - a : yb - a, xa - c : xb - c]
         return out
@@ -316,6 +348,80 @@ class ReviewImage:
             }
         )
         return edit_id, versions
+
+    # --- new predictions (continuous learning) ----------------------------------------
+
+    def replace_tiles(
+        self,
+        tiles: dict[tuple[int, int], Prediction],
+        version: int,
+        before: Callable[[dict[tuple[int, int], Prediction]], None] | None = None,
+    ) -> Future:
+        """Show model ``version``'s predictions on ``tiles`` (on the writer thread); see
+        ``_replace_tiles``. Resolves to the tiles replaced."""
+        return self.submit(self._replace_tiles, tiles, version, before)
+
+    def _replace_tiles(
+        self,
+        tiles: dict[tuple[int, int], Prediction],
+        version: int,
+        before: Callable[[dict[tuple[int, int], Prediction]], None] | None,
+    ) -> list[tuple[int, int]]:
+        """Write new labels, confidence and uncertainty of level-0 tiles (and the pyramid
+        above them), bump their chunk versions and tell the listeners. Tiles a human
+        edited, accepted or marked corrected, or that are lent to a reviewer right now,
+        are left as they are. ``before(current)`` is given what the replaced tiles showed
+        until now (to keep it: a rollback puts it back)."""
+        keep = self.db.human() | self.db.leased()
+        todo = {t: p for t, p in tiles.items() if t not in keep}
+        if not todo:
+            return []
+        doubt, made_by = self.uncertainty(), self.tile_versions()
+        if before is not None:
+            before(
+                {
+                    (cy, cx): Prediction(
+                        self.read_chunk(SEG, 0, cy, cx),
+                        self.read_chunk("confidence", 0, cy, cx),
+                        float(doubt[cy, cx]),
+                        int(made_by[cy, cx]),
+                    )
+                    for cy, cx in todo
+                }
+            )
+        deltas: dict[str, Delta] = {SEG: {}, "confidence": {}}
+        for (cy, cx), pred in todo.items():
+            for layer, new in ((SEG, pred.labels), ("confidence", pred.confidence)):
+                old = self.read_chunk(layer, 0, cy, cx).reshape(-1)
+                idx = np.flatnonzero(old != new.reshape(-1))
+                if idx.size:
+                    deltas[layer][ChunkKey(0, cy, cx).short] = (idx, old[idx], new.reshape(-1)[idx])
+        seg = self._new_chunks(deltas[SEG])
+        conf = self._new_chunks(deltas["confidence"], "confidence")
+        for level in sorted({k.level for k in conf}):  # zarr first: versions never run ahead
+            at = {k: c for k, c in conf.items() if k.level == level}
+            self._write_layer("confidence", level, at)
+        versions = {
+            (layer, key): self.version(layer, *key) + 1
+            for layer, chunks in ((SEG, seg), ("confidence", conf))
+            for key in chunks
+        }
+        self.db.set_versions(versions)
+        self._seq += 1  # readers wait: chunks and versions change together
+        try:
+            self.chunks.put(None, seg)
+            self.versions.update(versions)
+        finally:
+            self._seq += 1
+        for (cy, cx), pred in todo.items():
+            doubt[cy, cx], made_by[cy, cx] = pred.uncertainty, version
+        self.root["tiles/uncertainty"][...] = doubt
+        self.root["tiles/model_version"][...] = made_by
+        for layer in (SEG, "confidence"):
+            changed = {k: v for (lr, k), v in versions.items() if lr == layer}
+            if changed:
+                self.notify({"type": "chunks", "layer": layer, "versions": _text(changed)})
+        return sorted(todo)
 
     def notify(self, event: dict[str, Any]) -> None:
         """Tell every listener (the live-update WebSockets) of ``event``."""
