@@ -87,39 +87,59 @@ def polygons(mask: np.ndarray) -> list[list[tuple[int, int]]]:
     return out
 
 
+def review_tile(
+    s: requests.Session,
+    api: str,
+    tile: int,
+    ty: int,
+    tx: int,
+    truth: np.ndarray,
+    wrong: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> tuple[int, int]:
+    """The simulated expert on one tile (``s`` carries its token): each wrong region of the
+    ground truth traced as a polygon, then the tile marked corrected (or accepted when
+    nothing was wrong); (edits, changed pixels). ``wrong``: the share of polygons painted
+    with another class than the truth's (a careless annotator; ``rng`` draws which)."""
+    y0, x0 = ty * tile, tx * tile
+    want = truth[y0 : y0 + tile, x0 : x0 + tile]
+    edits = px = 0
+    for cls in ORDER:
+        raw = s.get(
+            f"{api}/tiles/segmentation/0/{ty}/{tx}",
+            headers={"Accept": "application/octet-stream"},
+        ).content
+        now = np.frombuffer(raw, np.uint8).reshape(want.shape)
+        for pts in polygons((want == cls) & (now != cls)):
+            if edits >= MAX_EDITS_PER_TILE:
+                break
+            pts = [(x + x0, y + y0) for x, y in pts]
+            label = cls
+            if wrong and rng is not None and rng.random() < wrong:
+                label = int(rng.choice([c for c in ORDER if c != cls]))
+            r = s.post(f"{api}/edits", json={"op": "polygon", "points": pts, "label": label})
+            if r.status_code != 200:
+                raise SystemExit(f"edit refused: {r.status_code} {r.text}")
+            edits += 1
+            px += r.json()["changed_px"]
+    state = "corrected" if edits else "accepted"
+    s.put(f"{api}/review/{ty}/{tx}", json={"state": state}).raise_for_status()
+    return edits, px
+
+
 def review_tiles(base: str, token: str, image: str, truth: np.ndarray, k: int) -> list[dict]:
     """The simulated expert: k tiles from the queue, traced from the ground truth."""
     s = requests.Session()
     s.headers["Authorization"] = f"Bearer {token}"
     api = f"{base}/api/images/{image}"
-    meta = s.get(api).json()
-    tile = meta["tile"]
+    tile = s.get(api).json()["tile"]
     done = []
     for _ in range(k):
         lease = s.post(f"{api}/queue/next").json()
         if lease["tile"] is None:
             break
         ty, tx = lease["tile"]
-        y0, x0 = ty * tile, tx * tile
-        want = truth[y0 : y0 + tile, x0 : x0 + tile]
-        edits = px = 0
-        for cls in ORDER:
-            raw = s.get(
-                f"{api}/tiles/segmentation/0/{ty}/{tx}",
-                headers={"Accept": "application/octet-stream"},
-            ).content
-            now = np.frombuffer(raw, np.uint8).reshape(want.shape)
-            for pts in polygons((want == cls) & (now != cls)):
-                if edits >= MAX_EDITS_PER_TILE:
-                    break
-                pts = [(x + x0, y + y0) for x, y in pts]
-                r = s.post(f"{api}/edits", json={"op": "polygon", "points": pts, "label": cls})
-                if r.status_code != 200:
-                    raise SystemExit(f"edit refused: {r.status_code} {r.text}")
-                edits += 1
-                px += r.json()["changed_px"]
-        state = "corrected" if edits else "accepted"
-        s.put(f"{api}/review/{ty}/{tx}", json={"state": state}).raise_for_status()
+        edits, px = review_tile(s, api, tile, ty, tx, truth)
         done.append(
             {"tile": [ty, tx], "uncertainty": lease["uncertainty"], "edits": edits, "px": px}
         )

@@ -26,7 +26,8 @@ IMAGE = "/api/images/slide"
 FAST = ("--learn-steps", "4", "--learn-lr", "1e-5")
 
 
-def _repo(tmp: Path) -> Path:
+def fresh_repository(tmp: Path) -> Path:
+    """A copy of the shipped model repository with version 1 only."""
     repo = tmp / "model_repository"
     shutil.copytree(
         ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("__pycache__", "[2-9]*")
@@ -37,10 +38,11 @@ def _repo(tmp: Path) -> Path:
 class Session:
     """A store copy, its users, its model repository and a ``serve --learn`` on them."""
 
-    def __init__(self, base_store: Path, tmp: Path, *flags: str) -> None:
+    def __init__(self, base_store: Path, tmp: Path, *flags: str, repo: Path | None = None):
+        """``repo``: the model repository (default: a fresh copy of the shipped one)."""
         self.store = tmp / "slide.zarr"
         shutil.copytree(base_store, self.store)
-        self.repo = _repo(tmp)
+        self.repo = repo or fresh_repository(tmp)
         self.tokens = {r: add_user(self.store, r, r) for r in ("annotator", "reviewer")}
         env = {**os.environ, "SEGLOOP_MODEL_REPOSITORY": str(self.repo)}
         self.server = Server(self.store, env=env, args=("--learn", *flags))

@@ -500,3 +500,44 @@ def test_serve_binds_loopback_by_default(server):
             addr = ipaddress.ip_address(ip)
             addr = getattr(addr, "ipv4_mapped", None) or addr  # gRPC: ::ffff:127.0.0.1
             assert addr.is_loopback, (ip, port)
+
+
+def test_serve_learn_predicts_with_the_new_version_on_triton(base_store, tmp_path):
+    """`serve --learn --runtime triton`: the learner loads its new version on a Triton in
+    explicit mode and predicts through it; the tiles are the embedded runtime's bits."""
+    import tritonclient.grpc as grpcclient
+    import zarr
+
+    from tests.test_learn import FAST, TILE, Session, fresh_repository
+
+    repo = fresh_repository(tmp_path)
+    triton = Server(repo, explicit=True)
+    try:
+        s = Session(
+            base_store, tmp_path, "--every", "1", *FAST, "--runtime", "triton", "--url",
+            triton.url, repo=repo,
+        )  # fmt: skip
+        try:
+            s.call("PUT", "/review/0/1", json={"state": "accepted"})
+            model = s.wait(lambda m: m["served"]["version"] == 2 and m["round"] is None)
+            assert model["updates"][-1]["version"] == 2
+            client = grpcclient.InferenceServerClient(triton.url)
+            assert client.is_model_ready("segloop_unet", "2")
+            served = {t: s.tile("segmentation", *t) for t in [(1, 1), (2, 3), (5, 5)]}
+        finally:
+            s.stop()
+    finally:
+        triton.stop()
+    ref = tmp_path / "v2_onnx.zarr"
+    v2 = repo / "segloop_unet" / "2" / "model.onnx"
+    proc = _segment(base_store_image(base_store), ref, "--model", v2)
+    assert proc.returncode == 0, proc.stderr
+    want = zarr.open_array(ref / "labels/segmentation/0", mode="r")[...]
+    for ty, tx in served:
+        tile = want[ty * TILE : (ty + 1) * TILE, tx * TILE : (tx + 1) * TILE]
+        assert served[ty, tx] == tile.tobytes(), (ty, tx)
+
+
+def base_store_image(store: Path) -> str:
+    """The input a source-mode store reads its image from."""
+    return json.loads((store / "segloop" / "segloop.json").read_text())["image"]["path"]

@@ -42,7 +42,7 @@ from segloop.review.db import ReviewDB
 from segloop.synth import write_ome_tiff
 
 
-def _pct(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float]) -> dict[str, float]:
     a = np.asarray(values) * 1000
     return {
         "p50_ms": round(float(np.percentile(a, 50)), 2),
@@ -52,10 +52,10 @@ def _pct(values: list[float]) -> dict[str, float]:
 
 
 def _summary(lat: list[float], seconds: float) -> dict[str, float]:
-    return {**_pct(lat), "tiles_s": round(len(lat) / seconds, 1)}
+    return {**percentiles(lat), "tiles_s": round(len(lat) / seconds, 1)}
 
 
-async def _load(
+async def fetch_all(
     base: str, headers: dict[str, str], urls: list[str], clients: int, etags: dict | None
 ) -> tuple[list[float], dict[str, str], float]:
     """Every URL once, ``clients`` at a time: (latencies s, ETags, wall s)."""
@@ -89,20 +89,30 @@ async def _load(
     return lat, seen, time.perf_counter() - t0
 
 
-async def _edits(base: str, token: str, shape: tuple[int, int], n: int) -> list[float]:
+async def edit_round_trips(
+    base: str,
+    token: str,
+    shape: tuple[int, int],
+    n: int,
+    image: str = "bench",
+    box: tuple[int, int, int, int] | None = None,
+) -> list[float]:
+    """Seconds of ``n`` edit round trips: 200-point strokes of radius 40, 300 × 150 px,
+    starting at random points of ``box`` (y0, y1, x0, x1; default: the whole image)."""
     import aiohttp
 
     rng = random.Random(0)
     lat = []
+    y_lo, y_hi, x_lo, x_hi = box or (200, shape[0] - 200, 50, shape[1] - 400)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
         for _ in range(n):
-            x0, y0 = rng.randrange(50, shape[1] - 400), rng.randrange(200, shape[0] - 200)
+            x0, y0 = rng.randrange(x_lo, x_hi), rng.randrange(y_lo, y_hi)
             pts = [
                 [x0 + int(300 * t), y0 + int(150 * np.sin(6 * t))] for t in np.linspace(0, 1, 200)
             ]
             body = {"op": "brush", "points": pts, "label": rng.randrange(3), "radius": 40}
             t0 = time.perf_counter()
-            async with s.post(base + "/api/images/bench/edits", json=body) as r:
+            async with s.post(f"{base}/api/images/{image}/edits", json=body) as r:
                 await r.read()
                 if r.status != 200:
                     raise RuntimeError(f"edit: HTTP {r.status}")
@@ -157,14 +167,14 @@ async def _worst_edits(
     return {
         **{
             name: {
-                **_pct(lat[name]),
+                **percentiles(lat[name]),
                 "points": len(body["points"]),
                 "rows_swept": rows_swept(body),
                 **({"radius": body["radius"]} if "radius" in body else {}),
             }
             for name, body in bodies.items()
         },
-        "health_during": _pct(during) if during else None,
+        "health_during": percentiles(during) if during else None,
     }
 
 
@@ -253,7 +263,7 @@ def _vs_large_image(
             with ServerProcess(cmd, health) as srv:
                 base = srv.base
                 for phase in ("cold", "again"):
-                    lat, _, sec = asyncio.run(_load(base, headers, urls, clients, None))
+                    lat, _, sec = asyncio.run(fetch_all(base, headers, urls, clients, None))
                     result = _summary(lat, sec)
                     kept = best[name].get(phase)
                     if kept is None or result["tiles_s"] > kept["tiles_s"]:
@@ -314,7 +324,7 @@ def run_serve_bench(
             ]
             random.Random(1).shuffle(urls)
             log(f"{len(urls)} tiles, first touch (no tile pack), {clients} clients …")
-            first, _, first_s = asyncio.run(_load(base, headers, urls, clients, None))
+            first, _, first_s = asyncio.run(fetch_all(base, headers, urls, clients, None))
         with ServerProcess(serve_cmd, "/api/health") as srv:
             base = srv.base
             t0 = time.perf_counter()
@@ -327,9 +337,9 @@ def run_serve_bench(
         log(f"tile pack built in {pack_s:.1f} s; a fresh server: cold, cached, 304 …")
         with ServerProcess(serve_cmd, "/api/health") as srv:
             base = srv.base
-            cold, etags, cold_s = asyncio.run(_load(base, headers, urls, clients, None))
-            cached, _, cached_s = asyncio.run(_load(base, headers, urls, clients, None))
-            hit, _, hit_s = asyncio.run(_load(base, headers, urls, clients, etags))
+            cold, etags, cold_s = asyncio.run(fetch_all(base, headers, urls, clients, None))
+            cached, _, cached_s = asyncio.run(fetch_all(base, headers, urls, clients, None))
+            hit, _, hit_s = asyncio.run(fetch_all(base, headers, urls, clients, etags))
             by_wrk = None
             if shutil.which("wrk"):
                 log("the same tiles from wrk (a C client: the server's own latency) …")
@@ -338,7 +348,7 @@ def run_serve_bench(
                     "not_modified": _wrk(base, headers, urls, etags, clients, tmp),
                 }
             log(f"{edits} edits (200 points, radius 40) …")
-            edit_lat = asyncio.run(_edits(base, token, tuple(meta["shape"]), edits))
+            edit_lat = asyncio.run(edit_round_trips(base, token, tuple(meta["shape"]), edits))
             log(f"the largest allowed polygon and stroke, {worst_rounds} each, health meanwhile …")
             worst = asyncio.run(_worst_edits(base, token, tuple(meta["shape"]), tile, worst_rounds))
         versus = None
@@ -356,7 +366,7 @@ def run_serve_bench(
         "cold_tiles": _summary(cold, cold_s),
         "server_cached_tiles": _summary(cached, cached_s),
         "not_modified": _summary(hit, hit_s),
-        "edit_round_trip": _pct(edit_lat),
+        "edit_round_trip": percentiles(edit_lat),
         "worst_case_edit": worst,
         "wrk": by_wrk,
         "vs_large_image": versus,

@@ -17,6 +17,7 @@ its database: the server applies each batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -44,8 +45,12 @@ def log(text: str) -> None:
 
 
 def limit(job: Job) -> None:
-    """Lowest CPU priority and a memory ceiling for this process."""
+    """Lowest CPU priority (``SCHED_IDLE``: it runs when a core is idle; nice 19 where
+    that policy is refused) and a memory ceiling for this process (threads started later
+    inherit both)."""
     os.nice(19)
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     size = job.memory_mb << 20
     resource.setrlimit(resource.RLIMIT_AS, (size, size))
 
