@@ -1,17 +1,18 @@
 // segloop review UI: OpenSeadragon deep-zoom viewer over the review server's tile API,
 // segmentation overlay (coloured in the browser: per-class colour and visibility, fill or
 // outline), uncertainty heatmap, brush/eraser/polygon/fill/eyedropper tools, the copilot,
-// server-side undo, review queue, slide worklist.
+// server-side undo, review queue, slide worklist, model versions (serve --learn).
 "use strict";
 
 const state = {
   token: null, user: null, image: null, meta: null, images: [], viewer: null, seg: null,
-  heat: null, tool: "pan", label: 1, versions: {}, lease: null, drawing: null,
+  heat: null, tool: "pan", label: 1, versions: {}, confVersions: {}, lease: null, drawing: null,
   proposal: null, before: null, spacePan: false, ws: null, coverage: null, overview: null,
   style: null,  // {colors, visible, outline}: this reviewer's overlay style, per image
   acks: [],  // ms from mouse-up to the server's ack, per stroke (benchmarks read it)
   firstTileMs: null,  // ms from navigation start to the first tile loaded
   posts: [],  // ms of the POST alone, per stroke
+  model: null,  // GET …/model: the served version, its score, the round running
 };
 
 // class colours that stand out on H&E (pink and purple): cyan, yellow, green, orange, …
@@ -56,7 +57,8 @@ function guarded(fn) {
 // --- tiles: OpenSeadragon level L ↔ store level maxLevel − L -----------------------------
 function tileUrl(layer, level, x, y, maxLevel) {
   const k = maxLevel - level;
-  const v = layer === "segmentation" ? state.versions[`${k}/${y}/${x}`] : 0;
+  const key = `${k}/${y}/${x}`;
+  const v = layer === "segmentation" ? state.versions[key] : state.confVersions[key] ?? 0;
   const q = v === undefined ? "" : `?v=${v}`;
   return `${imagePath()}/tiles/${layer}/${k}/${y}/${x}${q}`;
 }
@@ -268,7 +270,10 @@ function setOpacity(value) {
 function toggleHeat(on = !state.heat) {
   $("confidence").checked = on;
   if (!on) {
-    if (state.heat) state.viewer.world.removeItem(state.heat);
+    const world = state.viewer.world;  // ("loading": its success handler drops it)
+    for (const item of [state.heat, ...staleHeat.splice(0)]) {
+      if (item?.source && world.getIndexOfItem(item) >= 0) world.removeItem(item);
+    }
     state.heat = null;
     showViewState();
     return;
@@ -304,6 +309,32 @@ function refreshOverlay(versions) {
       const drop = () => {
         if (state.seg !== e.item) return;
         for (const old of staleOverlays.splice(0)) if (world.getIndexOfItem(old) >= 0) world.removeItem(old);
+      };
+      if (e.item.getFullyLoaded()) drop(); else e.item.addOnceHandler("fully-loaded-change", drop);
+    },
+  });
+}
+
+// New confidence chunks (a model version re-predicted tiles): the heatmap, when shown,
+// opens again with their versions in its URLs; the old one goes once the new one is drawn.
+let heatGen = 0;
+const staleHeat = [];
+
+function refreshHeat(versions) {
+  const changed = Object.keys(versions).filter((k) => state.confVersions[k] !== versions[k]);
+  Object.assign(state.confVersions, versions);
+  const old = state.heat, world = state.viewer?.world;
+  if (!changed.length || !old || old === "loading") return;
+  const gen = ++heatGen;
+  state.viewer.addTiledImage({
+    tileSource: overlaySource("confidence"), opacity: old.getOpacity(),
+    success: (e) => {
+      if (gen !== heatGen || state.heat !== old) { world.removeItem(e.item); return; }
+      staleHeat.push(old);
+      state.heat = e.item;
+      const drop = () => {
+        if (state.heat !== e.item) return;
+        for (const item of staleHeat.splice(0)) if (world.getIndexOfItem(item) >= 0) world.removeItem(item);
       };
       if (e.item.getFullyLoaded()) drop(); else e.item.addOnceHandler("fully-loaded-change", drop);
     },
@@ -742,6 +773,12 @@ function drawOverview() {
       ctx.fillRect(x * cell, y * cell, cell, cell);
     }));
     ctx.globalAlpha = 1;
+    ctx.fillStyle = MARK;  // tiles re-predicted since last looked at: a corner square
+    const dot = Math.max(1, Math.ceil(cell / 3));
+    for (const k of updates.marks.keys()) {
+      const [y, x] = k.split("/").map(Number);
+      ctx.fillRect((x + 1) * cell - dot, y * cell, dot, dot);
+    }
     const item = state.viewer && base();
     if (item) {  // the part in view
       const r = item.viewportToImageRectangle(state.viewer.viewport.getBounds(true));
@@ -882,15 +919,226 @@ function restoreView() {
   state.viewer.viewport.panTo(new OpenSeadragon.Point(v.x, v.y), true);
 }
 
+// --- model versions (serve --learn): the version served and its score in the header, a
+// round's progress, a notice of each update with its tiles, marks on the tiles re-predicted
+// since this reviewer last looked at them; reviewers roll back -------------------------
+const MARK = "#ff4fd8";
+// marks: "ty/tx" → id of the newest update that re-predicted the tile (not viewed since);
+// seen (localStorage, per image and user): updates up to `after` are acknowledged, and
+// `viewed` a tile → the update it was viewed after (none kept: a first visit, nothing to
+// mark); fetched: the newest update id known
+const updates = {
+  marks: new Map(), seen: null, fetched: 0, notice: null, chain: Promise.resolve(),
+};
+
+function seenKey() { return `segloop-seen-${state.image}-${state.user.name}`; }
+
+function saveSeen() {
+  if (!updates.marks.size) updates.seen = { after: updates.fetched, viewed: {} };  // all seen
+  localStorage.setItem(seenKey(), JSON.stringify(updates.seen));
+}
+
+function score(x) { return typeof x === "number" ? x.toFixed(2) : "–"; }
+
+function plural(n, word) { return `${n} ${word}${n === 1 ? "" : "s"}`; }
+
+// GET …/model soon after a model event, and every 2 s while a round runs (its end sends
+// no event of its own); an answer overtaken by a newer request is dropped
+let modelTimer = null, modelSeq = 0;
+function loadModel(delay = 100) {
+  clearTimeout(modelTimer);
+  modelTimer = setTimeout(guarded(async () => {
+    const seq = ++modelSeq, image = state.image, m = await api("GET", `${imagePath()}/model`);
+    if (seq !== modelSeq || image !== state.image) return;
+    showModel(m);
+    if (m.round) loadModel(2000);
+  }), delay);
+}
+
+function showModel(m) {
+  state.model = m;
+  const s = m.served, r = m.round, el = $("model");
+  let text = `model v${s.version ?? "?"}`;
+  if (r) {  // first: a narrow header cuts the end off (the tooltip holds all of it)
+    const what = r.kind === "rollback" ? "predicting" : "learning";
+    text += ` · ${what}${r.version == null ? "" : ` v${r.version}`}…`;
+    text += r.progress ? ` ${r.progress[0]}/${r.progress[1]}` : ` ${r.state}`;
+  }
+  if (s.score) {
+    text += ` · IoU ${score(s.score.corrections_mean_iou)}`;
+    const nucleus = s.score.in_distribution?.nucleus;
+    if (nucleus != null) text += ` · nucleus ${score(nucleus)}`;
+  }
+  el.textContent = text;
+  el.title = `${text}\n(IoU: on the corrections held out of training; nucleus: on the synthetic set)`;
+  el.classList.toggle("learning", !!r);
+  $("model-panel").hidden = !m.learning;
+  if (!m.learning) return;
+  const detail = [`${m.pending_verdicts} of ${m.every} verdicts toward the next round`];
+  if (s.trained_on != null) detail.unshift(`v${s.version}: trained on ${plural(s.trained_on, "tile")}`);
+  const failed = m.versions.filter((v) => ["rejected", "failed"].includes(v.status)).pop();
+  if (failed && failed.version > s.version) detail.push(`v${failed.version} ${failed.status}: ${failed.why || "?"}`);
+  $("model-detail").textContent = detail.join(" · ");
+  const select = $("rollback-version");
+  if (!select) return;  // viewers and annotators roll nothing back
+  const older = m.versions.filter((v) => v.status === "kept" && v.version < s.version).reverse();
+  const was = select.value;
+  select.replaceChildren(...older.map((v) => new Option(
+    `v${v.version}${v.score ? ` (IoU ${score(v.score.corrections_mean_iou)})` : ""}`, v.version)));
+  if (older.some((v) => String(v.version) === was)) select.value = was;
+  $("rollback-box").hidden = !older.length;
+}
+
+async function rollback() {
+  const v = Number($("rollback-version").value);
+  const served = state.model.served.version;
+  if (!confirm(`Serve model v${v} again instead of v${served}? The newer versions are retired `
+    + `and the tiles they predicted get v${v}'s predictions back.`)) return;
+  try {
+    const out = await api("POST", `${imagePath()}/model/rollback`, { version: v });
+    const retired = out.retired.map((r) => `v${r}`).join(", ") || "nothing";
+    status(`rolled back to v${out.served}: ${retired} retired, ${out.restored} tiles restored`
+      + (out.predicting ? `, ${out.predicting} to predict` : ""));
+  } catch (e) { status(`rollback failed: ${e.message}`); }
+  loadModel();
+}
+
+// the updates after the last one fetched (one request at a time); live: show them in
+// the notice as they come, else (on opening the image) sum up what was not seen yet
+function loadUpdates(live) {
+  const image = state.image;
+  updates.chain = updates.chain.then(async () => {
+    const out = await api("GET", `${imagePath()}/model/updates?after=${updates.fetched}`);
+    if (image !== state.image) return;
+    const first = !updates.seen;  // this user never opened the image: all seen
+    if (first) updates.seen = { after: 0, viewed: {} };
+    const viewed = updates.seen.viewed;
+    for (const u of out.updates) {
+      if (u.id <= updates.fetched) continue;
+      updates.fetched = u.id;
+      if (first) continue;
+      const keys = u.tiles.map(([ty, tx]) => `${ty}/${tx}`);
+      for (const k of keys) if (!(viewed[k] >= u.id)) updates.marks.set(k, u.id);
+      if (live) notice(u.version, u.kind, keys);
+    }
+    if (first) saveSeen();
+    if (!live && updates.marks.size) notice(null, "since", [...updates.marks.keys()]);
+    drawMarks();
+  }).catch((e) => status(e.message));
+}
+
+// the notice: one per version and kind (a round's batches add up), its tiles one by one
+function notice(version, kind, keys) {
+  const n = updates.notice;
+  if (n && n.version === version && n.kind === kind) for (const k of keys) n.tiles.add(k);
+  else updates.notice = { version, kind, tiles: new Set(keys), at: -1 };
+  const { tiles } = updates.notice, count = plural(tiles.size, "tile");
+  $("update-text").textContent = kind === "since" ? `${count} updated since you last looked`
+    : kind === "rollback" ? `rolled back to v${version}: ${count} restored`
+    : `model v${version} updated ${count}`;
+  $("update-text").dataset.tiles = tiles.size;
+  $("update-next").hidden = true;
+  $("update-notice").hidden = false;
+}
+
+function showUpdated(at) {
+  const n = updates.notice, tiles = [...n.tiles];
+  n.at = at % tiles.length;
+  const [ty, tx] = tiles[n.at].split("/").map(Number);
+  state.viewer.viewport.fitBounds(tileRect(ty, tx, 0.1 * state.meta.tile));
+  $("update-next").hidden = tiles.length < 2;
+  $("update-next").textContent = `next (${n.at + 1}/${tiles.length})`;
+}
+
+function dismissUpdates() {
+  $("update-notice").hidden = true;
+  updates.notice = null;
+  updates.marks.clear();  // acknowledged, every one
+  saveSeen();
+  drawMarks();
+}
+
+// the marked tiles in view at full resolution (level 0) lose their mark: seen
+let viewedTimer = 0;
+function checkViewed() {
+  clearTimeout(viewedTimer);
+  viewedTimer = setTimeout(() => {
+    const item = base(), vp = state.viewer.viewport, t = state.meta.tile;
+    if (!updates.marks.size || !item || item.viewportToImageZoom(vp.getZoom(true)) < 0.5) return;
+    const r = item.viewportToImageRectangle(vp.getBounds(true));
+    let seen = 0;
+    for (const [k, id] of updates.marks) {
+      const [ty, tx] = k.split("/").map(Number), [cy, cx] = [(ty + 0.5) * t, (tx + 0.5) * t];
+      if (cx < r.x || cx > r.x + r.width || cy < r.y || cy > r.y + r.height) continue;
+      updates.seen.viewed[k] = id;
+      updates.marks.delete(k);
+      seen++;
+    }
+    if (seen) { saveSeen(); drawMarks(); }
+  }, 300);
+}
+
+// a dashed outline on each marked tile of the main view (a layer like the sketch's), and
+// a corner square on the overview
+let marksFrame = 0;
+function drawMarks() {
+  cancelAnimationFrame(marksFrame);
+  marksFrame = requestAnimationFrame(() => {
+    const el = state.viewer?.element;
+    if (!el || !base()) return;
+    let c = el.querySelector("canvas.marks");
+    if (!c) {
+      c = Object.assign(document.createElement("canvas"), { className: "marks" });
+      c.dataset.testid = "update-marks";
+      el.appendChild(c);
+    }
+    [c.width, c.height] = [el.clientWidth, el.clientHeight];
+    c.dataset.tiles = updates.marks.size;
+    const ctx = c.getContext("2d"), t = state.meta.tile, [h, w] = state.meta.shape;
+    const [ox, oy] = toScreen(0, 0), f = (toScreen(t, 0)[0] - ox) / t;  // screen px per image px
+    ctx.strokeStyle = ctx.fillStyle = MARK;
+    ctx.lineWidth = 2;
+    ctx.setLineDash([6, 4]);
+    for (const k of updates.marks.keys()) {
+      const [ty, tx] = k.split("/").map(Number);
+      const [x0, y0] = [ox + tx * t * f, oy + ty * t * f];
+      const [x1, y1] = [ox + Math.min(w, (tx + 1) * t) * f, oy + Math.min(h, (ty + 1) * t) * f];
+      if (x1 < 0 || y1 < 0 || x0 > c.width || y0 > c.height) continue;
+      if (t * f < 12) ctx.fillRect(x0, y0, Math.max(1, x1 - x0), Math.max(1, y1 - y0));  // far out
+      else ctx.strokeRect(x0 + 2, y0 + 2, Math.max(1, x1 - x0 - 4), Math.max(1, y1 - y0 - 4));
+    }
+    drawOverview();
+  });
+}
+
+// an image opened: its model, and the updates since this user last looked
+function openModel() {
+  updates.marks.clear();
+  updates.notice = null;
+  $("update-notice").hidden = true;
+  updates.seen = JSON.parse(localStorage.getItem(seenKey()) || "null");
+  updates.fetched = updates.seen?.after || 0;
+  loadModel();
+  loadUpdates(false);
+}
+
 // --- live updates ------------------------------------------------------------------------
 function listen() {
   const proto = location.protocol === "https:" ? "wss" : "ws";
   const ws = new WebSocket(`${proto}://${location.host}${imagePath()}/live?token=${encodeURIComponent(state.token)}`);
-  ws.onopen = () => flushOutbox();  // (re)connected: send what a lost connection held back
+  ws.onopen = () => {  // (re)connected: send what a lost connection held back, hear what it missed
+    flushOutbox();
+    if (updates.seen) { loadModel(); loadUpdates(true); }
+  };
   ws.onmessage = (m) => {
     const event = JSON.parse(m.data);
-    if (event.type === "chunks") { refreshOverlay(event.versions); loadEdits(); }
+    if (event.type === "chunks" && event.layer === "confidence") refreshHeat(event.versions);
+    else if (event.type === "chunks") { refreshOverlay(event.versions); loadEdits(); }
     if (event.type === "review") loadCoverage();
+    if (event.type === "model") {
+      loadModel();
+      if (event.event === "updated") loadUpdates(true);
+    }
   };
   ws.onclose = () => { if (state.ws === ws) setTimeout(() => state.ws === ws && listen(), 2000); };
   state.ws = ws;
@@ -996,6 +1244,9 @@ async function switchImage(name) {
   overlayGen++;  // a refresh of the other slide still on its way is dropped
   staleOverlays.length = 0;
   state.heat = null;
+  heatGen++;
+  staleHeat.length = 0;
+  state.confVersions = {};
   $("confidence").checked = false;
   state.overview = null;
   state.viewer.addOnceHandler("open", () => {
@@ -1010,6 +1261,7 @@ async function switchImage(name) {
   loadCoverage();
   loadEdits();
   listen();
+  openModel();
   status(`opened ${name}`);
 }
 
@@ -1042,6 +1294,7 @@ async function start() {
     Object.assign($("corrected"), { textContent: "propose corrected", title: "propose the tile corrected (A): a reviewer decides" });
     $("corrected").dataset.testid = "propose-corrected";
   }
+  if (!expert()) $("rollback-box").remove();  // reviewers and admins roll back
 
   state.viewer = OpenSeadragon({
     element: $("viewer"),
@@ -1070,6 +1323,7 @@ async function start() {
     drawOverview();
     showScale();
     keepView();
+    if (updates.marks.size) { drawMarks(); checkViewed(); }
     if (state.proposal?.canvas || state.drawing?.op === "polygon") drawSketch();
   });
   firstTile.then(addOverlay);  // the image first: overlay tiles are decoded on this thread
@@ -1093,6 +1347,10 @@ async function start() {
   $("undo")?.addEventListener("click", () => undoRedo("undo"));
   $("redo")?.addEventListener("click", () => undoRedo("redo"));
   $("help-button").onclick = () => { $("help").hidden = !$("help").hidden; };
+  $("rollback")?.addEventListener("click", guarded(rollback));
+  $("update-show").onclick = () => showUpdated(0);
+  $("update-next").onclick = () => showUpdated(updates.notice.at + 1);
+  $("update-dismiss").onclick = dismissUpdates;
   if ($("review")) {
     $("next").onclick = guarded(() => nextTile());
     $("accept")?.addEventListener("click", guarded(() => review("accepted")));
@@ -1117,6 +1375,7 @@ async function start() {
   loadCoverage();
   loadEdits();
   listen();
+  openModel();
   loadOverviewImage();
   loadWorklist();
 }
