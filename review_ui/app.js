@@ -1239,6 +1239,8 @@ async function switchImage(name) {
   state.image = name;
   state.lease = null;
   state.versions = state.meta.versions.edited_chunks ? await api("GET", `${imagePath()}/versions`) : {};
+  state.confVersions = state.meta.versions.confidence_chunks
+    ? await api("GET", `${imagePath()}/versions?layer=confidence`) : {};
   history.replaceState(null, "", `?image=${encodeURIComponent(name)}`);
   state.seg = null;
   overlayGen++;  // a refresh of the other slide still on its way is dropped
@@ -1246,7 +1248,6 @@ async function switchImage(name) {
   state.heat = null;
   heatGen++;
   staleHeat.length = 0;
-  state.confVersions = {};
   $("confidence").checked = false;
   state.overview = null;
   state.viewer.addOnceHandler("open", () => {
@@ -1285,9 +1286,12 @@ async function start() {
   state.image = state.meta.name;
   const versions = state.meta.versions.edited_chunks
     ? api("GET", `${imagePath()}/versions`) : {};
+  const confVersions = state.meta.versions.confidence_chunks  // re-predicted by --learn
+    ? api("GET", `${imagePath()}/versions?layer=confidence`) : {};
   const parsed = new Promise((resolve) => (document.readyState === "loading"
     ? document.addEventListener("DOMContentLoaded", resolve) : resolve()));
-  [state.user, state.versions] = await Promise.all([user, versions, opened, parsed]);
+  [state.user, state.versions, state.confVersions] = await Promise.all(
+    [user, versions, confVersions, opened, parsed]);
   if (state.user.role === "viewer") { $("tools").remove(); $("review").remove(); }
   else if (!expert()) {  // annotators propose "corrected"; a reviewer accepts
     $("accept").remove();

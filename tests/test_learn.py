@@ -245,3 +245,7 @@ def test_serve_learn_refuses_bad_settings(base_store, tmp_path):
     assert_user_error(proc, "--learn")
     proc = run_cli("serve", store, "--learn", "--model-repository", tmp_path / "none")
     assert_user_error(proc, "--model-repository")
+    repo = fresh_repository(tmp_path)  # its newest (v2) is not what the store shows (v1)
+    shutil.copytree(repo / "segloop_unet" / "1", repo / "segloop_unet" / "2")
+    proc = run_cli("serve", store, "--learn", "--model-repository", repo)
+    assert_user_error(proc, "newest", "v2", "v1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -188,7 +189,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--learn-steps", type=int, default=120, help="optimiser steps per round")
     g.add_argument("--learn-lr", type=float, default=5e-4, help="peak learning rate")
     g.add_argument(
-        "--learn-threads", type=int, default=1, help="CPU threads of the learner (nice 19)"
+        "--learn-threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="CPU threads of the learner; it runs at idle priority (SCHED_IDLE), so the "
+        "server's threads always come first",
     )
     g.add_argument(
         "--learn-memory-mb", type=int, default=6144, help="address-space limit of the learner"

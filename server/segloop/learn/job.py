@@ -23,7 +23,9 @@ class Job(msgspec.Struct, forbid_unknown_fields=True):
     steps: int = 120
     patch: int = 128
     batch: int = 8
-    replay: float = 0.75  #: share of synthetic in-distribution crops (as finetune)
+    #: share of synthetic in-distribution crops: 7 of 8 (measured: 0.75 lost 0.013 in-distribution
+    #: nucleus IoU after 120 steps on 5 tiles, 0.875 lost 0.007 and gained as much OOD)
+    replay: float = 0.875
     lr: float = 5e-4
     seed: int = 0
     threads: int = 1  #: torch and ONNX Runtime threads of the learner

@@ -38,6 +38,7 @@ from segloop.errors import UserError
 from segloop.learn.archive import Archive, learn_dir
 from segloop.learn.job import Job, encode
 from segloop.learn.trust import training_set
+from segloop.model.registry import versions
 from segloop.review.export import export_corrections
 from segloop.review.image import SEG, Prediction, ReviewImage
 from segloop.scores import mean_iou
@@ -60,7 +61,7 @@ class LearnConfig:
 def check_repository(repository: Path, name: str) -> None:
     """``UserError`` unless ``repository/name`` holds a version and can be written."""
     models = repository / name
-    if not any(p.name.isdigit() for p in models.glob("[0-9]*")):
+    if not versions(models):
         raise UserError(
             f"--learn: no model {name} under {repository}; pass --model-repository DIR "
             "(the repository the store's model came from)"
@@ -165,8 +166,8 @@ class Learner:
             self.log(f"{self.img.name}: learning round failed: {exc}")
             self.img.notify({"type": "model", "event": "failed", "why": str(exc)})
         finally:
-            self.round = None
-            self.proc = None
+            ended, self.round, self.proc = self.round, None, None
+            self.img.notify({"type": "model", "event": "done", "round": ended})
         if len(self.pending) >= self.config.every:
             self.learn_now()
 

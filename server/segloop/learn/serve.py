@@ -6,15 +6,34 @@ from pathlib import Path
 
 from aiohttp import web
 
+from segloop.errors import UserError
 from segloop.io.ome_zarr import read_record
 from segloop.learn.loop import LearnConfig, Learner, check_repository
+from segloop.model.registry import versions
 from segloop.review import keys
+from segloop.review.db import ReviewDB
 
 
 def check(config: LearnConfig, stores: list[Path]) -> None:
-    """Before the server starts: every store's model can learn in the repository."""
+    """Before the server starts: every store's model can learn in the repository, whose
+    newest version is the one the store shows (else Triton would serve another)."""
     for store in stores:
-        check_repository(config.repository, read_record(store)["model"]["name"])
+        model = read_record(store)["model"]
+        check_repository(config.repository, model["name"])
+        db = ReviewDB(store)
+        try:
+            served = [m["version"] for m in db.models() if m["status"] == "served"]
+        finally:
+            db.close()
+        shows = served[0] if served else model.get("version")
+        newest = versions(config.repository / model["name"])[-1]
+        if newest != shows:
+            raise UserError(
+                f"--learn: {store} shows {model['name']} v{shows} but the newest version in "
+                f"{config.repository} is v{newest}; learning builds on what is served, so pass "
+                f"a repository whose newest is v{shows} (--model-repository), or segment "
+                f"the store again with v{newest}"
+            )
 
 
 def attach(config: LearnConfig, app: web.Application, log=print) -> None:

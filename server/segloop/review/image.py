@@ -105,6 +105,13 @@ class ReviewImage:
         self.listeners: list = []  # callables(event dict), e.g. websocket broadcasters
         self.pack: TilePack | None = None  # tiles as segmented, encoded once (set by the app)
         self.chunks = ChunkCache(self._read_seg, self._write_seg, self.db.mark_applied)
+        #: confidence chunks a new model's predictions rewrote, written behind like labels
+        self.confidence = ChunkCache(
+            functools.partial(self._read_layer, "confidence"),
+            functools.partial(self._write_layer, "confidence"),
+            lambda _: None,
+            budget=64 << 20,
+        )
         self._seq = 0  # odd while an edit's chunks and versions are being swapped in
         self.replayed = self._replay()
 
@@ -160,6 +167,8 @@ class ReviewImage:
         """(h, w) labels / confidence, (C, h, w) image in the source dtype."""
         if layer == SEG:
             return self.chunks.get(ChunkKey(level, cy, cx))
+        if layer == "confidence":
+            return self.confidence.get(ChunkKey(level, cy, cx))
         box = self.chunk_box(level, cy, cx)
         try:
             if layer == "image":
@@ -183,13 +192,17 @@ class ReviewImage:
         return self.read_chunk(SEG, 0, cy, cx)
 
     def _read_seg(self, key: ChunkKey) -> np.ndarray:
+        return self._read_layer(SEG, key)
+
+    def _read_layer(self, layer: str, key: ChunkKey) -> np.ndarray:
+        """The chunk caches' reader: one (h, w) uint8 chunk from zarr, under its shard's lock."""
         level, cy, cx = key
         y0, y1, x0, x1 = self.chunk_box(level, cy, cx)
         with self.shard_lock(level, cy, cx):
             try:
-                return self.array(SEG, level)[y0:y1, x0:x1]
+                return self.array(layer, level)[y0:y1, x0:x1]
             except Exception as exc:
-                raise self._damaged(SEG, level, cy, cx, exc) from exc
+                raise self._damaged(layer, level, cy, cx, exc) from exc
 
     def _damaged(self, layer: str, level: int, cy: int, cx: int, exc: Exception) -> Exception:
         """A zarr read that failed → ``DamagedChunk`` naming the shard file (``exc`` itself
@@ -205,12 +218,13 @@ class ReviewImage:
         )
 
     def _write_seg(self, level: int, chunks: dict[ChunkKey, np.ndarray]) -> None:
-        """The chunk cache's writer: label chunks of one level (``_write_layer``)."""
+        """The label cache's writer: chunks of one level (``_write_layer``)."""
         self._write_layer(SEG, level, chunks)
 
     def _write_layer(self, layer: str, level: int, chunks: dict[ChunkKey, np.ndarray]) -> None:
-        """Write one layer's chunks of one level, one zarr write per shard (the box around
-        the shard's chunks; the others in the box from ``read_chunk``) under the shard's lock."""
+        """A chunk cache's writer: one layer's chunks of one level, one zarr write per shard
+        (the box around the shard's chunks; the others in the box from ``read_chunk``)
+        under the shard's lock."""
         per = self.shard // self.tile
         by_shard: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
         for _, cy, cx in chunks:
@@ -398,9 +412,6 @@ class ReviewImage:
                     deltas[layer][ChunkKey(0, cy, cx).short] = (idx, old[idx], new.reshape(-1)[idx])
         seg = self._new_chunks(deltas[SEG])
         conf = self._new_chunks(deltas["confidence"], "confidence")
-        for level in sorted({k.level for k in conf}):  # zarr first: versions never run ahead
-            at = {k: c for k, c in conf.items() if k.level == level}
-            self._write_layer("confidence", level, at)
         versions = {
             (layer, key): self.version(layer, *key) + 1
             for layer, chunks in ((SEG, seg), ("confidence", conf))
@@ -410,13 +421,17 @@ class ReviewImage:
         self._seq += 1  # readers wait: chunks and versions change together
         try:
             self.chunks.put(None, seg)
+            self.confidence.put(None, conf)
             self.versions.update(versions)
         finally:
             self._seq += 1
         for (cy, cx), pred in todo.items():
             doubt[cy, cx], made_by[cy, cx] = pred.uncertainty, version
-        self.root["tiles/uncertainty"][...] = doubt
-        self.root["tiles/model_version"][...] = made_by
+        per = self.shard // self.tile  # the per-tile arrays have one chunk per shard
+        for sy, sx in {(cy // per, cx // per) for cy, cx in todo}:
+            block = (slice(sy * per, (sy + 1) * per), slice(sx * per, (sx + 1) * per))
+            self.root["tiles/uncertainty"][block] = doubt[block]
+            self.root["tiles/model_version"][block] = made_by[block]
         for layer in (SEG, "confidence"):
             changed = {k: v for (lr, k), v in versions.items() if lr == layer}
             if changed:
@@ -562,6 +577,7 @@ class ReviewImage:
             self.pack.close()
         self.writer.shutdown(wait=True)
         self.chunks.close()
+        self.confidence.close()
         self.db.close()
         self.image.close()
         self.lock.__exit__()

@@ -70,6 +70,7 @@ def pixel_size_um(img: ReviewImage) -> float | None:
 def describe(img: ReviewImage) -> dict:
     ny, nx = img.grid(0)
     edited = sum(1 for layer, key in img.versions if layer == SEG and key.level == 0)
+    predicted = sum(1 for layer, key in img.versions if layer == "confidence" and key.level == 0)
     return {
         "name": img.name,
         "shape": list(img.shape),
@@ -82,7 +83,8 @@ def describe(img: ReviewImage) -> dict:
         "model": {k: img.model.get(k) for k in ("name", "version", "sha256")},
         "channels": img.image.channels,
         "image": img.image.mode,  # copy: the store's own arrays; source: the input in place
-        "versions": {"edited_chunks": edited},
+        # level-0 chunks with a version: edited labels; confidence a new model rewrote
+        "versions": {"edited_chunks": edited, "confidence_chunks": predicted},
         "pixel_size_um": pixel_size_um(img),
         "tile_pack": img.pack.progress if img.pack is not None else None,
     }
@@ -97,11 +99,18 @@ async def get_image(request: web.Request) -> web.Response:
 
 
 async def get_versions(request: web.Request) -> web.Response:
-    """{"level/cy/cx": version} of every segmentation chunk edited so far (clients put
-    them in tile URLs and send the level-0 ones as an edit's ``base``)."""
+    """{"level/cy/cx": version} of every segmentation chunk edited (or re-predicted) so far
+    (clients put them in tile URLs and send the level-0 ones as an edit's ``base``);
+    ``?layer=confidence``: the confidence chunks a new model rewrote."""
     img = image_of(request)
+    want = request.query.get("layer", SEG)
+    if want not in (SEG, "confidence"):
+        raise web.HTTPBadRequest(
+            text='{"error": "layer must be segmentation or confidence"}',
+            content_type="application/json",
+        )
     return web.json_response(
-        {str(key): v for (layer, key), v in dict(img.versions).items() if layer == SEG}
+        {str(key): v for (layer, key), v in dict(img.versions).items() if layer == want}
     )
 
 
