@@ -46,6 +46,7 @@ from hitl_experiment import cli, ood_pixels, review_tile, scores
 
 from segloop.bench.process import ServerProcess
 from segloop.bench.serve import edit_round_trips, fetch_all, percentiles
+from segloop.review.db import ReviewDB
 
 ROOT = Path(__file__).resolve().parents[1]
 SEGLOOP = [sys.executable, "-m", "segloop"]
@@ -99,9 +100,11 @@ class Client:
         return out
 
 
-def serve(store: Path, repo: Path, env: dict, steps: int) -> ServerProcess:
+def serve(store: Path, repo: Path, env: dict, args) -> ServerProcess:
     cmd = [*SEGLOOP, "serve", str(store), "--port", "{port}", "--learn", "--every", "1",
-           "--learn-steps", str(steps), "--model-repository", str(repo)]  # fmt: skip
+           "--learn-steps", str(args.learn_steps), "--model-repository", str(repo)]  # fmt: skip
+    if args.learn_threads:
+        cmd += ["--learn-threads", str(args.learn_threads)]
     return ServerProcess(cmd, env=env, timeout_s=120)
 
 
@@ -129,7 +132,9 @@ def probe(c: Client, prober: str, urls: list[str], edits: int) -> dict:
     lat, _, wall = asyncio.run(fetch_all(c.base, headers, urls, 8, None))
     h, w = c.meta["shape"]
     t = c.tile
-    box = (h - PROBE * t, h - 150, w - PROBE * t, w - 300)
+    # a stroke spans 300 × ±150 px from its start, radius 40: starts that keep it inside
+    box = (h - PROBE * t + 190, h - 190, w - PROBE * t + 40, w - 340)
+    asyncio.run(edit_round_trips(c.base, prober, (h, w), 3, "slide", box))  # warm-up
     edit = asyncio.run(edit_round_trips(c.base, prober, (h, w), edits, "slide", box))
     return {"cold_tiles": {**percentiles(lat), "tiles_s": round(len(lat) / wall, 1)},
             "edit_round_trip": percentiles(edit)}  # fmt: skip
@@ -140,7 +145,7 @@ def expert_run(args, base, v1, work, env, truth, ood) -> dict:
     token = add(store, "expert", "reviewer", env)
     prober = add(store, "prober", "annotator", env)
     curve, reviewed, all_updated = [], [], []
-    with serve(store, repo, env, args.learn_steps) as server:
+    with serve(store, repo, env, args) as server:
         c = Client(server.base, token)
         c.wait(lambda m: m["learning"])
         while True:  # the tile pack is built in the background at start: let it finish
@@ -169,9 +174,11 @@ def expert_run(args, base, v1, work, env, truth, ood) -> dict:
             t_verdict = time.time()
             reviewed.append({"tile": [ty, tx], "edits": edits, "px": px, "at": t_verdict})
             print(f"  tile {i}: {ty},{tx} {edits} edits", flush=True)
-            if i == args.k:  # the probe again, while the last round trains
+            if i == 1:  # the probe again while the first round trains (tiles still as
+                # segmented, in the tile pack, as in the idle probe)
                 c.wait(lambda m: (m["round"] or {}).get("state") == "training")
                 latency["learning"] = probe(c, prober, urls[half:], args.edits)
+                latency["learning"]["round_state_after"] = (c.model()["round"] or {}).get("state")
             if i in CHECKPOINTS:
                 m = c.learned_all()
                 all_updated.append(round(time.time() - t_verdict, 1))
@@ -181,10 +188,9 @@ def expert_run(args, base, v1, work, env, truth, ood) -> dict:
         wall = time.time() - t_start
     t = c.tile
     human = np.zeros((ny * t, nx * t), bool)
-    for r in reviewed:
-        ty, tx = r["tile"]
+    touched = ReviewDB.human_tiles(store)  # reviewed, and the probe's edits
+    for ty, tx in touched:
         human[ty * t : (ty + 1) * t, tx * t : (tx + 1) * t] = True
-    human[-PROBE * t :, -PROBE * t :] = True  # the probe's edits
     keep = ~human[: truth.shape[0], : truth.shape[1]]
     for n, (labels, version) in sorted(snapshots.items()):
         sc = scores(labels, truth, ood, keep)
@@ -203,6 +209,7 @@ def expert_run(args, base, v1, work, env, truth, ood) -> dict:
         "latency": latency,
         "wall_s": round(wall, 1),
         "evaluated_px": int(keep.sum()),
+        "human_tiles": len(touched),
     }
 
 
@@ -214,7 +221,7 @@ def noisy_run(args, base, v1, work, env, truth, ood) -> dict:
         "auditor": add(store, "auditor", "reviewer", env),
     }
     rng = np.random.default_rng(args.seed)
-    with serve(store, repo, env, args.learn_steps) as server:
+    with serve(store, repo, env, args) as server:
         noisy = Client(server.base, tokens["noisy"])
         auditor = Client(server.base, tokens["auditor"])
         before = noisy.labels()
@@ -316,8 +323,9 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {value} | {'yes' if ok else 'NO'} |")
     lines += [
         "",
-        "Latency while idle vs while a round trains (same server, halves of one shuffled "
-        "set of cold level-0 tiles; edits in the probe corner):",
+        "Latency while idle vs while the first round trains (same server, halves of one "
+        "shuffled set of level-0 tiles, each fetched once, from the tile pack; 8 clients; "
+        "edits in the probe corner, an annotator's):",
         "",
         "| | cold tile p50 / p99 ms | edit p50 / p99 ms |",
         "|---|---|---|",
@@ -348,6 +356,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--learn-steps", type=int, default=120)
+    ap.add_argument("--learn-threads", type=int, help="default: serve's (every core)")
     ap.add_argument("--edits", type=int, default=20, help="edits per latency probe")
     ap.add_argument("--noisy-k", type=int, default=8)
     ap.add_argument("--audit", type=int, default=3)
@@ -403,6 +412,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "image": {"size": args.size, "tile": args.tile, "seed": args.seed, "stain": "mixed"},
         "learn_steps": args.learn_steps,
+        "learn_threads": args.learn_threads or os.cpu_count(),
         "learning_curve": [{k: p[k] for k in ("tiles", "iou_ood", "iou_id")} for p in curve],
         "seconds_verdict_to_update_p50": p50,
         "expert": expert,

@@ -909,7 +909,21 @@ function keepView() {
   viewTimer = setTimeout(() => {
     const vp = state.viewer.viewport, c = vp.getCenter(true);
     localStorage.setItem(viewKey(), JSON.stringify({ x: c.x, y: c.y, zoom: vp.getZoom(true) }));
+    tellFocus(base().viewportToImageCoordinates(c));
   }, 250);
+}
+
+// serve --learn re-predicts the tiles nearest to where reviewers look first: tell it the
+// level-0 tile at the centre of the view when that changes
+let focusTile = "";
+function tellFocus(p) {
+  if (!state.model?.learning) return;
+  const t = state.meta.tile, [ny, nx] = state.meta.tiles;
+  const tile = [Math.floor(p.y / t), Math.floor(p.x / t)];
+  if (tile[0] < 0 || tile[1] < 0 || tile[0] >= ny || tile[1] >= nx) return;
+  if (String(tile) === focusTile) return;
+  focusTile = String(tile);
+  api("POST", `${imagePath()}/model/focus`, { tile }).catch(() => {});  // a hint only
 }
 
 function restoreView() {

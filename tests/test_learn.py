@@ -108,6 +108,7 @@ def learned(base_store, tmp_path_factory):
     rejected = s.stroke(2, 2, 2, who="annotator")
     s.call("POST", f"/edits/{rejected['edit_id']}/decision", json={"decision": "reject"})
     s.stroke(3, 3, 2, who="annotator")
+    s.call("POST", "/model/focus", "annotator", json={"tile": [5, 4]})  # where they look
     s.stroke(0, 0, 2)
     s.call("PUT", "/review/0/0", json={"state": "corrected"})
     s.call("PUT", "/review/0/1", json={"state": "accepted"})
@@ -156,6 +157,19 @@ def test_unreviewed_tiles_change_and_human_tiles_are_byte_identical(learned, bas
     u = zarr.open_array(out / "tiles/uncertainty", mode="r")[...]
     served_u = zarr.open_array(s.store / "tiles/uncertainty", mode="r")[...]
     np.testing.assert_array_equal(served_u[versions == 2], u[versions == 2])
+
+
+def test_tiles_nearest_to_where_reviewers_look_are_predicted_first(learned):
+    s = learned["s"]
+    job = json.loads((s.store / "segloop" / "learn" / "rounds" / "v2" / "job.json").read_text())
+    order = [tuple(t) for t in job["tiles"]]
+    assert order[0] == (5, 4)  # the annotator's view centre
+    # then the neighbours of the view and of the last verdicts, (0, 0) and (0, 1)
+    near = {(4, 4), (5, 3), (5, 5), (4, 3), (4, 5), (1, 0), (1, 1), (0, 2), (1, 2)}
+    assert set(order[1:4]) <= near
+    assert {(0, 0), (0, 1), (2, 2), (3, 3)}.isdisjoint(order)  # human tiles: never
+    r = s.call("POST", "/model/focus", json={"tile": [99, 0]}, ok=False)
+    assert r.status_code == 404
 
 
 def test_rejected_and_untrusted_proposals_never_reach_training(learned):
@@ -249,3 +263,33 @@ def test_serve_learn_refuses_bad_settings(base_store, tmp_path):
     shutil.copytree(repo / "segloop_unet" / "1", repo / "segloop_unet" / "2")
     proc = run_cli("serve", store, "--learn", "--model-repository", repo)
     assert_user_error(proc, "newest", "v2", "v1")
+
+
+def test_trusted_annotators_proposals_train_weighted_by_their_agreement(base_store, tmp_path):
+    """An annotator whose work reviewers kept (agreement ≥ 0.9 on 3 tiles) has a pending
+    proposal trained on, weighted by that agreement; before, it was kept out."""
+    from segloop.learn.trust import training_set
+    from segloop.review.image import ReviewImage
+
+    s = Session(base_store, tmp_path, "--every", "100")  # no round: the rule alone
+    try:
+        for tile in [(1, 1), (1, 2), (2, 1)]:
+            s.stroke(*tile, 2, who="annotator")
+            y, x = tile[0] * TILE + 200, tile[1] * TILE + 200  # the reviewer's touch-up
+            body = {"op": "brush", "points": [[x, y], [x + 4, y]], "radius": 3, "label": 1}
+            s.call("POST", "/edits", json=body)
+            s.call("PUT", f"/review/{tile[0]}/{tile[1]}", json={"state": "corrected"})
+        s.stroke(4, 4, 2, who="annotator")  # pending, on a tile no reviewer saw
+        agreement = s.call("GET", "/stats")["agreement"]
+    finally:
+        s.stop()
+    img = ReviewImage(s.store, "slide")
+    try:
+        trusted = training_set(img)
+    finally:
+        img.close()
+    mean = np.mean([t["mean_iou"] for t in agreement["per_tile"]])
+    assert agreement["tiles"] == 3 and mean >= 0.9
+    assert trusted.annotators["annotator"]["trusted"]
+    assert trusted.tiles[(4, 4)] == pytest.approx(mean, abs=1e-3)
+    assert all(trusted.tiles[t] == 1.0 for t in [(1, 1), (1, 2), (2, 1)])

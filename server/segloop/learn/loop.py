@@ -45,8 +45,10 @@ from segloop.scores import mean_iou
 
 #: every n-th exported tile (n ≥ this) is held out of training to validate on
 HOLD_OUT_EVERY = 5
-#: verdicts remembered as "where reviewers are working" (the re-prediction order)
+#: verdicts remembered as "where reviewers are working" (the re-prediction order) …
 FOCUS_VERDICTS = 8
+#: … and seconds a user's view centre counts (``POST …/model/focus``)
+LOOK_S = 600.0
 
 
 @dataclass
@@ -83,7 +85,9 @@ class Learner:
         check_repository(self.repo, self.name)
         self.shape, self.tile = img.level_shape(0), img.tile
         self.pending: list[float] = []  # times of the verdicts no round has learned from
+        self.unserved: list[float] = []  # … and of those a round learned from, not served
         self.focus: deque[tuple[int, int]] = deque(maxlen=FOCUS_VERDICTS)
+        self.looking: dict[int, tuple[tuple[int, int], float]] = {}  # user → (tile, when)
         self.round: dict[str, Any] | None = None
         self.latency_s: list[float] = []  # verdict → first re-predicted tiles served
         self.proc: asyncio.subprocess.Process | None = None
@@ -151,6 +155,10 @@ class Learner:
         if len(self.pending) >= self.config.every:
             self.learn_now()
 
+    def look(self, user_id: int, tile: tuple[int, int]) -> None:
+        """A user's view is centred on ``tile`` (kept ``LOOK_S``; the re-prediction order)."""
+        self.looking[user_id] = (tuple(tile), time.time())
+
     def learn_now(self) -> bool:
         """Start a training round unless one runs (or no verdict is pending)."""
         if self.round is not None or not self.pending:
@@ -173,10 +181,11 @@ class Learner:
 
     async def _train_round(self) -> None:
         loop = asyncio.get_running_loop()
-        verdicts, self.pending = self.pending, []
+        verdicts, self.pending, self.unserved = self.unserved + self.pending, [], []
         trusted = await loop.run_in_executor(None, training_set, self.img)
         if not trusted.tiles:
             self.log(f"{self.img.name}: no trusted corrections yet; nothing to learn")
+            self.unserved = verdicts
             return
         from segloop.model.finetune import next_version
 
@@ -224,10 +233,13 @@ class Learner:
 
     def _order(self, version: int) -> list[tuple[int, int]]:
         """Tiles to predict with ``version``: every tile no human touched that does not
-        show it yet, nearest to the reviewers' focus first, then the least certain."""
+        show it yet, nearest to where reviewers look (their view centres, leased tiles
+        and last verdicts) first, then the least certain."""
         made_by, doubt = self.img.tile_versions(), self.img.uncertainty()
         human = self.img.db.human()
-        focus = list(self.focus) + list(self.img.db.leased())
+        now = time.time()
+        looked = [tile for tile, when in self.looking.values() if now - when < LOOK_S]
+        focus = looked + list(self.focus) + list(self.img.db.leased())
         ny, nx = made_by.shape
         ys, xs = np.mgrid[0:ny, 0:nx]
         dist = np.full((ny, nx), 0.0)
@@ -274,6 +286,7 @@ class Learner:
                     self.latency_s += [round(now - t, 1) for t in verdicts]
                     verdicts = []
         rc = await proc.wait()
+        self.unserved += verdicts  # a rejected or dead round: they wait for the next one
         if rc != 0 or not trained:
             self._died(job, rc, work)
 

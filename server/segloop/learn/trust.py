@@ -5,13 +5,15 @@ untrusted:
 
 - **experts** (reviewers, admins): their final states (accepted, corrected) and their
   edits are trusted, weight 1;
-- **annotators**: an edit a reviewer *approved* is trusted like an expert's; a *rejected*
+- **annotators**: an edit a reviewer *approved* is trusted like an expert's, and so is
+  one a reviewer's later verdict on its tile (accepted, corrected) covers; a *rejected*
   one is reverted by the rejection, so its pixels are back as they were and never train;
-  a proposal still *pending* enters only if its author's measured agreement with the
-  reviewers (``review.stats.agreement``: mean IoU on the tiles both worked on) is at
-  least ``MIN_AGREEMENT`` over at least ``MIN_SEEN`` tiles, weighted by that agreement
-  (a tile's chance of being sampled for a training crop). Below that, the tile waits
-  for a reviewer: it is listed under ``excluded`` with the reason.
+  a proposal still *pending* (and newer than any expert verdict on its tile) enters only
+  if its author's measured agreement with the reviewers (``review.stats.agreement``: mean
+  IoU on the tiles both worked on) is at least ``MIN_AGREEMENT`` over at least
+  ``MIN_SEEN`` tiles, weighted by that agreement (a tile's chance of being sampled for a
+  training crop). Below that, the tile waits for a reviewer: it is listed under
+  ``excluded`` with the reason.
 
 A tile whose only human mark is an annotator's ``correction_proposed`` state (with no
 edit) has nothing vouched for yet and does not enter.
@@ -22,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from segloop.review.db import EXPERTS
 from segloop.review.image import ReviewImage
 from segloop.review.stats import agreement
 
@@ -62,8 +65,12 @@ def training_set(img: ReviewImage) -> TrainingSet:
     out = TrainingSet(annotators=annotator_trust(img))
     states, edits = img.db.final_states(), img.db.edits_by_tile()
     for tile in sorted(set(states) | set(edits)):
-        tile_edits = edits.get(tile, [])
-        pending = {e["user"] for e in tile_edits if e["status"] == "proposed"}
+        tile_edits, state = edits.get(tile, []), states.get(tile)
+        verdict = state["updated"] if state and state["role"] in EXPERTS else -1.0
+        # proposals still pending that no expert verdict on the tile came after
+        pending = {
+            e["user"] for e in tile_edits if e["status"] == "proposed" and e["created"] > verdict
+        }
         weight = 1.0
         why = None
         if tile not in states and all(

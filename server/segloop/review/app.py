@@ -70,6 +70,7 @@ ROUTES = [
     ("GET", "/api/images/{image}/model/updates", learning.get_updates, "viewer"),
     ("POST", "/api/images/{image}/model/rollback", learning.post_rollback, "reviewer"),
     ("POST", "/api/images/{image}/model/learn", learning.post_learn, "reviewer"),
+    ("POST", "/api/images/{image}/model/focus", learning.post_focus, "viewer"),
 ]
 
 
@@ -232,6 +233,7 @@ def openapi_spec() -> dict:
         "/decision": handlers.Decision,
         "/queue/release": handlers.Release,
         "/model/rollback": learning.Rollback,
+        "/model/focus": learning.Focus,
     }
     schemas, components = msgspec.json.schema_components(
         list(bodies.values()), ref_template="#/components/schemas/{name}"

@@ -5,7 +5,8 @@ lineage and status, the round running and the last updates; without ``--learn`` 
 the store's own model. ``GET …/model/updates?after=ID``: the updates since ``ID``, each
 with the tiles it re-predicted (the UI marks them until looked at). ``POST
 …/model/rollback`` ``{"version": N}`` (reviewer): serve version N again. ``POST
-…/model/learn`` (reviewer): start a round now with the verdicts pending.
+…/model/learn`` (reviewer): start a round now with the verdicts pending. ``POST
+…/model/focus`` ``{"tile": [ty, tx]}``: where a user looks (the re-prediction order).
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ from segloop.review.tiles import image_of
 
 class Rollback(msgspec.Struct, forbid_unknown_fields=True):
     version: Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
+
+
+TileIndex = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
+
+
+class Focus(msgspec.Struct, forbid_unknown_fields=True):
+    tile: tuple[TileIndex, TileIndex]
 
 
 def _learner(request: web.Request, required: bool = True):
@@ -61,6 +69,19 @@ async def post_rollback(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise json_error(409, str(exc)) from None
     return web.json_response(out)
+
+
+async def post_focus(request: web.Request) -> web.Response:
+    """Where a user is looking (the level-0 tile at the centre of their view): the
+    learner re-predicts the tiles nearest to it first. Ignored without --learn."""
+    img, learner = _learner(request, required=False)
+    body = await decode(request, Focus)
+    ny, nx = img.grid(0)
+    if not (body.tile[0] < ny and body.tile[1] < nx):
+        raise json_error(404, "no such tile")
+    if learner is not None:
+        learner.look(request["user"]["id"], body.tile)
+    return web.json_response({"learning": learner is not None})
 
 
 async def post_learn(request: web.Request) -> web.Response:
