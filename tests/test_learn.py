@@ -293,3 +293,28 @@ def test_trusted_annotators_proposals_train_weighted_by_their_agreement(base_sto
     assert trusted.annotators["annotator"]["trusted"]
     assert trusted.tiles[(4, 4)] == pytest.approx(mean, abs=1e-3)
     assert all(trusted.tiles[t] == 1.0 for t in [(1, 1), (1, 2), (2, 1)])
+
+
+def test_a_killed_server_takes_its_learner_and_restarts_clean(base_store, tmp_path):
+    """SIGKILL the server mid-round: its learner dies with it; a version a round had
+    published but the server never recorded is set aside on restart, never served."""
+    import psutil
+
+    s = Session(base_store, tmp_path, "--every", "1", "--learn-steps", "100000")
+    s.call("PUT", "/review/1/1", json={"state": "accepted"})
+    learner = psutil.Process(s.wait(lambda m: (m["round"] or {}).get("state") == "training")[
+        "round"
+    ]["pid"])  # fmt: skip
+    s.server.stop(signal.SIGKILL)
+    learner.wait(timeout=60)  # PR_SET_PDEATHSIG: no orphan learner left training
+    shutil.copytree(s.repo / "segloop_unet" / "1", s.repo / "segloop_unet" / "2")  # a lost v2
+    env = {**os.environ, "SEGLOOP_MODEL_REPOSITORY": str(s.repo)}
+    s.server = Server(s.store, env=env, args=("--learn", *FAST))
+    try:
+        assert "set segloop_unet v2 aside" in s.server.stderr_text()
+        model = s.call("GET", "/model")
+        assert model["served"]["version"] == 1 and model["round"] is None
+        assert {v["version"]: v["status"] for v in model["versions"]}[2] == "failed"
+        assert (s.repo / "segloop_unet" / "rejected" / "2").is_dir()
+    finally:
+        s.stop()

@@ -26,7 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from segloop.learn import serve as learning
 
         config = learn_config(args)
-        check = functools.partial(learning.check, config)
+        check = functools.partial(learning.check, config, log=log)
         setup = functools.partial(learning.attach, config, log=log)
     elif args.runtime != "onnx" or args.url:
         raise UserError("--runtime and --url are for --learn (how the learner predicts)")

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -47,10 +48,16 @@ def log(text: str) -> None:
 def limit(job: Job) -> None:
     """Lowest CPU priority (``SCHED_IDLE``: it runs when a core is idle; nice 19 where
     that policy is refused) and a memory ceiling for this process (threads started later
-    inherit both)."""
+    inherit both); killed when the server dies."""
     os.nice(19)
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    if sys.platform.startswith("linux"):  # die with the server, even a SIGKILLed one
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # it died before that
+            sys.exit(1)
     size = job.memory_mb << 20
     resource.setrlimit(resource.RLIMIT_AS, (size, size))
 
