@@ -316,5 +316,10 @@ def test_a_killed_server_takes_its_learner_and_restarts_clean(base_store, tmp_pa
         assert model["served"]["version"] == 1 and model["round"] is None
         assert {v["version"]: v["status"] for v in model["versions"]}[2] == "failed"
         assert (s.repo / "segloop_unet" / "rejected" / "2").is_dir()
+        # the verdict it was counting is gone with it: a reviewer starts a round by hand
+        assert s.call("POST", "/model/learn", "annotator", ok=False).status_code == 403
+        assert s.call("POST", "/model/learn")["started"]
+        model = s.wait(lambda m: s.idle(m) and m["served"]["version"] == 3)
+        assert model["versions"][-1]["trained_on"] == 1  # (1, 1), accepted before the kill
     finally:
         s.stop()

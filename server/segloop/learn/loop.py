@@ -159,9 +159,10 @@ class Learner:
         """A user's view is centred on ``tile`` (kept ``LOOK_S``; the re-prediction order)."""
         self.looking[user_id] = (tuple(tile), time.time())
 
-    def learn_now(self) -> bool:
-        """Start a training round unless one runs (or no verdict is pending)."""
-        if self.round is not None or not self.pending:
+    def learn_now(self, force: bool = False) -> bool:
+        """Start a training round unless one runs, or no verdict is pending (``force``:
+        even then, on every trusted tile; ``POST …/model/learn``)."""
+        if self.round is not None or not (self.pending or force):
             return False
         self.round = {"state": "preparing", "started": time.time()}
         self._task = asyncio.ensure_future(self._guarded(self._train_round()))

@@ -5,7 +5,8 @@ lineage and status, the round running and the last updates; without ``--learn`` 
 the store's own model. ``GET …/model/updates?after=ID``: the updates since ``ID``, each
 with the tiles it re-predicted (the UI marks them until looked at). ``POST
 …/model/rollback`` ``{"version": N}`` (reviewer): serve version N again. ``POST
-…/model/learn`` (reviewer): start a round now with the verdicts pending. ``POST
+…/model/learn`` (reviewer): start a round now (on every trusted tile, even with no
+verdict pending: after a restart). ``POST
 …/model/focus`` ``{"tile": [ty, tx]}``: where a user looks (the re-prediction order).
 """
 
@@ -86,7 +87,6 @@ async def post_focus(request: web.Request) -> web.Response:
 
 async def post_learn(request: web.Request) -> web.Response:
     _, learner = _learner(request)
-    if not learner.learn_now():
-        why = "a round is running" if learner.round else "no verdict is pending"
-        raise json_error(409, f"not started: {why}")
+    if not learner.learn_now(force=True):
+        raise json_error(409, "not started: a round is running")
     return web.json_response({"started": True, "round": learner.round}, status=202)
