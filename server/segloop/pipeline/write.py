@@ -210,6 +210,10 @@ class ShardWriter:
             work, futs = item
             try:
                 done = [f.result() for f in futs]
+                # each future's callback holds this list and the shard (a reference
+                # cycle only the cyclic collector would free, rarely after gc.freeze):
+                # break it, so the shard's buffers go now
+                futs.clear()
                 with self._lock:
                     self._spans.extend(span for _, span in done)
                 busy = sum(t1 - t0 for _, (t0, t1) in done)
