@@ -22,8 +22,11 @@ from tests.conftest import ROOT, assert_user_error, run_cli
 from tests.test_review import TILE, Server, add_user
 
 IMAGE = "/api/images/slide"
-#: a round: 4 steps on 128² crops at a learning rate too small to make it worse (gated)
-FAST = ("--learn-steps", "4", "--learn-lr", "1e-5")
+#: a round: 4 steps on 128² crops at a learning rate too small to make it worse (gated);
+#: normal priority: at idle priority a machine busy with other work would starve it
+FAST = ("--learn-steps", "4", "--learn-lr", "1e-5", "--learn-priority", "normal")
+#: a round that trains until it is killed
+ENDLESS = ("--learn-steps", "100000", "--learn-priority", "normal")
 
 
 def fresh_repository(tmp: Path) -> Path:
@@ -229,7 +232,7 @@ def test_a_worse_version_is_not_served(base_store, tmp_path):
 
 
 def test_killing_the_learner_mid_finetune_keeps_the_last_good_version(base_store, tmp_path):
-    s = Session(base_store, tmp_path, "--every", "1", "--learn-steps", "100000")
+    s = Session(base_store, tmp_path, "--every", "1", *ENDLESS)
     try:
         before = s.tiles()
         s.call("PUT", "/review/1/1", json={"state": "accepted"})
@@ -300,7 +303,7 @@ def test_a_killed_server_takes_its_learner_and_restarts_clean(base_store, tmp_pa
     published but the server never recorded is set aside on restart, never served."""
     import psutil
 
-    s = Session(base_store, tmp_path, "--every", "1", "--learn-steps", "100000")
+    s = Session(base_store, tmp_path, "--every", "1", *ENDLESS)
     s.call("PUT", "/review/1/1", json={"state": "accepted"})
     learner = psutil.Process(s.wait(lambda m: (m["round"] or {}).get("state") == "training")[
         "round"

@@ -62,6 +62,7 @@ def learn_config(args: argparse.Namespace):
         "steps": args.learn_steps,
         "lr": args.learn_lr,
         "threads": args.learn_threads,
+        "priority": args.learn_priority,
         "memory_mb": args.learn_memory_mb,
         "runtime": args.runtime,
         "url": args.url,
@@ -197,6 +198,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--learn-memory-mb", type=int, default=6144, help="address-space limit of the learner"
+    )
+    g.add_argument(
+        "--learn-priority",
+        choices=["idle", "low", "normal"],
+        default="idle",
+        help="the learner's CPU priority: idle (SCHED_IDLE: only cores nothing else wants), "
+        "low (nice 19), normal (as the server; a learner at idle priority on a machine "
+        "busy with other work may wait long)",
     )
     s.set_defaults(func=cmd_serve)
 

@@ -29,6 +29,9 @@ class Job(msgspec.Struct, forbid_unknown_fields=True):
     lr: float = 5e-4
     seed: int = 0
     threads: int = 1  #: torch and ONNX Runtime threads of the learner
+    #: CPU priority: idle (SCHED_IDLE + nice 19: only cores nothing else wants), low
+    #: (nice 19), normal (as the server: for tests on a machine loaded by others)
+    priority: str = "idle"
     memory_mb: int = 6144  #: address-space limit of the learner process
     validation_px: int = 1024  #: side of the synthetic in-distribution validation image
     #: a new version is rejected when its held-out mean IoU falls more than this …

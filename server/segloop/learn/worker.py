@@ -46,12 +46,14 @@ def log(text: str) -> None:
 
 
 def limit(job: Job) -> None:
-    """Lowest CPU priority (``SCHED_IDLE``: it runs when a core is idle; nice 19 where
-    that policy is refused) and a memory ceiling for this process (threads started later
-    inherit both); killed when the server dies."""
-    os.nice(19)
-    with contextlib.suppress(AttributeError, OSError):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    """The job's CPU priority (``idle``: ``SCHED_IDLE``, it runs when a core is idle, and
+    nice 19 where that policy is refused; ``low``: nice 19) and a memory ceiling for this
+    process (threads started later inherit both); killed when the server dies."""
+    if job.priority in ("idle", "low"):
+        os.nice(19)
+    if job.priority == "idle":
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     if sys.platform.startswith("linux"):  # die with the server, even a SIGKILLed one
         import ctypes
 
