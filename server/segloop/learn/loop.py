@@ -112,10 +112,10 @@ class Learner:
         return self._archives[version]
 
     def describe(self) -> dict[str, Any]:
-        """What ``GET …/model`` answers (see ``handlers`` in ``segloop.learn.http``)."""
+        """What ``GET …/model`` answers (``segloop.review.learning``)."""
         models = self.img.db.models()
         served = next(m for m in models if m["status"] == "served")
-        updates = self.img.db.model_updates()
+        updates = self.img.db.model_updates(last=20)
         return {
             "learning": True,
             "every": self.config.every,
@@ -123,7 +123,7 @@ class Learner:
             "served": _summary(served),
             "versions": [_summary(m) for m in models],
             "round": self.round,
-            "updates": [{**u, "tiles": len(u["tiles"])} for u in updates[-20:]],
+            "updates": [{**u, "tiles": len(u["tiles"])} for u in updates],
             "last_update": updates[-1]["id"] if updates else 0,
             "seconds_verdict_to_update": self.latency_s[-50:],
         }
@@ -214,6 +214,7 @@ class Learner:
                 indent=1,
             )
         )
+        order = await loop.run_in_executor(None, self._order, version)
         job = Job(
             **{
                 **self.config.job,
@@ -223,7 +224,7 @@ class Learner:
                 "name": self.name,
                 "version": version,
                 "parent": parent,
-                "tiles": self._order(version),
+                "tiles": order,
                 "corrections": str(work / "corrections"),
                 "held_out": held,
             }
@@ -390,7 +391,7 @@ class Learner:
             await asyncio.get_running_loop().run_in_executor(
                 None, load_version, self.config.job["url"], triton_names(self.name).net, version
             )
-        todo = self._order(version)
+        todo = await asyncio.get_running_loop().run_in_executor(None, self._order, version)
         held = self.archive(version).held()
         kept = [t for t in todo if held[t]]
         updated = await self._apply(version, kept, "rollback", user) if kept else []

@@ -710,16 +710,17 @@ class ReviewDB:
             )
         return cur.lastrowid
 
-    def model_updates(self, after: int = 0) -> list[dict[str, Any]]:
-        """Updates with an id above ``after``, oldest first: id, version, kind, user, at, tiles."""
+    def model_updates(self, after: int = 0, last: int = -1) -> list[dict[str, Any]]:
+        """Updates with an id above ``after`` (only the ``last`` newest, if ≥ 0), oldest
+        first: id, version, kind, user, at, tiles."""
         with self.lock:
             rows = self.conn.execute(
                 "SELECT m.id, m.version, m.kind, u.name AS user, m.at, m.tiles "
                 "FROM model_updates m LEFT JOIN users u ON u.id = m.user_id "
-                "WHERE m.id > ? ORDER BY m.id",
-                (after,),
+                "WHERE m.id > ? ORDER BY m.id DESC LIMIT ?",
+                (after, last),
             ).fetchall()
-        return [{**dict(r), "tiles": json.loads(r["tiles"])} for r in rows]
+        return [{**dict(r), "tiles": json.loads(r["tiles"])} for r in reversed(rows)]
 
 
 class DeltaReader:

@@ -18,15 +18,12 @@ import msgspec
 from aiohttp import web
 
 from segloop.review import keys
-from segloop.review.handlers import decode, json_error
+from segloop.review.handlers import TileIndex, decode, json_error
 from segloop.review.tiles import image_of
 
 
 class Rollback(msgspec.Struct, forbid_unknown_fields=True):
     version: Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
-
-
-TileIndex = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
 
 
 class Focus(msgspec.Struct, forbid_unknown_fields=True):
