@@ -89,7 +89,7 @@ def test_block_cache_memory_is_a_band_not_the_image(tmp_path):
     plans = [plan_windows(grid, k) for k in grid.shards()]
     cache = BlockCache(src, (p[1] for p in plans))
     whole = tifffile.imread(img)
-    for _, box, _ in plans:
+    for _, box in plans:
         region = cache.read(box)
         np.testing.assert_array_equal(region, whole[box[0] : box[1], box[2] : box[3]])
     bw = cache.block[1]
@@ -127,3 +127,28 @@ def test_finished_shards_are_freed_at_once(slide, tmp_path):
         gc.enable()
         read.ShardWork.__init__ = original
     assert len(made) >= 30 and alive == 0
+
+
+def test_pyramid_quarters_stay_few_in_shard_order(tmp_path, monkeypatch):
+    """A wide image (4 × 16 shards): in ``TileGrid.shard_order`` every pyramid parent is
+    built right after its children, so the quarters waiting stay a few per level; in
+    row-major order a whole row of them waits for the next row (the bound fails)."""
+    from segloop.bench.zero_model import identity_model
+    from segloop.pipeline.segment import SegmentOptions, default_model, segment
+
+    img = tmp_path / "wide.ome.tif"
+    write_ome_tiff(img, 1024, 4096, seed=5)
+    zero = identity_model(default_model(), tmp_path / "zero.onnx")
+    grid = TileGrid.create(1024, 4096, 256, 48, 8, shard=256)
+    order = grid.shard_order()
+    assert sorted(order) == sorted(grid.shards()) and len(set(order)) == len(order)
+    bound = 3 * (grid.levels - 1)
+
+    def peak(name: str) -> int:
+        opts = SegmentOptions(model=zero, tile=256, shard=256)
+        stats = segment(img, tmp_path / name, opts)["stats"]["stages"]
+        return stats["write"]["peak_quarters"]
+
+    assert peak("z.zarr") <= bound
+    monkeypatch.setattr(TileGrid, "shard_order", lambda self, band=8: list(self.shards()))
+    assert peak("rows.zarr") > bound

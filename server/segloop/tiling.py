@@ -114,6 +114,26 @@ class TileGrid:
             for sx in range(nx):
                 yield sy, sx
 
+    def shard_order(self, band: int = 8) -> list[tuple[int, int]]:
+        """Level-0 shards in processing order: bands of ``band`` shard rows (a power of
+        two), each band in Z (Morton) order of ``band``² squares, left to right.
+
+        Row-major order keeps every pyramid parent of a shard row waiting for the next row
+        (a band of quarters as wide as the image per level); Z order completes each
+        level-k parent (k ≤ log2 band) right after its 2^k × 2^k children, and the read
+        stage's kept halo band is the image's width plus one square's height.
+        """
+        bits = band.bit_length() - 1
+
+        def z(key: tuple[int, int]) -> tuple[int, int]:
+            sy, sx = key
+            code = sx >> bits << 2 * bits  # squares left to right
+            for b in range(bits):
+                code |= ((sy >> b) & 1) << (2 * b + 1) | ((sx >> b) & 1) << (2 * b)
+            return sy >> bits, code
+
+        return sorted(self.shards(), key=z)
+
     def shard_box(self, sy: int, sx: int, level: int = 0) -> tuple[int, int, int, int]:
         """(y0, y1, x0, x1) of a shard at ``level``, clipped to that level's shape."""
         h, w = self.level_shape(level)

@@ -28,8 +28,9 @@ class PyramidBuilder:
     quarter (its arrays downsampled once, in memory); the parent is written (by
     ``write_level``: in this process, or by a writer process) when its last child is in,
     from the quarters, reading from the store only the children finished by an earlier
-    run. Memory: the quarters of the
-    parents still waiting for children (one band of shards per level).
+    run. Memory: the quarters of the parents still waiting for children
+    (``peak_quarters``): a few per level in ``TileGrid.shard_order``, a row of shards per
+    level in row-major order.
     """
 
     def __init__(
@@ -48,6 +49,8 @@ class PyramidBuilder:
         self._lock = threading.Lock()
         self._quarters: dict[Key, dict[Key, Quarter]] = {}
         self._claimed: set[Key] = set()
+        self._held = 0  # quarters held now, and at most (the memory bound)
+        self.peak_quarters = 0
 
     def _children(self, level: int, sy: int, sx: int) -> list[Key]:
         ny, nx = self.grid.shard_grid(level - 1)
@@ -81,11 +84,14 @@ class PyramidBuilder:
                     return  # a sibling's thread builds it (reading this child from the store)
                 if quarter is not None:
                     self._quarters.setdefault(parent, {})[key] = quarter
+                    self._held += 1
+                    self.peak_quarters = max(self.peak_quarters, self._held)
                 children = self._children(*parent)
                 if not all(c in self.manifest for c in children):
                     return
                 self._claimed.add(parent)
                 quarters = self._quarters.pop(parent, {})
+                self._held -= len(quarters)
             data = self._assemble(parent, children, quarters)
             box = self.grid.shard_box(*parent[1:], level=parent[0])
             quarter = self.write_level(parent[0], box, data)

@@ -194,19 +194,27 @@ def batches(work: ShardWork, size: int) -> Iterator[list[int]]:
 
 def plan_windows(
     grid: TileGrid, key: tuple[int, int], boxes: list[Box] | None = None
-) -> tuple[list[Window], Box, list[tuple[np.ndarray, np.ndarray]]]:
+) -> tuple[list[Window], Box]:
     """Windows of shard ``key`` (over the sub-boxes ``boxes`` only, when given: e.g. the
-    chunks to re-segment), the source box they read and their index maps into it."""
+    chunks to re-segment) and the source box they read."""
     wins = (
         grid.windows(*key)
         if boxes is None
         else [w for b in boxes for w in grid.windows(*key, box=b)]
     )
-    idx = [grid.window_indices(w) for w in wins]
+    idx = [grid.window_indices(w)[:4] for w in wins]
     r0, r1 = min(i[0] for i in idx), max(i[1] for i in idx)
     c0, c1 = min(i[2] for i in idx), max(i[3] for i in idx)
-    maps = [(rows + (wr0 - r0), cols + (wc0 - c0)) for wr0, _, wc0, _, rows, cols in idx]
-    return wins, (r0, r1, c0, c1), maps
+    return wins, (r0, r1, c0, c1)
+
+
+def index_maps(grid: TileGrid, wins: list[Window], box: Box) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per window, (sh,) row and (sw,) column intp indices into the region ``box``
+    (reflect padding at the image's edges included)."""
+    return [
+        (rows + (wr0 - box[0]), cols + (wc0 - box[2]))
+        for wr0, _, wc0, _, rows, cols in map(grid.window_indices, wins)
+    ]
 
 
 class ShardReader:
@@ -235,7 +243,8 @@ class ShardReader:
 
     def _read(self, key: tuple[int, int]) -> ShardWork:
         t0 = time.perf_counter()
-        wins, read_box, maps = self.plans.pop(key)
+        wins, read_box = self.plans.pop(key)
+        maps = index_maps(self.grid, wins, read_box)  # here, not upfront: 34 KB a window
         region = self.cache.read(read_box)
         with self._lock:
             self.stats.busy_s += time.perf_counter() - t0

@@ -193,7 +193,7 @@ def segment(
     version = card.get("version") or 0
     try:
         if cluster is None:
-            todo = [key for key in grid.shards() if (0, *key) not in manifest]
+            todo = [key for key in grid.shard_order() if (0, *key) not in manifest]
             writer = ShardWriter(
                 store, advance, version, manifest, workers=opts.write_workers,
                 processes=opts.write_processes, expect=len(todo),

@@ -262,11 +262,13 @@ class ShardWriter:
 
     def describe(self) -> dict[str, Any]:
         """Pool shape, and ``busy_any_s``: seconds during which at least one write task ran
-        (``busy_s`` sums the tasks, so overlapping writers count twice there)."""
+        (``busy_s`` sums the tasks, so overlapping writers count twice there); the most
+        pyramid quarters held at once."""
         return {
             "workers": self.workers,
             "processes": self.processes,
             "busy_any_s": round(_union(self._spans), 3),
+            "peak_quarters": self.pyramid.peak_quarters if self.pyramid else 0,
         }
 
 
