@@ -1321,6 +1321,7 @@ async function start() {
     loadTilesWithAjax: true,
     ajaxHeaders: { Authorization: `Bearer ${state.token}` },
     showNavigator: false,  // the overview in the side panel does its work
+    showNavigationControl: false,  // #nav instead: its 16 button images would queue with the first tiles
     immediateRender: false,
     blendTime: 0,
     imageLoaderLimit: 8,
@@ -1364,6 +1365,12 @@ async function start() {
   }
   $("undo")?.addEventListener("click", () => undoRedo("undo"));
   $("redo")?.addEventListener("click", () => undoRedo("redo"));
+  $("zoom-in").onclick = () => state.viewer.viewport.zoomBy(1.5);
+  $("zoom-out").onclick = () => state.viewer.viewport.zoomBy(1 / 1.5);
+  $("zoom-home").onclick = () => state.viewer.viewport.goHome();
+  // the viewer alone on the page (OpenSeadragon's own full page takes the page's other
+  // elements out of the document, and the side panel's code with them)
+  $("full-page").onclick = () => document.body.classList.toggle("full-page");
   $("help-button").onclick = () => { $("help").hidden = !$("help").hidden; };
   $("rollback")?.addEventListener("click", guarded(rollback));
   $("update-show").onclick = () => showUpdated(0);

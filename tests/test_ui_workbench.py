@@ -169,10 +169,22 @@ def test_bug1_zoom_buttons_do_not_paint(rev):
     page, errors, posts = rev
     page.get_by_test_id("tool-brush").click()
     zoom = centre(page)[2]
-    page.locator("div[title='Zoom in']").click()
+    page.get_by_test_id("zoom-in").click()
     page.wait_for_function(f"state.viewer.viewport.getZoom() > {zoom * 1.2}")
-    page.locator("div[title='Go home']").click()
+    page.get_by_test_id("zoom-out").click()
+    page.wait_for_function(f"state.viewer.viewport.getZoom() < {zoom * 1.1}")
+    page.get_by_test_id("zoom-in").click()
+    page.get_by_test_id("zoom-home").click()
+    page.wait_for_function(f"Math.abs(state.viewer.viewport.getZoom() - {zoom}) < {zoom * 1e-3}")
+    page.get_by_test_id("full-page").click()  # the viewer alone, the whole window
+    page.wait_for_function(f"document.getElementById('viewer').clientWidth === {WIDE['width']}")
+    page.get_by_test_id("full-page").click()
+    page.wait_for_function(f"document.getElementById('viewer').clientWidth < {WIDE['width']}")
     assert posts == [] and errors == []
+    # the buttons are text: no navigation images queue with the first tiles
+    fetched = page.evaluate("performance.getEntriesByType('resource').map((e) => e.name)")
+    assert any("/tiles/image/" in u for u in fetched)
+    assert not [u for u in fetched if "/vendor/openseadragon/images/" in u]
 
 
 def test_bug2_space_pans_with_the_brush(rev):
