@@ -7,6 +7,11 @@
   < 300 ms
 - stroke ack: mouse-up → the server's 200 for that stroke (``state.acks``); target
   p99 < 100 ms
+- floor: the same first tile on a bare page that holds only OpenSeadragon, the image's
+  size inlined (no API round trips, no page script) and its tiles from the same server:
+  what this browser, machine and viewer take at the least. Loads of the bare page and of
+  the review page are interleaved and both served through Playwright's request routing
+  (the same overhead on each), so ``vs_floor`` compares like with like
 - pan: bytes of tiles fetched while panning across the whole image at one level,
   against that level's raw size (what a viewer that loads the level whole would move)
 
@@ -61,6 +66,43 @@ def wait_loaded(page) -> None:
     )
 
 
+def floor_page(meta: dict, token: str) -> str:
+    """A page with OpenSeadragon alone, showing the image's level pyramid as the review
+    page does (tiles fetched with the token, the same viewport and options)."""
+    h, w = meta["shape"]
+    top = int(np.ceil(np.log2(max(h, w))))
+    source = {"width": w, "height": h, "tileSize": meta["tile"], "tileOverlap": 0,
+              "minLevel": top - (meta["levels"] - 1), "maxLevel": top}  # fmt: skip
+    return f"""<!doctype html><html><body style="margin:0;display:flex;height:100vh">
+<div id="v" style="flex:1"></div><div style="width:280px"></div>
+<script src="/vendor/openseadragon/openseadragon.min.js"></script>
+<script>
+const source = {json.dumps(source)};
+source.getTileUrl = (level, x, y) =>
+  `/api/images/{meta["name"]}/tiles/image/${{{top} - level}}/${{y}}/${{x}}?v=0`;
+window.firstTileMs = null;
+const viewer = OpenSeadragon({{element: document.getElementById("v"), tileSources: source,
+  loadTilesWithAjax: true, ajaxHeaders: {{Authorization: "Bearer {token}"}},
+  showNavigator: false, showNavigationControl: false, immediateRender: false, blendTime: 0,
+  imageLoaderLimit: 8, drawer: "canvas"}});
+viewer.addOnceHandler("tile-loaded", () => {{ window.firstTileMs = performance.now(); }});
+</script></body></html>"""
+
+
+def first_tile(browser, url: str, ready: str, route=None) -> float:
+    """ms from navigation start to the first tile (``ready``, a page expression), in a fresh
+    context (empty caches); ``route``: a Playwright handler that serves the page."""
+    ctx = browser.new_context(viewport=VIEWPORT)
+    page = ctx.new_page()
+    if route:
+        page.route(lambda u: u == url, route)
+    page.goto(url)
+    page.wait_for_function(f"{ready} !== null", timeout=60_000)
+    ms = page.evaluate(ready)
+    ctx.close()
+    return ms
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096)
@@ -92,15 +134,26 @@ def main() -> None:
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=ARGS)
-            first = []
+            first, routed, floor = [], [], []
+            review, bare, html = f"{base}/?token={token}", f"{base}/floor", floor_page(meta, token)
+
+            def through(route) -> None:  # the server's page, passed on unchanged
+                route.fulfill(response=route.fetch())
+
+            def serve_bare(route) -> None:
+                route.fulfill(body=html, content_type="text/html")
+
             for _ in range(args.loads):
-                ctx = browser.new_context(viewport=VIEWPORT)
-                page = ctx.new_page()
-                page.goto(f"{base}/?token={token}")
-                page.wait_for_function("state.firstTileMs !== null", timeout=60_000)
-                first.append(page.evaluate("state.firstTileMs"))
-                ctx.close()
+                first.append(first_tile(browser, review, "state.firstTileMs"))
+                routed.append(first_tile(browser, review, "state.firstTileMs", through))
+                floor.append(first_tile(browser, bare, "firstTileMs", serve_bare))
             result["first_tile_ms"] = summary(first, "loads", 90)
+            result["first_tile_routed_ms"] = summary(routed, "loads", 90)
+            result["floor_first_tile_ms"] = summary(floor, "loads", 90)
+            result["vs_floor"] = {
+                q: round(result["first_tile_routed_ms"][q] / result["floor_first_tile_ms"][q], 2)
+                for q in ("p50", "p90")
+            }
 
             ctx = browser.new_context(viewport=VIEWPORT)
             page = ctx.new_page()
@@ -184,6 +237,7 @@ def main() -> None:
     name = f"ui_latency_{args.size}_cpu{os.cpu_count()}"
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     f, a, pan = result["first_tile_ms"], result["stroke_ack_ms"], result["pan"]
+    r, fl, vs = result["first_tile_routed_ms"], result["floor_first_tile_ms"], result["vs_floor"]
     (args.out / f"{name}.md").write_text(
         f"# Review UI latency, {args.size}² store, {result['date']}\n\n"
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; Chromium "
@@ -192,6 +246,9 @@ def main() -> None:
         "| metric | value | target |\n|---|---|---|\n"
         f"| navigation → first tile (p50 / p90, {f['loads']} cold loads) | {f['p50']} / "
         f"{f['p90']} ms | < 300 ms |\n"
+        f"| the same, routed through Playwright, vs a bare OpenSeadragon page (floor) | "
+        f"{r['p50']} / {r['p90']} vs {fl['p50']} / {fl['p90']} ms = "
+        f"{vs['p50']} / {vs['p90']} × the floor | |\n"
         f"| mouse-up → stroke ack (p50 / p99, {a['strokes']} strokes) | {a['p50']} / "
         f"{a['p99']} ms | p99 < 100 ms |\n"
         f"| pan across the image at level {pan['level']}: tile bytes fetched | "
