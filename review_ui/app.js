@@ -395,18 +395,21 @@ function onlyOver() {
 // reload or a lost connection never loses a stroke; it is re-sent with the same
 // client_id (the server answers a re-send with the edit it already made) -----------------
 const outbox = {
-  db: null,
+  db: null,  // a promise of the database, opened at start but never waited for there
   open() {
-    return new Promise((resolve, reject) => {
+    this.db = new Promise((resolve, reject) => {
       const req = indexedDB.open("segloop", 1);
       req.onupgradeneeded = () => req.result.createObjectStore("outbox", { keyPath: "cid" });
-      req.onsuccess = () => { this.db = req.result; resolve(); };
+      req.onsuccess = () => resolve(req.result);
       req.onerror = () => reject(req.error);
     });
+    this.db.catch((e) => status(`offline edits cannot be kept: ${e.message}`));
   },
-  run(mode, fn) {
+  async run(mode, fn) {
+    const db = await this.db.catch(() => null);
+    if (!db) return undefined;  // no IndexedDB here (said once, at open): strokes still go out
     return new Promise((resolve, reject) => {
-      const tx = this.db.transaction("outbox", mode);
+      const tx = db.transaction("outbox", mode);
       const req = fn(tx.objectStore("outbox"));
       tx.oncomplete = () => resolve(req.result);
       tx.onerror = () => reject(tx.error);
@@ -415,7 +418,7 @@ const outbox = {
   put(entry) { return this.run("readwrite", (s) => s.put(entry)); },
   remove(cid) { return this.run("readwrite", (s) => s.delete(cid)); },
   async all() {
-    const rows = await this.run("readonly", (s) => s.getAll());
+    const rows = (await this.run("readonly", (s) => s.getAll())) || [];
     return rows.filter((r) => r.image === state.image && r.user === state.user.name)
       .sort((a, b) => a.created - b.created);
   },
@@ -1293,7 +1296,8 @@ async function start() {
   }
   // the requests go out while the viewer's script still loads (this script comes first);
   // a store nobody edited has no chunk versions to ask for
-  const user = api("GET", "/api/me"), opened = outbox.open();
+  outbox.open();  // off the first tile's path: only a stroke or a re-send needs it
+  const user = api("GET", "/api/me");
   state.images = await api("GET", "/api/images");
   const wanted = new URL(location.href).searchParams.get("image");
   state.meta = state.images.find((i) => i.name === wanted) || state.images[0];
@@ -1305,7 +1309,7 @@ async function start() {
   const parsed = new Promise((resolve) => (document.readyState === "loading"
     ? document.addEventListener("DOMContentLoaded", resolve) : resolve()));
   [state.user, state.versions, state.confVersions] = await Promise.all(
-    [user, versions, confVersions, opened, parsed]);
+    [user, versions, confVersions, parsed]);
   if (state.user.role === "viewer") { $("tools").remove(); $("review").remove(); }
   else if (!expert()) {  // annotators propose "corrected"; a reviewer accepts
     $("accept").remove();
