@@ -16,13 +16,16 @@ import onnxruntime as ort
 import pytest
 import torch
 import zarr
+from onnx import helper, numpy_helper
 from PIL import Image
 from torch import nn
 
+from segloop.errors import UserError
 from segloop.kernels.post import windows_into
 from segloop.kernels.pre import Normalisation, normalise_into
-from segloop.model.add import LUMINANCE, add_model
+from segloop.model.add import LUMINANCE, NET_PREFIX, add_model
 from segloop.model.card import read_card, write_card
+from segloop.model.onnx_torch import OnnxModule, check_parity, write_back
 from segloop.model.registry import list_models, resolve_model
 from segloop.pipeline.segment import SegmentOptions, segment
 from tests.conftest import assert_user_error, run_cli
@@ -361,3 +364,114 @@ def test_through_triton_equals_the_whole_image_run(added, images, tmp_path):
     labels, conf = whole_image(model, images["rgb"])
     np.testing.assert_array_equal(root["labels/segmentation/0"][...], labels)
     np.testing.assert_array_equal(root["confidence/0"][...], conf)
+
+
+# --- fine-tuning an added model: its own graph, run by torch operators ---------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_torch_reads_the_stored_graph_as_onnx_runtime_does(added, name):
+    """``OnnxModule`` (the graph run by torch operators) equals ONNX Runtime; every weight
+    of the network gets a gradient, the wrapper's (BGR swap, luminance) none; a graph
+    written back with unchanged weights computes the same."""
+    proto = onnx.load(str(added[name][1]))
+    module = OnnxModule(proto, prefix=NET_PREFIX)
+    assert check_parity(proto, module, 64) < 1e-5
+    names = set(module.names.values())
+    trained = {module.names[k] for k in module.params}
+    assert trained and all(n.startswith(NET_PREFIX) for n in trained)
+    assert {"bgr", "luminance"} & names <= names - trained  # the wrapper stays fixed
+    module(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    again = write_back(module)
+    assert check_parity(again, OnnxModule(again, prefix=NET_PREFIX), 64) < 1e-5
+
+
+def test_a_graph_with_an_uncovered_operator_is_refused_by_name():
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 8, 8])
+    node = helper.make_node("LRN", ["x"], ["y"], size=3)
+    proto = helper.make_model(helper.make_graph([node], "g", [x], [y]))
+    with pytest.raises(UserError, match="uses LRN"):
+        OnnxModule(proto)
+
+
+def test_finetune_an_added_model_keeps_its_graph_and_stays_seam_exact(added, images, tmp_path):
+    """A 5-class BGR network no one here trained: a reviewer paints class 4 over part of
+    a tile and marks it corrected; `finetune --model strided5` trains the stored graph
+    itself. The new version is the same graph (every node and attribute) with other
+    weights, no synthetic replay; its training loss fell and it labels more of the
+    painted disc class 4 (the IoUs of a random network's own noise-like labels only
+    fall: it cannot sharpen them in a few steps); it carries a halo measured again, and
+    its tiled output equals the whole-image run bit for bit."""
+    import requests
+
+    from tests.test_review import Server, add_user
+
+    repo = tmp_path / "repository"
+    shutil.copytree(added["strided5"][1].parents[1], repo / "strided5")
+    v1 = repo / "strided5" / "1" / "model.onnx"
+    store = tmp_path / "s.zarr"
+    _segment(v1, images["rgb"], store, tile=256)
+    token = add_user(store, "rev", "reviewer")
+    server = Server(store, no_tile_pack=True)
+    try:
+
+        def call(method: str, path: str, **kw) -> dict:
+            r = requests.request(
+                method,
+                f"{server.base}/api/images/s{path}",
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=30,
+                **kw,
+            )
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        call("POST", "/queue/next")
+        call("PUT", "/review/0/0", json={"state": "in_review"})
+        body = {"op": "brush", "points": [[60, 60], [200, 150]], "radius": 40, "label": 4}
+        call("POST", "/edits", json=body)
+        call("PUT", "/review/0/0", json={"state": "corrected"})
+    finally:
+        server.stop()
+    corrections = tmp_path / "corrections"
+    assert run_cli("export-corrections", store, corrections).returncode == 0
+    proc = run_cli(
+        "finetune", "--model", "strided5", "--repository", repo, "--corrections", corrections,
+        "--epochs", "30", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    v2 = repo / "strided5" / "2" / "model.onnx"
+    assert out["version"] == 2 and Path(out["model"]) == v2
+    assert out["after"]["in_distribution"] == {} and set(out["after"]["corrections"]) == {
+        "bg",
+        "a",
+        "b",
+        "c",
+        "d",
+    }
+    card, parent = read_card(v2), read_card(v1)
+    assert card["training"]["loss"]["last"] < card["training"]["loss"]["first"]
+    assert card["version"] == 2 and card["parent_version"] == 1
+    assert card["training"]["replay"] == 0 and card["training"]["finetuned_from"]["version"] == 1
+    for key in ("classes", "colors", "input", "output", "mpp", "architecture"):
+        assert card[key] == parent[key], key
+    assert card["halo"] % card["input"]["multiple_of"] == 0 and card["halo"] >= 24
+    assert "Fine-tuned from" in (repo / "strided5" / "2" / "MODEL_CARD.md").read_text()
+    g1, g2 = onnx.load(str(v1)).graph, onnx.load(str(v2)).graph
+    nodes = [[(n.op_type, n.attribute) for n in g.node] for g in (g1, g2)]
+    assert nodes[0] == nodes[1]
+    w1, w2 = ({t.name: numpy_helper.to_array(t) for t in g.initializer} for g in (g1, g2))
+    assert set(w1) <= set(w2)
+    moved = {k for k in w1 if not np.array_equal(w1[k], w2[k])}
+    assert moved and all(k.startswith(NET_PREFIX) for k in moved)
+    small = _segment(v2, images["rgb"], tmp_path / "v2_t128.zarr", tile=128, window=128)
+    whole = whole_image(v2, images["rgb"])
+    np.testing.assert_array_equal(small[0], whole[0])
+    np.testing.assert_array_equal(small[1], whole[1])
+    yy, xx = np.mgrid[:256, :256]
+    disc = np.hypot(yy - 105, xx - 130) < 30  # inside the stroke (60, 60) → (200, 150), r 40
+    was = whole_image(v1, images["rgb"])[0][:256, :256]
+    assert (whole[0][:256, :256][disc] == 4).mean() > (was[disc] == 4).mean()

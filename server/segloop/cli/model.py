@@ -27,8 +27,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from segloop.model.card import read_card
     from segloop.model.finetune import finetune, publish
-    from segloop.pipeline.segment import default_model
+    from segloop.model.registry import resolve_model
 
     if args.epochs < 1:
         raise UserError("--epochs must be at least 1")
@@ -36,7 +37,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise UserError("--replay must be in [0, 1)")
     if not 0 < args.lr < 1:
         raise UserError("--lr must be in (0, 1)")
-    model_path = args.model or default_model()
+    model_path = resolve_model(args.model, args.repository)
     repository = args.repository or model_path.parents[2]
     model, tuned = finetune(
         model_path,
@@ -47,13 +48,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
         log=lambda s: info(args, s),
     )
-    onnx_path = publish(model, tuned, repository)
+    name = read_card(model_path)["name"]
+    onnx_path = publish(model, tuned, repository, name)
     version = int(onnx_path.parent.name)
     if args.triton:
+        from segloop.model.registry import triton_names
         from segloop.triton.server import load_version
 
-        load_version(args.triton, "segloop_unet", version)
-        info(args, f"{args.triton}: segloop_unet v{version} loaded")
+        load_version(args.triton, triton_names(name).net, version)
+        info(args, f"{args.triton}: {triton_names(name).net} v{version} loaded")
     if args.json:
         emit_json(
             {
@@ -82,11 +85,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("finetune", help="fine-tune on exported corrections → next model version")
-    s.add_argument("--model", type=Path, help="ONNX to start from (default: newest version)")
+    s.add_argument(
+        "--model",
+        help="model to start from: NAME (its newest version) or a model.onnx path; any model "
+        "`segloop model add` wrote, or the shipped UNet (default)",
+    )
     s.add_argument("--corrections", type=Path, required=True, help="export-corrections folder")
     s.add_argument("--epochs", type=int, default=30)
     s.add_argument(
-        "--replay", type=float, default=0.75, help="share of synthetic in-distribution patches"
+        "--replay",
+        type=float,
+        default=0.75,
+        help="share of synthetic in-distribution patches (the shipped UNet only: added "
+        "models train on their corrections alone)",
     )
     s.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (one-cycle)")
     s.add_argument("--seed", type=int, default=0)

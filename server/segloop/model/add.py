@@ -40,7 +40,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from segloop.errors import UserError
-from segloop.model.card import write_card
+from segloop.model.card import lineage, write_card
 from segloop.model.registry import NAME_RE, SHIPPED, repository, triton_names, versions
 
 CHANNELS = ("RGB", "BGR", "gray")
@@ -66,6 +66,8 @@ PALETTE = (
     (190, 190, 30, 255),
 )
 RESERVED = {"segloop", "segloop_pre", "segloop_post", SHIPPED}
+#: the network's own nodes and initializers inside the stored graph (the rest is the wrapper)
+NET_PREFIX = "net/"
 Run = Callable[[np.ndarray], np.ndarray]
 
 
@@ -159,10 +161,10 @@ def canonical(proto: onnx.ModelProto, sig: Signature, channels: str, kind: str) 
     else:
         nodes.append(helper.make_node("Identity", ["scores"], ["logits"]))
     post = _part(nodes, inits, ("net_out", sig.out_type, k), ("logits", f32, k), opset, ir)
-    net = onnx.compose.add_prefix(proto, "net/")
-    body = onnx.compose.merge_models(pre, net, io_map=[("net_in", f"net/{sig.input}")])
+    net = onnx.compose.add_prefix(proto, NET_PREFIX)
+    body = onnx.compose.merge_models(pre, net, io_map=[("net_in", f"{NET_PREFIX}{sig.input}")])
     whole = onnx.compose.merge_models(
-        body, post, io_map=[(f"net/{sig.output}", "net_out")], outputs=["logits"]
+        body, post, io_map=[(f"{NET_PREFIX}{sig.output}", "net_out")], outputs=["logits"]
     )
     onnx.checker.check_model(whole)
     return whole
@@ -287,6 +289,19 @@ class Measured:
     reach: Reach
     halo: int
     seconds: float
+
+    def card_fields(self) -> dict:
+        """The card's receptive field, halo and probe entries."""
+        return {
+            "receptive_radius": self.reach.radius,
+            "halo": self.halo,
+            "probe": {
+                "method": "perturbation",
+                "needed": self.reach.needed,
+                "side": self.reach.side,
+                "seconds": self.seconds,
+            },
+        }
 
 
 def measure(run: Run, classes: int, source: Path, seed: int = 0) -> Measured:
@@ -450,7 +465,7 @@ def card_markdown(card: dict) -> str:
     return f"""# Model card: {card["name"]} v{card["version"]}
 
 Added with `segloop model add` from `{src["source"]}` (sha256 {src["source_sha256"][:12]}…),
-{card["added"]}. Not trained by segloop.
+{card["added"]}. {"Fine-tuned by segloop (below)" if "training" in card else "Not trained here"}.
 
 - **Classes**: {classes}
 - **Input**: the network takes {inp["channels"]} (N, {1 if inp["channels"] == "gray" else 3}, H, W);
@@ -467,7 +482,7 @@ Added with `segloop model add` from `{src["source"]}` (sha256 {src["source_sha25
 The stored `model.onnx` is the network behind a fixed contract: input `image`
 (N, 3, H, W) float32 normalised RGB → output `logits` (N, K, H, W) float32. The same
 numbers travel in its `metadata_props`.
-"""
+{lineage(card["training"]) if "training" in card else ""}"""
 
 
 def add_model(
@@ -557,14 +572,7 @@ def add_model(
             "source_sha256": hashlib.sha256(raw).hexdigest(),
             "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
         },
-        "receptive_radius": m.reach.radius,
-        "halo": m.halo,
-        "probe": {
-            "method": "perturbation",
-            "needed": m.reach.needed,
-            "side": m.reach.side,
-            "seconds": m.seconds,
-        },
+        **m.card_fields(),
         "added": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     write_card(wrapped, card)

@@ -82,7 +82,7 @@ def model_card(model: nn.Module, info: dict, version: int, parent: int | None = 
     }
 
 
-def _lineage(training: dict) -> str:
+def lineage(training: dict) -> str:
     """Markdown lines on what a fine-tuned version learnt from (empty for `train`)."""
     if "finetuned_from" not in training:
         return ""
@@ -95,7 +95,7 @@ def _lineage(training: dict) -> str:
     return f"""- **Fine-tuned from** v{training["finetuned_from"]["version"]} \
 (sha256 {training["finetuned_from"]["sha256"][:12]}…) on {c["tiles"]} corrected tiles of \
 `{c["store"]}` by {", ".join(c["reviewers"])} ({c["changed_px"]} changed pixels), with \
-{training["replay"]:.0%} synthetic replay, {training["epochs"]} epochs
+{training["replay"]:.0%} synthetic replay, {training["steps"]} steps
 
 | validation | class | before | after |
 |---|---|---|---|
@@ -121,7 +121,7 @@ layers), trained by `segloop train` on synthetic H&E-like histology from `segloo
 {card["training"]["patch"]}² patches, AdamW + one-cycle, \
 {card["training"]["train_seconds"]} s on a 2-core CPU
 - **Parent version**: {card["parent_version"]}
-{_lineage(card["training"])}
+{lineage(card["training"])}
 ## Held-out IoU (1024² image, seed {HELD_OUT_SEED}, not seen in training)
 
 | class | IoU |

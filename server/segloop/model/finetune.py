@@ -1,13 +1,23 @@
 """``segloop finetune``: a new model version from human corrections.
 
-Starts from the served ONNX weights, trains on random crops of the corrected tiles mixed
-with a replay of synthetic in-distribution patches (what the model was trained on: no
-forgetting), validates on both, and exports the next version into the Triton model
-repository with a model card that records its lineage.
+Starts from the served ONNX weights, trains on random crops of the corrected tiles and
+exports the next version into the Triton model repository with a model card that
+records its lineage. Two kinds of model:
+
+- segloop's UNet (``segloop train``): its torch code (``model.unet``); batches mix in a
+  replay of synthetic in-distribution patches (what it was trained on: no forgetting),
+  validated on both; the new version is exported from torch.
+- any model ``segloop model add`` wrote: its stored graph run by torch operators
+  (``model.onnx_torch``, checked against ONNX Runtime first), normalised as its card
+  says, any class count. segloop has no data of its classes to replay, so it trains on
+  the corrections alone and validates on them (held-out tiles where given). The new
+  version is the same graph with the trained weights written back (normalisation
+  statistics frozen), its halo measured again as ``model add`` does.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -15,60 +25,89 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from segloop.errors import UserError
-from segloop.model.card import model_card, read_card, write_card_markdown
+from segloop.model.card import model_card, read_card, write_card, write_card_markdown
 from segloop.model.corrections import IGNORE, CorrectionsDataset
+from segloop.model.onnx_torch import OnnxModule, check_parity, write_back
 from segloop.model.train import evaluate, export_onnx, normalise, sample_batch
 from segloop.model.weights import load_unet
 from segloop.scores import iou
 
 
+def is_unet(card: dict) -> bool:
+    """Whether the card is segloop's own UNet (else a model ``model add`` wrote)."""
+    return card.get("architecture", {}).get("type") == "unet"
+
+
+def trainable(model_path: Path, card: dict) -> nn.Module:
+    """The network of ``model_path`` as a torch module: (N, 3, H, W) float32 input,
+    normalised as its card says → (N, K, H, W) float32 logits."""
+    if is_unet(card):
+        return load_unet(model_path, len(card["classes"]))
+    from segloop.model.add import NET_PREFIX
+
+    module = OnnxModule(onnx.load(str(model_path)), prefix=NET_PREFIX)
+    check_parity(module.proto, module, side=4 * max(16, card["input"]["multiple_of"]))
+    return module
+
+
+def model_input(rgb: np.ndarray, card: dict) -> torch.Tensor:
+    """(N, H, W, 3) uint8 → (N, 3, H, W) float32, ``(rgb/255 - mean) / std`` of the card."""
+    return normalise(rgb, card["input"]["mean"], card["input"]["std"])
+
+
 def _crops(
-    data: CorrectionsDataset, rng: np.random.Generator, n: int, size: int
+    data: CorrectionsDataset, rng: np.random.Generator, n: int, size: int, multiple: int
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """n random (size², flipped/rotated) crops of corrected tiles, drawn by their weights."""
+    """n random (size², flipped/rotated) crops of corrected tiles, drawn by their weights;
+    sides are multiples of ``multiple`` (the model's downsampling factor)."""
     imgs, targets = [], []
     weights = data.weights
     for _ in range(n):
         rgb, target = data[int(rng.choice(len(data), p=weights))]
         h, w = target.shape
-        s = min(size, h, w) // 8 * 8
+        s = max(multiple, min(size, h, w) // multiple * multiple)
         y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
         rgb, target = rgb[y : y + s, x : x + s], target[y : y + s, x : x + s].numpy()
         k = int(rng.integers(4))
         rgb, target = np.rot90(rgb, k), np.rot90(target, k)
         if rng.random() < 0.5:
             rgb, target = rgb[:, ::-1], target[:, ::-1]
-        pad = size - s  # a tile smaller than the crop: pad, the padding is ignored
-        imgs.append(np.pad(rgb, ((0, pad), (0, pad), (0, 0)), mode="reflect"))
-        targets.append(np.pad(target, ((0, pad), (0, pad)), constant_values=IGNORE))
+        ph, pw = size - rgb.shape[0], size - rgb.shape[1]  # a small tile: padded, ignored
+        imgs.append(np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="reflect"))
+        targets.append(np.pad(target, ((0, ph), (0, pw)), constant_values=IGNORE))
     return np.stack(imgs), torch.from_numpy(np.stack(targets).astype(np.int64))
 
 
-def corrections_iou(model: nn.Module, data: CorrectionsDataset) -> dict[str, float]:
-    """IoU of the model on the corrected tiles' labelled pixels (what it was tuned on)."""
+def corrections_iou(model: nn.Module, data: CorrectionsDataset, card: dict) -> dict[str, float]:
+    """IoU of the model on the corrected tiles' labelled pixels (what it was tuned on),
+    per class of the card."""
     preds, truths = [], []
+    m = card["input"]["multiple_of"]
     with torch.no_grad():
         for i in range(len(data)):
             rgb, target = data[i]
-            pred = model(normalise(np.ascontiguousarray(rgb)[None])).argmax(1)[0].numpy()
+            h, w = target.shape
+            padded = np.pad(rgb, ((0, -h % m), (0, -w % m), (0, 0)), mode="reflect")
+            pred = model(model_input(padded[None], card)).argmax(1)[0, :h, :w].numpy()
             keep = target.numpy() != IGNORE
             preds.append(pred[keep])
             truths.append(target.numpy()[keep])
-    return iou(np.concatenate(preds), np.concatenate(truths))
+    return iou(np.concatenate(preds), np.concatenate(truths), card["classes"])
 
 
 def validate(
-    model: nn.Module, data: CorrectionsDataset, size: int = 1024
+    model: nn.Module, data: CorrectionsDataset, card: dict, size: int = 1024
 ) -> dict[str, dict[str, float]]:
-    """IoU on the corrections ``data`` and on the held-out in-distribution synthetic image
-    (``size``² px)."""
+    """IoU on the corrections ``data`` and, for segloop's UNet, on the held-out
+    in-distribution synthetic image (``size``² px; other models: ``{}``)."""
     return {
-        "corrections": corrections_iou(model, data),
-        "in_distribution": evaluate(model, size),
+        "corrections": corrections_iou(model, data, card),
+        "in_distribution": evaluate(model, size) if is_unet(card) else {},
     }
 
 
@@ -104,26 +143,33 @@ def finetune(
         raise UserError(f"{corrections} holds no corrected tiles; review some tiles first")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = load_unet(model_path, len(card["classes"])).train()
+    model = trainable(model_path, card).train()
+    if not is_unet(card) and replay:
+        log(f"{card['name']}: no synthetic replay (segloop has no data of its classes)")
+        replay = 0.0
+    multiple = max(8, card["input"]["multiple_of"])
+    patch = max(multiple, patch // multiple * multiple)
     n_real = max(1, round(batch * (1 - replay)))
     pieces = sum(
         max(1, (b[1] - b[0]) * (b[3] - b[2]) // patch**2) for b in (it["box"] for it in data.items)
     )
     steps = steps or epochs * max(1, -(-pieces // n_real))
-    before = validate(model.eval(), check, validation_px)
+    before = validate(model.eval(), check, card, validation_px)
     log(f"fine-tuning on {len(data)} tiles: {steps} steps; before {before}")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 1.0, 2.0]), ignore_index=IGNORE)
-    t0 = time.time()
+    weight = torch.tensor([1.0, 1.0, 2.0]) if is_unet(card) else None  # UNet: nuclei count 2×
+    loss_fn = nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE)
+    t0, losses = time.time(), []
     for step in range(steps):
-        rgb, target = _crops(data, rng, n_real, patch)
+        rgb, target = _crops(data, rng, n_real, patch, multiple)
         if batch > n_real:
             syn, truth = sample_batch(rng, batch - n_real, patch)
             rgb = np.concatenate([rgb, syn])
             target = torch.cat([target, torch.from_numpy(truth).long()])
-        loss = loss_fn(model(normalise(np.ascontiguousarray(rgb))), target)
+        loss = loss_fn(model(model_input(np.ascontiguousarray(rgb), card)), target)
+        losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -131,7 +177,7 @@ def finetune(
         if step % 25 == 0 or step == steps - 1:
             log(f"step {step:4d}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
     model.eval()
-    after = validate(model, check, validation_px)
+    after = validate(model, check, card, validation_px)
     index = data.index
     info = {
         "finetuned_from": {"version": card.get("version"), "sha256": card["sha256"]},
@@ -151,9 +197,14 @@ def finetune(
         "lr": lr,
         "seed": seed,
         "train_seconds": round(time.time() - t0, 1),
+        # mean training loss of the first and the last (up to) 5 steps
+        "loss": {
+            "first": round(float(np.mean(losses[:5])), 4),
+            "last": round(float(np.mean(losses[-5:])), 4),
+        },
         "before": before,
         "after": after,
-        "held_out_iou": after["in_distribution"],
+        "held_out_iou": after["in_distribution"] if is_unet(card) else after["corrections"],
     }
     return model, info
 
@@ -177,6 +228,27 @@ def next_version(models: Path) -> int:
     return max(found) + 1
 
 
+def write_added(model: OnnxModule, info: dict, version: int, folder: Path) -> None:
+    """``folder``/model.onnx and MODEL_CARD.md of a fine-tuned added model: its graph with
+    the trained weights, the parent's card with the new version, lineage and halo (the
+    receptive field measured again, as ``model add`` does)."""
+    from segloop.model.add import card_markdown, measure, session
+
+    proto = write_back(model)
+    card = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    measured = measure(session(proto, torch.get_num_threads()), len(card["classes"]), folder)
+    card.update(
+        version=version,
+        parent_version=info["finetuned_from"]["version"],
+        training=info,
+        **measured.card_fields(),
+    )
+    card["input"]["multiple_of"] = measured.multiple
+    write_card(proto, card)
+    onnx.save(proto, str(folder / "model.onnx"))
+    (folder / "MODEL_CARD.md").write_text(card_markdown(card))
+
+
 def publish(
     model: nn.Module,
     info: dict,
@@ -196,9 +268,13 @@ def publish(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     shutil.copy(models / str(newest) / "model.py", tmp / "model.py")  # the same shim
-    card = model_card(model, info, version=version, parent=info["finetuned_from"]["version"])
-    export_onnx(model, tmp / "model.onnx", card)
-    write_card_markdown(card, tmp / "MODEL_CARD.md")
+    parent = info["finetuned_from"]["version"]
+    if isinstance(model, OnnxModule):
+        write_added(model, info, version, tmp)
+    else:
+        card = model_card(model, info, version=version, parent=parent)
+        export_onnx(model, tmp / "model.onnx", card)
+        write_card_markdown(card, tmp / "MODEL_CARD.md")
     final = models / str(version) if aside is None else models / aside / str(version)
     final.parent.mkdir(exist_ok=True)
     os.replace(tmp, final)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +17,15 @@ from segloop.scores import iou
 from segloop.synth import render
 
 
-def normalise(rgb: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 → (N, 3, H, W) float32 model input."""
+def normalise(
+    rgb: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[float] = STD
+) -> torch.Tensor:
+    """(N, H, W, 3) uint8 → (N, 3, H, W) float32 model input, ``(rgb/255 - mean) / std``
+    (R, G, B; default the UNet's)."""
     x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - m) / s
 
 
 def sample_batch(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:

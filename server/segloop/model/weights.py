@@ -16,12 +16,13 @@ from segloop.model.unet import UNet
 
 def load_unet(model_path: Path, n_classes: int) -> UNet:
     """UNet with the ONNX initializers as its state_dict (names match 1:1, strict).
-    A model added with ``segloop model add`` (any architecture) is refused: torch has
-    only segloop's own UNet to load weights into."""
+    A model added with ``segloop model add`` (any architecture) is refused: the torch
+    runtime has only segloop's own UNet to load weights into (finetune runs added
+    models through ``model.onnx_torch``)."""
     if read_card(model_path).get("architecture", {}).get("type") != "unet":
         raise UserError(
-            f"{model_path}: not segloop's UNet (added with `segloop model add`); torch "
-            "(and finetune) run only the UNet: use --runtime onnx, triton or tensorrt"
+            f"{model_path}: not segloop's UNet (added with `segloop model add`); the torch "
+            "runtime runs only the UNet: use --runtime onnx, triton or tensorrt"
         )
     proto = onnx.load(str(model_path))
     state = {
