@@ -326,3 +326,43 @@ def test_a_killed_server_takes_its_learner_and_restarts_clean(base_store, tmp_pa
         assert model["versions"][-1]["trained_on"] == 1  # (1, 1), accepted before the kill
     finally:
         s.stop()
+
+
+def test_an_added_model_learns_too(slide, tmp_path):
+    """`serve --learn` on a store segmented by a network no one here trained (`model add`,
+    5 classes, BGR input, ImageNet normalisation): one verdict starts a round that
+    fine-tunes its stored graph (``model.onnx_torch``), serves version 2 of that model and
+    re-predicts the tiles nobody reviewed with it."""
+    import torch
+
+    from segloop.model.add import add_model
+    from tests.test_model_add import MODELS, _export
+
+    factory, cin, options = MODELS["strided5"]
+    torch.manual_seed(0)
+    net = factory()
+    with torch.no_grad():  # confident: a random net's near-ties would flip at any step
+        net.head.weight.mul_(30)
+        net.head.bias.mul_(30)
+    source = _export(net, cin, tmp_path / "strided5.onnx")
+    repo = tmp_path / "repository"
+    v1 = add_model(source, "strided5", repo=repo, **{**options, "mpp": None})
+    base = tmp_path / "base" / "slide.zarr"
+    proc = run_cli("segment", slide[0], "-o", base, "--model", v1, "--tile", str(TILE), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    s = Session(base, tmp_path / "learn", "--every", "1", *FAST, repo=repo)
+    try:
+        before = s.tiles("confidence")
+        s.stroke(0, 0, 4)
+        s.call("PUT", "/review/0/0", json={"state": "corrected"})
+        model = s.wait(lambda m: len(m["versions"]) == 2 and s.idle(m))
+        v2 = model["versions"][1]
+        assert v2["status"] == "served" and v2["parent"] == 1, v2
+        card = read_card(repo / "strided5" / "2" / "model.onnx")
+        assert card["name"] == "strided5" and card["parent_version"] == 1
+        assert card["classes"] == ["bg", "a", "b", "c", "d"] and card["training"]["replay"] == 0
+        after = s.tiles("confidence")
+        changed = {k for k in before if before[k] != after[k]}
+        assert changed and (0, 0) not in changed  # re-predicted, the reviewed tile kept
+    finally:
+        s.stop()
