@@ -475,3 +475,62 @@ def test_finetune_an_added_model_keeps_its_graph_and_stays_seam_exact(added, ima
     disc = np.hypot(yy - 105, xx - 130) < 30  # inside the stroke (60, 60) → (200, 150), r 40
     was = whole_image(v1, images["rgb"])[0][:256, :256]
     assert (whole[0][:256, :256][disc] == 4).mean() > (was[disc] == 4).mean()
+
+
+class Zoo(nn.Module):
+    """Operators exporters emit, in one network: asymmetric and reflect padding, grouped,
+    dilated and transposed convolutions, batch/instance/group norm, pooling with ceil
+    mode, bilinear and nearest resizing, negative-step slices (flip), reductions, GELU,
+    hardswish, clamp, softmax over channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8)
+        self.inorm = nn.InstanceNorm2d(8, affine=True)
+        self.gnorm = nn.GroupNorm(2, 8)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1)
+        self.head = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        y = nn.functional.pad(self.stem(y), (0, 1, 1, 0))[..., 1:, :-1]  # asymmetric, sliced
+        y = nn.functional.gelu(self.bn(y))
+        y = nn.functional.hardswish(self.inorm(self.depthwise(y)))
+        y = torch.clamp(self.gnorm(y), -2.0, 2.0)
+        d = nn.functional.leaky_relu(self.down(y), 0.1)
+        pooled = nn.functional.max_pool2d(d, 3, 2, 1, ceil_mode=True)
+        back = nn.functional.interpolate(pooled, size=d.shape[-2:], mode="bilinear")
+        u = self.up(torch.sigmoid(back) * d)
+        near = nn.functional.interpolate(nn.functional.avg_pool2d(y, 2), scale_factor=2.0)
+        flipped = torch.flip(near, dims=[3])
+        ctx = y.mean(dim=(2, 3), keepdim=True)
+        out = self.head(torch.cat([u, flipped, y - ctx], 1))
+        return torch.softmax(out, dim=1)
+
+
+def test_torch_reads_common_exported_operators(tmp_path):
+    """`OnnxModule` equals ONNX Runtime on a torch export of ``Zoo`` (random weights,
+    batch norm with set statistics), at two image sizes, and every weight trains."""
+    torch.manual_seed(4)
+    net = Zoo()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    path = _export(net, 3, tmp_path / "zoo.onnx")
+    proto = onnx.load(str(path))
+    module = OnnxModule(proto)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for side in (32, 48):
+        x = np.random.default_rng(side).normal(0, 1, (2, 3, side, side)).astype(np.float32)
+        want = sess.run(None, {"pixels": x})[0]
+        with torch.no_grad():
+            got = module(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=str(side))
+    module(torch.randn(1, 3, 32, 32)).log().mean().backward()
+    grads = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in module.parameters()]
+    # five convolutions' weight and bias, batch norm's scale and bias, instance norm's
+    # (merged by the exporter, read through Identity nodes) and GroupNorm's (Mul, Add)
+    assert len(grads) >= 16 and all(grads)

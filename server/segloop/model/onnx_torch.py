@@ -1,16 +1,17 @@
 """An ONNX graph run by torch operators, so that any model ``segloop model add`` wrote can
 be fine-tuned: ``OnnxModule(proto)`` is an ``nn.Module`` whose parameters are the
 graph's weights (the float initializers of the network's Conv, ConvTranspose, Gemm,
-MatMul, PRelu and normalisation nodes) and whose ``forward`` evaluates the nodes in order
-with differentiable torch operators. ``write_back(module)`` puts the trained weights
-into a copy of the graph: the new version is the same graph, every node and
-attribute kept, so the halo measured for it stays the network's.
+MatMul, PRelu and normalisation nodes, and per-channel Add/Mul tensors) and whose
+``forward`` evaluates the nodes in order with differentiable torch operators.
+``write_back(module)`` puts the trained weights into a copy of the graph: the new
+version is the same graph, every node and attribute kept, so the halo measured for it
+stays the network's.
 
 Normalisation layers run as at inference (BatchNormalization with its stored running
 statistics, frozen; Dropout is the identity): a fine-tune on a few corrected tiles
 updates their scale and bias, never their statistics.
 
-Covers the operators that segmentation networks exported by torch, tf2onnx or MONAI use
+Covers the operators that segmentation networks exported by torch (MONAI included) use
 (``OPS``); a graph with another operator is refused by name before training. The module
 is checked against ONNX Runtime on a probe image (``check_parity``).
 """
@@ -29,7 +30,8 @@ from torch import nn
 
 from segloop.errors import UserError
 
-#: node inputs (by position) that hold trainable weights, per operator
+#: node inputs (by position) that hold trainable weights, per operator (and see
+#: ``_weight_slots``)
 WEIGHTS = {
     "Conv": (1, 2),
     "ConvTranspose": (1, 2),
@@ -153,10 +155,13 @@ def _reshape(x, shape) -> torch.Tensor:
     return x.reshape(dims)
 
 
-def _axes(node_axes, given: torch.Tensor | None) -> list[int] | None:
-    if given is not None:
-        return _ints(given)
-    return list(node_axes) if node_axes is not None else None
+def _axes(node_axes, given) -> list[int] | None:
+    """Axes from an input tensor (newer opsets) or the ``axes`` attribute (older ones,
+    which arrives by keyword as ``given`` or in ``node_axes``)."""
+    value = given if given is not None else node_axes
+    if value is None:
+        return None
+    return _ints(value) if isinstance(value, torch.Tensor) else [int(v) for v in value]
 
 
 def _reduce(fn: Callable) -> Callable:
@@ -313,10 +318,26 @@ OPS: dict[str, Callable] = {
 }
 
 
+def _weight_slots(node: onnx.NodeProto, inits: dict) -> list[int]:
+    """Input positions of ``node`` that read weights: ``WEIGHTS``, and the per-channel
+    tensors (≥ 2 values) an Add or Mul reads from an initializer: the affine scale and
+    bias of a normalisation exported as its parts (GroupNorm, LayerScale). Scalars stay
+    constants (GELU's √2, a residual's 0.5), and so does whatever a Sub or Div reads
+    (an in-graph input normalisation)."""
+    slots = [i for i in WEIGHTS.get(node.op_type, ()) if i < len(node.input)]
+    if node.op_type in ("Add", "Mul"):
+        slots = [
+            i for i, name in enumerate(node.input)
+            if name in inits and math.prod(inits[name].dims) >= 2
+        ]  # fmt: skip
+    return [i for i in slots if node.input[i] in inits]
+
+
 def _unshared(proto: onnx.ModelProto, prefix: str) -> tuple[onnx.ModelProto, set[str]]:
-    """A copy of ``proto`` where every weight slot (``WEIGHTS``) that reads an initializer
-    named with ``prefix`` reads one of its own (exporters merge equal tensors: a zero
-    bias and a zero running mean may be one), and the names of those weights."""
+    """A copy of ``proto`` where every weight slot (``_weight_slots``) that reads an
+    initializer named with ``prefix`` (directly or through Identity nodes) reads one of
+    its own (exporters merge equal tensors: a zero bias and a zero running mean may be
+    one), and the names of those weights."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     graph = out.graph
@@ -325,15 +346,21 @@ def _unshared(proto: onnx.ModelProto, prefix: str) -> tuple[onnx.ModelProto, set
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
+    # exporters pass a merged tensor on through Identity nodes: see through them
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            seen = name
+            while seen in alias and seen not in inits:
+                seen = alias[seen]
+            if seen != name and seen in inits:
+                node.input[i] = seen
+                uses[seen] = uses.get(seen, 0) + 1
     trainable: set[str] = set()
     for node in graph.node:
-        for i in WEIGHTS.get(node.op_type, ()):
-            name = node.input[i] if i < len(node.input) else ""
-            if (
-                name not in inits
-                or not name.startswith(prefix)
-                or inits[name].data_type != onnx.TensorProto.FLOAT
-            ):
+        for i in _weight_slots(node, inits):
+            name = node.input[i]
+            if not name.startswith(prefix) or inits[name].data_type != onnx.TensorProto.FLOAT:
                 continue
             if uses[name] > 1:  # a copy for this slot alone
                 uses[name] -= 1
