@@ -101,6 +101,49 @@ def test_block_cache_memory_is_a_band_not_the_image(tmp_path):
     assert cache.peak_bytes < 2.5 * row_bytes
 
 
+def test_a_block_released_by_two_readers_at_once(tmp_path):
+    """Two shards share a block; the first reader is cutting the block down to what the
+    second still needs when the second releases it (one reader thread each in a job).
+    The first then finds the block dropped: no error, nothing kept (the 100k × 80k run
+    once died here with ``min() arg is an empty sequence``)."""
+    import threading
+    from concurrent.futures import Future
+
+    img = tmp_path / "small.ome.tif"
+    write_ome_tiff(img, 512, 512, seed=3, compression="zlib")
+    cache = BlockCache(open_image(img), [])
+    a, b = (0, 40, 0, 512), (20, 60, 0, 512)  # both in block (0, 0), different rows
+    key = (0, 0)
+    cache._pending[key] = [a, b]
+    decoded = cache._get(key)
+    cutting, released = threading.Event(), threading.Event()
+
+    class Paused(Future):  # the first reader stops where it has let go of the lock
+        def result(self, timeout=None):
+            cutting.set()
+            assert released.wait(60)
+            return super().result(timeout)
+
+    fut = Paused()
+    fut.set_result(decoded)
+    cache._cached[key] = fut
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            cache._release(key, a)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert cutting.wait(60)
+    cache._release(key, b)  # the second reader: the block's last read, dropped
+    released.set()
+    t.join(60)
+    assert errors == [] and key not in cache._cached and cache._held_bytes == 0
+
+
 def test_finished_shards_are_freed_at_once(slide, tmp_path):
     """A written shard (its source region and label buffers) is freed by reference
     counting alone, not left in a cycle for the collector: with the cyclic collector off,

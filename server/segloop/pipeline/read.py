@@ -115,6 +115,9 @@ class BlockCache:
                 self._pending.pop(key, None)
                 self._held_bytes -= self._bytes.pop(key, 0)
                 return
+            # a copy: another reader may release the last of them once the lock is let go
+            # (the cut below then finds the block dropped and keeps nothing)
+            pending = list(pending)
             fut = self._cached.get(key)
         if fut is None or not fut.done() or fut.exception() is not None:
             return
