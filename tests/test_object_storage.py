@@ -29,13 +29,14 @@ def s3(tmp_path_factory):
         [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=log, stderr=log
     )
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
+    deadline = time.monotonic() + 120
+    while True:  # ready when it answers; a loaded machine may hold the first answer back
         try:
-            requests.get(endpoint, timeout=1)
+            requests.get(endpoint, timeout=10)
             break
-        except requests.ConnectionError:
-            assert proc.poll() is None and time.monotonic() < deadline
+        except requests.RequestException:
+            assert proc.poll() is None, "moto server exited; see moto.log"
+            assert time.monotonic() < deadline, "moto server not answering after 120 s"
             time.sleep(0.2)
     env = {
         **os.environ,
