@@ -34,7 +34,7 @@ def read_card(path: Path) -> dict:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise UserError(f"{path}: not a readable ONNX model ({exc})") from exc
-    card = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    card = card_of(proto)
     if "halo" not in card or "input" not in card:
         raise UserError(
             f"{path}: ONNX model has no segloop model card (halo, input); add it with "
@@ -43,6 +43,16 @@ def read_card(path: Path) -> dict:
     card["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     card["path"] = str(path)
     return card
+
+
+def card_of(proto: onnx.ModelProto) -> dict:
+    """The card fields in ``proto.metadata_props`` (each a JSON value), as stored."""
+    return {p.key: json.loads(p.value) for p in proto.metadata_props}
+
+
+def is_unet(card: dict) -> bool:
+    """Whether the card is segloop's own UNet (else a model ``model add`` wrote)."""
+    return card.get("architecture", {}).get("type") == "unet"
 
 
 def write_card(proto: onnx.ModelProto, card: dict) -> None:

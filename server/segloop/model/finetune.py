@@ -17,7 +17,6 @@ records its lineage. Two kinds of model:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -30,17 +29,19 @@ import torch
 from torch import nn
 
 from segloop.errors import UserError
-from segloop.model.card import model_card, read_card, write_card, write_card_markdown
+from segloop.model.card import (
+    card_of,
+    is_unet,
+    model_card,
+    read_card,
+    write_card,
+    write_card_markdown,
+)
 from segloop.model.corrections import IGNORE, CorrectionsDataset
 from segloop.model.onnx_torch import OnnxModule, check_parity, write_back
 from segloop.model.train import evaluate, export_onnx, normalise, sample_batch
 from segloop.model.weights import load_unet
 from segloop.scores import iou
-
-
-def is_unet(card: dict) -> bool:
-    """Whether the card is segloop's own UNet (else a model ``model add`` wrote)."""
-    return card.get("architecture", {}).get("type") == "unet"
 
 
 def trainable(model_path: Path, card: dict) -> nn.Module:
@@ -235,7 +236,7 @@ def write_added(model: OnnxModule, info: dict, version: int, folder: Path) -> No
     from segloop.model.add import card_markdown, measure, session
 
     proto = write_back(model)
-    card = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    card = card_of(proto)
     measured = measure(session(proto, torch.get_num_threads()), len(card["classes"]), folder)
     card.update(
         version=version,

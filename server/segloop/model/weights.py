@@ -10,7 +10,7 @@ import torch
 from onnx import numpy_helper
 
 from segloop.errors import UserError
-from segloop.model.card import read_card
+from segloop.model.card import is_unet, read_card
 from segloop.model.unet import UNet
 
 
@@ -19,7 +19,7 @@ def load_unet(model_path: Path, n_classes: int) -> UNet:
     A model added with ``segloop model add`` (any architecture) is refused: the torch
     runtime has only segloop's own UNet to load weights into (finetune runs added
     models through ``model.onnx_torch``)."""
-    if read_card(model_path).get("architecture", {}).get("type") != "unet":
+    if not is_unet(read_card(model_path)):
         raise UserError(
             f"{model_path}: not segloop's UNet (added with `segloop model add`); the torch "
             "runtime runs only the UNet: use --runtime onnx, triton or tensorrt"
