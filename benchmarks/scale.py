@@ -61,16 +61,35 @@ def make_slide(path: Path, height: int, width: int, tmp: Path) -> None:
             h, w, level = -(-h // 2), -(-w // 2), level + 1
 
 
-def segment(image: Path, out: Path, model: Path) -> dict:
+def rss_mb(pid: int) -> float | None:
+    """Resident set size of a live process (MB, from /proc), None once it has gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def segment(image: Path, out: Path, model: Path, every_s: float = 1.0) -> tuple[dict, list]:
+    """The CLI's ``--json`` record of one run, and its RSS sampled every ``every_s`` seconds
+    as ``[[s since start, MB], …]`` (where memory grows: with time, or at once)."""
     cmd = [sys.executable, "-m", "segloop", "segment", str(image), "-o", str(out)]
-    proc = subprocess.run(
-        [*cmd, "--model", str(model), "--mpp", str(SYNTH_MPP), "--json", "--overwrite"],
-        capture_output=True,
-        text=True,
-    )  # the tiles come from `segloop synth`: its µm/px (the TIFF made here states none)
-    if proc.returncode:
-        raise RuntimeError(proc.stderr[-2000:])
-    return json.loads(proc.stdout.splitlines()[-1])
+    args = [*cmd, "--model", str(model), "--mpp", str(SYNTH_MPP), "--json", "--overwrite"]
+    # the tiles come from `segloop synth`: its µm/px (the TIFF made here states none)
+    with tempfile.TemporaryFile("w+") as so, tempfile.TemporaryFile("w+") as se:
+        proc = subprocess.Popen(args, stdout=so, stderr=se, text=True)
+        t0, timeline = time.perf_counter(), []
+        while proc.poll() is None:
+            mb = rss_mb(proc.pid)
+            if mb is not None:
+                timeline.append([round(time.perf_counter() - t0, 1), round(mb)])
+            time.sleep(every_s)
+        so.seek(0), se.seek(0)
+        if proc.returncode:
+            raise RuntimeError(se.read()[-2000:])
+        return json.loads(so.read().splitlines()[-1]), timeline
 
 
 def serve(store: Path, pack_window_s: float) -> dict:
@@ -138,7 +157,8 @@ def main() -> None:
             make_slide(image, h, w, tmp)
             made = time.perf_counter() - t0
             print(f"{h}×{w}: made in {made:.0f} s, segmenting …", file=sys.stderr)
-            s = segment(image, store, zero)["stats"]
+            record, timeline = segment(image, store, zero)
+            s = record["stats"]
             run = {
                 "height": h,
                 "width": w,
@@ -149,13 +169,17 @@ def main() -> None:
                 "peak_rss_mb": s["peak_rss_mb"],
                 "store_bytes": store_bytes(store),
                 "stages": s["stages"],
+                "rss_timeline_s_mb": timeline,
             }
             run["store_bytes_per_source_byte"] = round(run["store_bytes"] / run["source_bytes"], 3)
             if (h, w) == (a.height, a.width):
                 print("serving …", file=sys.stderr)
                 run["serve"] = serve(store, a.pack_window)
             result["runs"][f"{h}x{w}"] = run
-            print(json.dumps(run), file=sys.stderr)
+            print(
+                json.dumps({k: v for k, v in run.items() if k != "rss_timeline_s_mb"}),
+                file=sys.stderr,
+            )
         ref, big = (result["runs"][k] for k in result["runs"])
         result["peak_rss_ratio_big_vs_reference"] = round(
             big["peak_rss_mb"] / ref["peak_rss_mb"], 3
