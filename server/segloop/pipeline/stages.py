@@ -149,10 +149,10 @@ class Pipeline:
             raise self._error
 
 
-def in_flight_for(window_side: int, batch: int, batch_pixels: int) -> int:
+def in_flight_for(window_side: int, batch: int, batch_pixels: int, big: int = 2) -> int:
     """Batches in flight for an embedded model: fewer for big windows (each batch holds
-    its input and its scores): 4 up to ``batch_pixels`` of input per batch, else 2."""
-    return 4 if batch * window_side * window_side <= batch_pixels else 2
+    its input and its scores): 4 up to ``batch_pixels`` of input per batch, else ``big``."""
+    return 4 if batch * window_side * window_side <= batch_pixels else big
 
 
 class StageSet(ABC):
