@@ -26,6 +26,7 @@ from pathlib import Path
 
 import imagecodecs
 import numpy as np
+import psutil
 import requests
 import tifffile
 
@@ -63,17 +64,6 @@ def make_slide(path: Path, height: int, width: int, tmp: Path) -> None:
             h, w, level = -(-h // 2), -(-w // 2), level + 1
 
 
-def rss_mb(pid: int) -> float | None:
-    """Resident set size of a live process (MB, from /proc), None once it has gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def segment(image: Path, out: Path, model: Path, every_s: float = 1.0) -> tuple[dict, list]:
     """The CLI's ``--json`` record of one run, and its RSS sampled every ``every_s`` seconds
     as ``[[s since start, MB], …]`` (where memory grows: with time, or at once)."""
@@ -82,12 +72,15 @@ def segment(image: Path, out: Path, model: Path, every_s: float = 1.0) -> tuple[
     # the tiles come from `segloop synth`: its µm/px (the TIFF made here states none)
     with tempfile.TemporaryFile("w+") as so, tempfile.TemporaryFile("w+") as se:
         proc = subprocess.Popen(args, stdout=so, stderr=se, text=True)
-        t0, timeline = time.perf_counter(), []
+        child, t0, timeline = psutil.Process(proc.pid), time.perf_counter(), []
         while proc.poll() is None:
-            mb = rss_mb(proc.pid)
-            if mb is not None:
-                timeline.append([round(time.perf_counter() - t0, 1), round(mb)])
+            try:
+                mb = child.memory_info().rss / 2**20
+            except psutil.NoSuchProcess:  # it ended between poll() and here
+                break
+            timeline.append([round(time.perf_counter() - t0, 1), round(mb)])
             time.sleep(every_s)
+        proc.wait()
         so.seek(0), se.seek(0)
         if proc.returncode:
             raise RuntimeError(se.read()[-2000:])
