@@ -23,6 +23,7 @@ The OME metadata is written last, so an unfinished store does not look like an i
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync
 
 from segloop.errors import UserError
 from segloop.io.location import Location
@@ -46,6 +48,8 @@ OWN_NOTE = (
     "array, so that zarr never lists inside this folder"
 )
 LAYERS = ("image", "segmentation", "confidence")
+#: a region of one array and its values, for ``OutputStore.put``
+Part = tuple[zarr.Array, tuple[Any, ...], np.ndarray]
 #: per-tile arrays (one value per level-0 chunk), chunked so one shard owns one chunk
 TILE_ARRAYS = {"uncertainty": np.float32, "model_version": np.uint16}
 _PREFIX = {"image": "", "segmentation": "labels/segmentation/", "confidence": "confidence/"}
@@ -229,23 +233,38 @@ class OutputStore:
     def array(self, layer: str, level: int) -> zarr.Array:
         return self.root[array_path(layer, level)]
 
-    def write(self, layer: str, level: int, box: tuple[int, int, int, int], data: np.ndarray):
-        """Write one whole shard ``box`` = (y0, y1, x0, x1); data (…, y1-y0, x1-x0)."""
+    def shard_part(
+        self, layer: str, level: int, box: tuple[int, int, int, int], data: np.ndarray
+    ) -> Part:
+        """One whole shard ``box`` = (y0, y1, x0, x1) of ``layer``; data (…, y1-y0, x1-x0)."""
         y0, y1, x0, x1 = box
         # write_empty_chunks: no all-equal test of the shard, then of each chunk (CPU per
         # 2048² shard of labels + confidence: 50 → 32 ms); a chunk of zeros is then stored
         # (236 bytes) instead of left out: the same values read back
-        self.array(layer, level).with_config({"write_empty_chunks": True})[..., y0:y1, x0:x1] = data
+        arr = self.array(layer, level).with_config({"write_empty_chunks": True})
+        return arr, (..., slice(y0, y1), slice(x0, x1)), data
+
+    def tiles_part(self, name: str, sy: int, sx: int, values: np.ndarray) -> Part:
+        """Per-tile values of shard (sy, sx): ``values`` (tiles down, tiles across)."""
+        per = self.grid.shard // self.grid.tile
+        y0, x0 = sy * per, sx * per
+        region = (slice(y0, y0 + values.shape[0]), slice(x0, x0 + values.shape[1]))
+        return self.root[f"tiles/{name}"], region, values
+
+    def put(self, *parts: Part) -> None:
+        """Write ``parts`` concurrently, in one call into zarr's event loop. Each call of
+        zarr's sync API is a round trip through that one thread, slow while other stages
+        hold the cores: a shard's labels and its two per-tile arrays in one call took the
+        write stage from 2.88 / 2.91 to 2.22 / 2.42 busy s (8192², zero-cost model, 2 cores)."""
+        sync(_set_all(parts))
+
+    def write(self, layer: str, level: int, box: tuple[int, int, int, int], data: np.ndarray):
+        """Write one whole shard ``box`` = (y0, y1, x0, x1); data (…, y1-y0, x1-x0)."""
+        self.put(self.shard_part(layer, level, box, data))
 
     def read(self, layer: str, level: int, box: tuple[int, int, int, int]) -> np.ndarray:
         y0, y1, x0, x1 = box
         return self.array(layer, level)[..., y0:y1, x0:x1]
-
-    def write_tiles(self, name: str, sy: int, sx: int, values: np.ndarray) -> None:
-        """Per-tile values of shard (sy, sx): ``values`` (tiles down, tiles across)."""
-        per = self.grid.shard // self.grid.tile
-        y0, x0 = sy * per, sx * per
-        self.root[f"tiles/{name}"][y0 : y0 + values.shape[0], x0 : x0 + values.shape[1]] = values
 
     def read_tiles(self, name: str) -> np.ndarray:
         """(ny, nx) per-tile array ``name`` (see ``TILE_ARRAYS``)."""
@@ -340,3 +359,7 @@ def _omero(channels: int, dtype: np.dtype) -> dict[str, Any]:
         if channels == 4:
             chans.append(_channel("A", "FFFFFF", top, active=False))
     return {"channels": chans, "rdefs": {"model": "color"}}
+
+
+async def _set_all(parts: tuple[Part, ...]) -> None:
+    await asyncio.gather(*(arr.async_array.setitem(region, v) for arr, region, v in parts))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from segloop.io.ome_zarr import OutputStore
+from segloop.io.ome_zarr import OutputStore, Part
 from segloop.kernels.pyramid import downsample_mean, downsample_mode
 from segloop.pipeline.manifest import Key, Manifest
 
@@ -144,11 +144,11 @@ def quarter_of(arrays: dict[str, np.ndarray]) -> Quarter:
 
 
 def write_level_local(
-    store: OutputStore, level: int, box: Box, arrays: dict[str, np.ndarray]
+    store: OutputStore, level: int, box: Box, arrays: dict[str, np.ndarray], *extra: Part
 ) -> Quarter | None:
-    """Write one shard's ``arrays`` at ``level``; its quarter, or None at the top level."""
-    for layer, a in arrays.items():
-        store.write(layer, level, box, a)
+    """Write one shard's ``arrays`` at ``level`` (and ``extra`` parts, in the same call);
+    its quarter, or None at the top level."""
+    store.put(*extra, *(store.shard_part(layer, level, box, a) for layer, a in arrays.items()))
     return quarter_of(arrays) if level + 1 < store.grid.levels else None
 
 
