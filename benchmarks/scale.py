@@ -9,8 +9,12 @@
    time, Mpx/s, peak RSS and RSS sampled each second, store size.
 3. Serves the big store (``segloop serve``): first-tile latency of image, labels and
    confidence tiles at level 0 and at the top, and the tile pack's progress in a window.
+4. The shipped model on a band of the big slide's full width (``--model-band`` rows,
+   default one shard row, 2048; made the same way): wall time, Mpx/s, peak RSS, stages
+   (the whole slide would take hours on 2 cores).
 
-    python benchmarks/scale.py [--height 80000 --width 100000] [--save benchmarks/results]
+    python benchmarks/scale.py [--height 80000 --width 100000] [--model-band 2048]
+                               [--save benchmarks/results]
 """
 
 from __future__ import annotations
@@ -139,6 +143,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=100_000)
     p.add_argument("--reference", type=int, default=10_000)
     p.add_argument("--pack-window", type=float, default=60.0)
+    p.add_argument("--model-band", type=int, default=2048, help="shipped-model rows; 0: none")
     p.add_argument("--save", type=Path)
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="segloop-scale-", dir=os.environ.get("TMPDIR")) as d:
@@ -178,6 +183,22 @@ def main() -> None:
                 json.dumps({k: v for k, v in run.items() if k != "rss_timeline_s_mb"}),
                 file=sys.stderr,
             )
+        if a.model_band:
+            h, w = a.model_band, a.width
+            image, store = tmp / f"band{h}x{w}.tif", tmp / f"band{h}x{w}.zarr"
+            make_slide(image, h, w, tmp)
+            print(f"{h}×{w}: the shipped model …", file=sys.stderr)
+            record, timeline = segment(image, store, default_model())
+            s = record["stats"]
+            result["shipped_model_band"] = {
+                "height": h,
+                "width": w,
+                "wall_s": s["wall_s"],
+                "mpx_s": s["mpx_s"],
+                "peak_rss_mb": s["peak_rss_mb"],
+                "stages": s["stages"],
+                "rss_timeline_s_mb": timeline,
+            }
         ref, tall, big = (result["runs"][k] for k in result["runs"])
         result["peak_rss_ratio_big_vs_reference"] = round(
             big["peak_rss_mb"] / ref["peak_rss_mb"], 3
