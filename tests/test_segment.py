@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import tifffile
 import zarr
@@ -232,8 +233,12 @@ def test_sigkill_then_resume_is_bit_identical(slide, tmp_path, writers):
         if manifest.exists() and manifest.read_text().count("\n") >= 2:
             break
         time.sleep(0.01)
+    helpers = psutil.Process(child.pid).children(recursive=True)  # writer processes
+    assert bool(helpers) == (writers == "--writer-processes")
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
+    _, left = psutil.wait_procs(helpers, timeout=120)
+    assert not left, f"processes outlived the killed job: {left}"
     done_before = manifest.read_text().count("\n")
     assert 2 <= done_before < 30, "the kill should land mid-run (30 shards in all)"
     assert json.loads((out / "segloop" / "segloop.json").read_text())["status"] == "running"

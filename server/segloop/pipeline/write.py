@@ -30,6 +30,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import psutil
 
 from segloop.io.ome_zarr import OutputStore
 from segloop.pipeline.manifest import Manifest
@@ -53,9 +54,29 @@ def tile_key(t: Tile, tile: int) -> TileKey:
     return t.y0 // tile, t.x0 // tile
 
 
-def _open_in_process(where: str, grid: TileGrid, channels: int, dtype: str) -> None:
+def _open_in_process(where: str, grid: TileGrid, channels: int, dtype: str, owner: int) -> None:
+    """A writer process's start: its own store handle, and an exit when the job dies."""
     global _STORE
     _STORE = OutputStore(where, grid, channels, np.dtype(dtype))
+    _exit_with(owner)
+
+
+def _exit_with(owner: int) -> None:
+    """End this process when the job's process ``owner`` is gone. A job killed by SIGKILL
+    closes no pipe of the pool (every worker holds both ends of its result queue), so a
+    worker sending a result blocked forever, and it and the forkserver stayed (seen after
+    the resume-after-SIGKILL tests: 350 MB left behind per killed job)."""
+    try:
+        job = psutil.Process(owner)
+    except psutil.NoSuchProcess:
+        os._exit(1)
+
+    def watch() -> None:
+        while job.is_running():  # is_running also tells a reused pid apart
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="segloop-owner", daemon=True).start()
 
 
 def _timed_write(
@@ -123,7 +144,13 @@ class ShardWriter:
                 self.workers,
                 mp_context=multiprocessing.get_context("forkserver"),
                 initializer=_open_in_process,
-                initargs=(str(store.path), store.grid, store.channels, store.dtype.str),
+                initargs=(
+                    str(store.path),
+                    store.grid,
+                    store.channels,
+                    store.dtype.str,
+                    os.getpid(),
+                ),
             )
         else:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="segloop-write")
