@@ -91,6 +91,20 @@ def segment(image: Path, out: Path, model: Path, every_s: float = 1.0) -> tuple[
         return json.loads(so.read().splitlines()[-1]), timeline
 
 
+def run_summary(height: int, width: int, record: dict, timeline: list) -> dict:
+    """What a run reports of one ``segment`` record and its RSS timeline."""
+    s = record["stats"]
+    return {
+        "height": height,
+        "width": width,
+        "wall_s": s["wall_s"],
+        "mpx_s": s["mpx_s"],
+        "peak_rss_mb": s["peak_rss_mb"],
+        "stages": s["stages"],
+        "rss_timeline_s_mb": timeline,
+    }
+
+
 def serve(store: Path, pack_window_s: float) -> dict:
     db = ReviewDB(store)
     token = db.add_user("scale", "reviewer")
@@ -160,20 +174,10 @@ def main() -> None:
             make_slide(image, h, w, tmp)
             made = time.perf_counter() - t0
             print(f"{h}×{w}: made in {made:.0f} s, segmenting …", file=sys.stderr)
-            record, timeline = segment(image, store, zero)
-            s = record["stats"]
-            run = {
-                "height": h,
-                "width": w,
-                "make_s": round(made, 1),
-                "source_bytes": image.stat().st_size,
-                "wall_s": s["wall_s"],
-                "mpx_s": s["mpx_s"],
-                "peak_rss_mb": s["peak_rss_mb"],
-                "store_bytes": store_bytes(store),
-                "stages": s["stages"],
-                "rss_timeline_s_mb": timeline,
-            }
+            run = run_summary(h, w, *segment(image, store, zero))
+            run["make_s"] = round(made, 1)
+            run["source_bytes"] = image.stat().st_size
+            run["store_bytes"] = store_bytes(store)
             run["store_bytes_per_source_byte"] = round(run["store_bytes"] / run["source_bytes"], 3)
             if (h, w) == (a.height, a.width):
                 print("serving …", file=sys.stderr)
@@ -188,17 +192,8 @@ def main() -> None:
             image, store = tmp / f"band{h}x{w}.tif", tmp / f"band{h}x{w}.zarr"
             make_slide(image, h, w, tmp)
             print(f"{h}×{w}: the shipped model …", file=sys.stderr)
-            record, timeline = segment(image, store, default_model())
-            s = record["stats"]
-            result["shipped_model_band"] = {
-                "height": h,
-                "width": w,
-                "wall_s": s["wall_s"],
-                "mpx_s": s["mpx_s"],
-                "peak_rss_mb": s["peak_rss_mb"],
-                "stages": s["stages"],
-                "rss_timeline_s_mb": timeline,
-            }
+            band = segment(image, store, default_model())
+            result["shipped_model_band"] = run_summary(h, w, *band)
         ref, tall, big = (result["runs"][k] for k in result["runs"])
         result["peak_rss_ratio_big_vs_reference"] = round(
             big["peak_rss_mb"] / ref["peak_rss_mb"], 3

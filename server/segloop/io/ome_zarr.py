@@ -254,8 +254,7 @@ class OutputStore:
     def put(self, *parts: Part) -> None:
         """Write ``parts`` concurrently, in one call into zarr's event loop. Each call of
         zarr's sync API is a round trip through that one thread, slow while other stages
-        hold the cores: a shard's labels and its two per-tile arrays in one call took the
-        write stage from 2.88 / 2.91 to 2.22 / 2.42 busy s (8192², zero-cost model, 2 cores)."""
+        hold the cores (the write stage's numbers: ``pipeline/write.py``)."""
         sync(_set_all(parts))
 
     def write(self, layer: str, level: int, box: tuple[int, int, int, int], data: np.ndarray):
