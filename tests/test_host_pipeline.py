@@ -77,6 +77,56 @@ def test_every_source_chunk_is_decoded_once(variants):
         assert read["decoded_chunks"] > 0
 
 
+def test_parts_needed_a_band_later_wait_on_disk_with_the_same_bits(
+    slide, variants, tmp_path, monkeypatch
+):
+    """Kept parts needed only many reads later (a band boundary as wide as the image) go
+    to the spill file and come back exact: spilling everything (``SPILL_AFTER`` 0) gives
+    the same store as the CLI's, every chunk decoded once, the file empty at the end."""
+    from segloop.pipeline import read
+    from segloop.pipeline.segment import SegmentOptions, segment
+
+    monkeypatch.setattr(read, "SPILL_AFTER", 0)
+    spilled = []
+    close = read.SpillFile.close
+
+    def closing(self):
+        spilled.append((self.parked, self._bytes))
+        close(self)
+
+    monkeypatch.setattr(read.SpillFile, "close", closing)
+    out = tmp_path / "spill.zarr"
+    stats = segment(slide[0], out, SegmentOptions(tile=256, shard=256))["stats"]["stages"]
+    assert stats["read"]["spilled_parts"] > 0 and stats["read"]["max_decodes_per_chunk"] == 1
+    assert spilled == [(stats["read"]["spilled_parts"], 0)]  # every part taken back
+    ref, got = read_store(variants["shard-256-writers-3"]), read_store(out)
+    for key in ref:
+        np.testing.assert_array_equal(got[key], ref[key], err_msg=key)
+
+
+def test_spill_keeps_the_cache_flat_across_a_wide_band_boundary(tmp_path):
+    """A wide image read in ``shard_order`` with 2 bands: without spilling, the boundary's
+    block rows stay in memory for a whole band; spilled, the cache holds far less, and
+    every region still comes back exact, each chunk decoded once."""
+    img = tmp_path / "wide.ome.tif"
+    write_ome_tiff(img, 1024, 8192, seed=4, compression="zlib")
+    src, whole = open_image(img), tifffile.imread(img)
+    grid = TileGrid.create(src.height, src.width, 256, 48, 8, shard=256)
+    order = grid.shard_order(band=2)
+    peaks = {}
+    for spill_after in (None, 4):
+        plans = [plan_windows(grid, k) for k in order]
+        cache = BlockCache(src, (p[1] for p in plans), spill_after)
+        for _, box in plans:
+            np.testing.assert_array_equal(cache.read(box), whole[box[0] : box[1], box[2] : box[3]])
+        assert max(cache.decodes.values()) == 1
+        peaks[spill_after] = cache.peak_bytes, cache.spill.parked
+        cache.spill.close()
+    assert peaks[None][1] == 0 < peaks[4][1]
+    row_bytes = src.width * cache.block[0] * src.channels
+    assert peaks[4][0] < 0.5 * row_bytes < row_bytes < peaks[None][0]
+
+
 def test_block_cache_memory_is_a_band_not_the_image(tmp_path):
     """A 4096×1024 strip-free tiled image, shards of 512: the cache never holds more than
     about two block rows of the image (the band shared by consecutive shard rows), and of

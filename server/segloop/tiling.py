@@ -45,6 +45,10 @@ class Window:
     sw: int
 
 
+#: shard rows per band of ``TileGrid.shard_order`` (a power of two)
+SHARD_BAND = 8
+
+
 @dataclass(frozen=True)
 class TileGrid:
     height: int
@@ -114,7 +118,7 @@ class TileGrid:
             for sx in range(nx):
                 yield sy, sx
 
-    def shard_order(self, band: int = 8) -> list[tuple[int, int]]:
+    def shard_order(self, band: int = SHARD_BAND) -> list[tuple[int, int]]:
         """Level-0 shards in processing order: bands of ``band`` shard rows (a power of
         two), each band in Z (Morton) order of ``band``² squares, left to right.
 

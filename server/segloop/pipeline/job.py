@@ -146,6 +146,8 @@ def run_stages(
         decoded_chunks=len(reader.cache.decodes),
         max_decodes_per_chunk=max(reader.cache.decodes.values(), default=0),
         cache_peak_mb=round(reader.cache.peak_bytes / 2**20, 1),
+        spilled_parts=reader.cache.spill.parked,
+        spill_peak_mb=round(reader.cache.spill.peak_bytes / 2**20, 1),
     )
     stats["info"] = {
         "gpu_busy": chain.gpu_busy(wall),

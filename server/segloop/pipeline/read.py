@@ -6,28 +6,92 @@ that touches them (≈ 2.25× the image for 512² source tiles and 2048² shards
 ``BlockCache`` notes upfront which shard reads need each block (a whole number of
 source chunks), decodes a block on first use, and after each read keeps only the part of
 it that reads still to come need (for the next row of shards: the halo rows), dropping it
-after its last: memory holds the halo band shared with shards not yet read, not whole
-rows of blocks, so it does not grow with the image's width.
+after its last. A kept part next needed more than ``spill_after`` reads later (at a band
+boundary of ``TileGrid.shard_order``: a block row as wide as the image, needed again a
+band later) waits in an unlinked temporary file instead (``SpillFile``), so memory does
+not grow with the image's width; the page cache holds it, reclaimable.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import IO
 
 import numpy as np
 
 from segloop.io.source import ImageSource
 from segloop.pipeline.stages import StageStats
-from segloop.tiling import TileGrid, Window
+from segloop.tiling import SHARD_BAND, TileGrid, Window
 
 Box = tuple[int, int, int, int]  # (y0, y1, x0, x1), level-0 pixels
 #: smallest cache block side (px): tiny source tiles or strips are decoded in groups
 MIN_BLOCK = 256
+#: reads ahead beyond which a kept part is spilled: two ``shard_order`` squares of shards,
+#: so only band-boundary parts of an image wider than two squares go to disk
+SPILL_AFTER = 2 * SHARD_BAND**2
+
+
+class SpillFile:
+    """Arrays parked in one unlinked temporary file (``$TMPDIR``), its space reused by
+    size: holds at most what is parked at once. Thread-safe; gone when the job ends."""
+
+    def __init__(self) -> None:
+        self._file: IO[bytes] | None = None
+        self._end = 0
+        self._free: dict[int, list[int]] = {}  # bytes → free offsets of that size
+        self._lock = threading.Lock()
+        self.parked = 0  # parts written, over the job
+        self.peak_bytes = 0  # most bytes parked at once
+        self._bytes = 0
+
+    def put(self, a: np.ndarray) -> tuple[int, tuple[int, ...], np.dtype]:
+        """Park ``a``; returns its handle for ``take``."""
+        n = a.nbytes
+        with self._lock:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="segloop-spill-")  # noqa: SIM115
+            free = self._free.get(n)
+            if free:
+                offset = free.pop()
+            else:
+                offset, self._end = self._end, self._end + n
+            self.parked += 1
+            self._bytes += n
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
+            fd = self._file.fileno()
+        os.pwrite(fd, np.ascontiguousarray(a).data, offset)
+        return offset, a.shape, a.dtype
+
+    def take(self, handle: tuple[int, tuple[int, ...], np.dtype]) -> np.ndarray:
+        """The array parked as ``handle``; its space is free again."""
+        offset, shape, dtype = handle
+        out = np.empty(shape, dtype)
+        assert self._file is not None
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        got = os.preadv(self._file.fileno(), [view], offset)
+        if got != out.nbytes:
+            raise OSError(f"spill file: read {got} of {out.nbytes} bytes at {offset}")
+        self.free(handle)
+        return out
+
+    def free(self, handle: tuple[int, tuple[int, ...], np.dtype]) -> None:
+        """Give the space of ``handle`` back (``take`` does it)."""
+        offset, shape, dtype = handle
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        with self._lock:
+            self._free.setdefault(n, []).append(offset)
+            self._bytes -= n
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 class BlockCache:
@@ -35,11 +99,20 @@ class BlockCache:
     reads announced in ``boxes`` (the job's read boxes, in any order).
 
     ``decodes`` counts decodes per source chunk (``(chunk row, chunk col)``); a job that
-    reads only announced boxes leaves every count at 1.
+    reads only announced boxes leaves every count at 1. ``boxes`` come in the order they
+    will be read: a kept part next needed more than ``spill_after`` reads after the
+    furthest read so far is parked in ``spill`` (None: never).
     """
 
-    def __init__(self, src: ImageSource, boxes: Iterable[Box]) -> None:
+    def __init__(
+        self, src: ImageSource, boxes: Iterable[Box], spill_after: int | None = SPILL_AFTER
+    ) -> None:
         self.src = src
+        self.spill_after = spill_after
+        self.spill = SpillFile()
+        self._order: dict[Box, int] = {}  # box → its place in the read order
+        self._at = -1  # the furthest box read so far, in that order
+        self._parked: dict[tuple[int, int], tuple[int, int, tuple]] = {}  # (y0, x0, handle)
         self.decodes: Counter[tuple[int, int]] = Counter()
         self.peak_blocks = 0  # most blocks held at once
         self.peak_bytes = 0  # most decoded bytes held at once
@@ -53,7 +126,8 @@ class BlockCache:
         self.block = tuple(c * -(-MIN_BLOCK // c) for c in chunk)
         #: per block, the announced reads that still need it
         self._pending: dict[tuple[int, int], list[Box]] = {}
-        for b in boxes:
+        for i, b in enumerate(boxes):
+            self._order.setdefault(b, i)
             for key in self._blocks(b):
                 self._pending.setdefault(key, []).append(b)
         #: per block, a future of (y0, x0, pixels): what is kept of it, at that origin
@@ -68,6 +142,10 @@ class BlockCache:
         ]
 
     def _decode(self, key: tuple[int, int]) -> tuple[int, int, np.ndarray]:
+        with self._lock:
+            parked = self._parked.pop(key, None)
+        if parked is not None:  # decoded before, kept in the spill file
+            return parked[0], parked[1], self.spill.take(parked[2])
         (bh, bw), (ch, cw) = self.block, self.chunk
         y0, x0 = key[0] * bh, key[1] * bw
         y1, x1 = min(self.src.height, y0 + bh), min(self.src.width, x0 + bw)
@@ -126,15 +204,29 @@ class BlockCache:
         y1 = min(oy + data.shape[0], max(b[1] for b in pending))
         x0 = max(ox, min(b[2] for b in pending))
         x1 = min(ox + data.shape[1], max(b[3] for b in pending))
-        if (y1 - y0) * (x1 - x0) >= data.shape[0] * data.shape[1]:
+        far = self.spill_after is not None and (
+            min(self._order.get(b, self._at) for b in pending) - self._at > self.spill_after
+        )
+        if not far and (y1 - y0) * (x1 - x0) >= data.shape[0] * data.shape[1]:
             return
-        kept: Future = Future()
-        kept.set_result((y0, x0, data[y0 - oy : y1 - oy, x0 - ox : x1 - ox].copy()))
+        part = data[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+        if far:
+            handle = self.spill.put(part)
+        else:
+            kept: Future = Future()
+            kept.set_result((y0, x0, part.copy()))
         with self._lock:
             if self._cached.get(key) is not fut:  # replaced or dropped meanwhile
+                if far:
+                    self.spill.free(handle)
                 return
-            self._cached[key] = kept
-            self._account(key, kept.result()[2].nbytes)
+            if far:  # the next read finds no future: _decode takes it back from the file
+                del self._cached[key]
+                self._parked[key] = (y0, x0, handle)
+                self._held_bytes -= self._bytes.pop(key, 0)
+            else:
+                self._cached[key] = kept
+                self._account(key, part.nbytes)
 
     def read(self, box: Box) -> np.ndarray:
         """Region ``box`` → (h, w, C) in the source dtype."""
@@ -142,6 +234,8 @@ class BlockCache:
         if self.block is None:
             return self.src.read(y0, y1, x0, x1)
         out = np.empty((y1 - y0, x1 - x0, self.src.channels), self.src.dtype)
+        with self._lock:
+            self._at = max(self._at, self._order.get(box, self._at))
         for key in self._blocks(box):
             by0, bx0, data = self._get(key)
             r0, r1 = max(y0, by0), min(y1, by0 + data.shape[0])
@@ -241,7 +335,7 @@ class ShardReader:
         self.halo_overhead = (
             sum(w.sh * w.sw for w in wins) / sum(w.h * w.w for w in wins) if wins else None
         )
-        self.cache = BlockCache(src, (p[1] for p in self.plans.values()))
+        self.cache = BlockCache(src, (p[1] for p in self.plans.values()), SPILL_AFTER)
         self._lock = threading.Lock()
 
     def _read(self, key: tuple[int, int]) -> ShardWork:
@@ -255,10 +349,13 @@ class ShardReader:
 
     def __iter__(self) -> Iterator[ShardWork]:
         pending: deque[Future] = deque()
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="segloop-read") as pool:
-            for key in self.shards:
-                pending.append(pool.submit(self._read, key))
-                if len(pending) > self.workers:
+        try:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="segloop-read") as pool:
+                for key in self.shards:
+                    pending.append(pool.submit(self._read, key))
+                    if len(pending) > self.workers:
+                        yield pending.popleft().result()
+                while pending:
                     yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+        finally:
+            self.cache.spill.close()
