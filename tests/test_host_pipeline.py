@@ -245,3 +245,24 @@ def test_pyramid_quarters_stay_few_in_shard_order(tmp_path, monkeypatch):
     assert peak("z.zarr") <= bound
     monkeypatch.setattr(TileGrid, "shard_order", lambda self, band=8: list(self.shards()))
     assert peak("rows.zarr") > bound
+
+
+def test_a_full_temporary_folder_is_a_user_error(monkeypatch):
+    """The spill file cannot be written (here: the folder is full): one message naming the
+    temporary folder and TMPDIR, not a traceback about the store."""
+    import errno
+    import os
+
+    from segloop.errors import UserError
+    from segloop.pipeline import read
+
+    spill = read.SpillFile()
+
+    def full(*_a):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(read.os, "pwrite", full)
+    with pytest.raises(UserError, match="TMPDIR") as err:
+        spill.put(np.zeros((4, 4, 3), np.uint8))
+    assert "No space left" in str(err.value)
+    spill.close()

@@ -26,6 +26,7 @@ from typing import IO
 
 import numpy as np
 
+from segloop.errors import UserError
 from segloop.io.source import ImageSource
 from segloop.pipeline.stages import StageStats
 from segloop.tiling import SHARD_BAND, TileGrid, Window
@@ -56,7 +57,10 @@ class SpillFile:
         n = a.nbytes
         with self._lock:
             if self._file is None:
-                self._file = tempfile.TemporaryFile(prefix="segloop-spill-")  # noqa: SIM115
+                try:
+                    self._file = tempfile.TemporaryFile(prefix="segloop-spill-")  # noqa: SIM115
+                except OSError as exc:
+                    raise _spill_error(exc) from exc
             free = self._free.get(n)
             if free:
                 offset = free.pop()
@@ -66,7 +70,10 @@ class SpillFile:
             self._bytes += n
             self.peak_bytes = max(self.peak_bytes, self._bytes)
             fd = self._file.fileno()
-        os.pwrite(fd, np.ascontiguousarray(a).data, offset)
+        try:
+            os.pwrite(fd, np.ascontiguousarray(a).data, offset)
+        except OSError as exc:
+            raise _spill_error(exc) from exc
         return offset, a.shape, a.dtype
 
     def take(self, handle: tuple[int, tuple[int, ...], np.dtype]) -> np.ndarray:
@@ -92,6 +99,14 @@ class SpillFile:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _spill_error(exc: OSError) -> UserError:
+    return UserError(
+        f"cannot keep decoded rows in the temporary folder {tempfile.gettempdir()}: "
+        f"{exc.strerror or exc}; free space there or set TMPDIR to a folder with room, "
+        "and run the same command to resume"
+    )
 
 
 class BlockCache:
