@@ -90,6 +90,8 @@ def test_bench_segment_reports_side_by_side(tmp_path):
     ):
         assert isinstance(r[key], float) and r[key] > 0, key
     assert abs(r["efficiency"] - r["end_to_end_mpx_s"] / r["model_only_mpx_s"]) < 0.01
+    assert abs(r["efficiency_vs_cold"] - r["end_to_end_mpx_s"] / r["model_only_cold_mpx_s"]) < 0.01
+    assert set(r["warmup_times_s"]) == set(r["all_times_s"])
     assert abs(r["vs_monai"] - r["end_to_end_mpx_s"] / r["monai_mpx_s"]) < 0.01
     assert r["machine"]["cores"] >= 1
     assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.md"))
