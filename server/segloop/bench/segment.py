@@ -7,14 +7,14 @@
   batch, predictor = the same ONNX Runtime session, input already in memory as a tensor;
   its output is post-processed and written to the same zarr layout. ``monai_torch``: the
   same with the torch module, as MONAI users usually run it (labelled as such).
-- model-only cold: the same, but a fresh runtime per run (session start and its first
-  windows' memory included, as every job pays them).
-All rates count output pixels. One untimed round of every pipeline comes first: the
-process's peak memory is then touched once before timing (on a VM the first touch of
-memory beyond the guest's earlier high-water mark costs several times the kernel time;
-measured 2026-12-03, 8.9 vs 1.2 s of system time for the same 2144² job, right after a
-model-only pass had grown a second session). Timed rounds alternate (A, B, C, A, B, C) and
-the best of each is kept; CPU time used by other processes during the run is recorded.
+- "fresh runtime" variants of model-only and MONAI: a new runtime per run, its start
+  timed, as every job (segloop's end-to-end included) starts one. On a VM whose balloon
+  hands freed pages back to the host, faulting memory in costs several times more when it
+  was freed seconds earlier (``first_touch_s_per_gb``, recorded with the machine): a
+  fresh runtime pays that for its activations, a warm session does not.
+All rates count output pixels. One untimed round of every pipeline comes first (JIT, page
+cache), then timed rounds alternate (A, B, C, A, B, C) and the best of each is kept; CPU
+time used by other processes during the run is recorded.
 """
 
 from __future__ import annotations
@@ -76,6 +76,26 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def first_touch_s_per_gb(gib: float = 1.0, idle_s: float = 3.0) -> dict[str, float]:
+    """Seconds per GiB to fault in fresh anonymous memory: right after the same amount was
+    freed (``hot``), and after ``idle_s`` seconds idle (``cold``). On a VM whose balloon
+    reports free pages to the host (Firecracker, some clouds) ``cold`` is several times
+    ``hot``: every job's first touch of its runtime's activations pays it; bare metal
+    shows both alike."""
+
+    def touch() -> float:
+        t0 = time.perf_counter()
+        block = np.ones(int(gib * 2**30) // 8)  # float64, every page written
+        took = time.perf_counter() - t0
+        del block
+        return took / gib
+
+    touch()
+    hot = min(touch(), touch())
+    time.sleep(idle_s)
+    return {"hot": round(hot, 3), "cold": round(touch(), 3), "idle_s": idle_s}
 
 
 def _model_windows(rt, src, grid: TileGrid, batch: int) -> list[np.ndarray]:
@@ -177,9 +197,11 @@ def run_bench(
         )  # fmt: skip
         windows = _model_windows(rt, src, grid, batch)
         model_only = _model_only(windows, rt)
-        model_cold = _model_only(
-            windows, fresh=lambda: create_runtime(runtime, model, threads, **on_gpu)
-        )
+
+        def fresh_runtime():
+            return create_runtime(runtime, model, threads, **on_gpu)
+
+        model_cold = _model_only(windows, fresh=fresh_runtime)
         # host ceiling: the same job with a model that costs nothing (bench/zero_model.py),
         # always ONNX Runtime on the CPU: what the pipeline around any model can feed
         zero_opts = replace(
@@ -199,6 +221,17 @@ def run_bench(
 
             return run
 
+        def monai_cold() -> float:
+            t0 = time.perf_counter()
+            fresh = fresh_runtime()
+            made = time.perf_counter() - t0
+            try:
+                return made + monai_segment(
+                    ort_predictor(fresh), src, grid, MONAI_BATCH, tmp / "monai.zarr"
+                )
+            finally:
+                fresh.close()
+
         # each returns the seconds it was timed for
         runs: dict[str, tuple[str, Callable[[], float]]] = {
             "ceiling": ("host ceiling (zero-cost model)", job("ceiling", zero_opts)),
@@ -209,6 +242,7 @@ def run_bench(
                 "MONAI sliding window (same runtime session)",
                 lambda: monai_segment(predictor, src, grid, MONAI_BATCH, tmp / "monai.zarr"),
             ),
+            "monai_cold": ("MONAI sliding window, fresh runtime", monai_cold),
         }
         times: dict[str, list[float]] = {k: [] for k in runs}
         warmup: dict[str, float] = {}
@@ -239,8 +273,8 @@ def run_bench(
             rss_mb = segloop_peak_rss_mb(image, tmp / "rss.zarr", tile, batch, threads)
             rss_monai = monai_peak_rss_mb(image, tmp / "rss_monai.zarr", tile, MONAI_BATCH, threads)
     best = {k: min(v) for k, v in times.items()}
-    e2e, mo, cold, mon, ceil = (
-        px / 1e6 / best[k] for k in ("e2e", "model", "model_cold", "monai", "ceiling")
+    e2e, mo, cold, mon, mon_cold, ceil = (
+        px / 1e6 / best[k] for k in ("e2e", "model", "model_cold", "monai", "monai_cold", "ceiling")
     )
     cores = len(os.sched_getaffinity(0))
     result: dict[str, Any] = {
@@ -262,6 +296,8 @@ def run_bench(
         "efficiency_vs_cold": round(e2e / cold, 3),
         "monai_mpx_s": round(mon, 3),
         "vs_monai": round(e2e / mon, 3),
+        "monai_cold_mpx_s": round(mon_cold, 3),
+        "vs_monai_cold": round(e2e / mon_cold, 3),
         "monai_torch_mpx_s": round(px / 1e6 / monai_torch_s, 3),
         "vs_monai_torch": round(e2e / (px / 1e6 / monai_torch_s), 3),
         "host_ceiling_mpx_s": round(ceil, 3),
@@ -285,7 +321,7 @@ def run_bench(
         "load_avg_1min_start_end": [round(load0[0], 2), round(load1[0], 2)],
         "all_times_s": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
         "warmup_times_s": warmup,
-        "machine": machine(),
+        "machine": {**machine(), "memory_first_touch_s_per_gb": first_touch_s_per_gb()},
         "gpu": torch.cuda.get_device_name(0) if on_gpu else None,
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -370,6 +406,11 @@ def _save(result: dict[str, Any], folder: Path) -> None:
             f"{1 / result['vs_monai']:.2f}",
         ),
         (
+            "MONAI sliding window, fresh runtime per run",
+            result["monai_cold_mpx_s"],
+            f"{1 / result['vs_monai_cold']:.2f}",
+        ),
+        (
             "MONAI sliding window, torch module",
             result["monai_torch_mpx_s"],
             f"{1 / result['vs_monai_torch']:.2f}",
@@ -391,12 +432,16 @@ def _save(result: dict[str, Any], folder: Path) -> None:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB. Tile {result['tile']}"
         f" + halo {result['halo']}, batch {result['batch']}, {result['threads']} threads. "
         f"CPU used by other processes during the run: {result['foreign_cpu_s']} s; 1-min load "
-        f"average at start / end {result['load_avg_1min_start_end']}. One untimed warm-up "
+        f"average at start / end {result['load_avg_1min_start_end']}. Faulting in fresh "
+        f"memory: {m['memory_first_touch_s_per_gb']['hot']} s/GiB right after a free, "
+        f"{m['memory_first_touch_s_per_gb']['cold']} s/GiB after "
+        f"{m['memory_first_touch_s_per_gb']['idle_s']} s idle. One untimed warm-up "
         f"round of every pipeline, then {result['rounds']} timed rounds, best kept.\n\n"
         f"| pipeline | Mpx/s | relative to segloop |\n|---|---|---|\n{table}\n\n"
         f"efficiency (end-to-end / model-only) = **{result['efficiency']}** "
         f"({result['efficiency_vs_cold']} against the fresh runtime), "
-        f"vs_monai = **{result['vs_monai']}**, vs_monai_torch = {result['vs_monai_torch']}"
+        f"vs_monai = **{result['vs_monai']}** ({result['vs_monai_cold']} against the fresh "
+        f"runtime), vs_monai_torch = {result['vs_monai_torch']}"
         + (
             f"; peak RSS segloop {result['peak_rss_mb']} MB vs MONAI "
             f"{result['monai_peak_rss_mb']} MB (each in its own process, same image).\n"
