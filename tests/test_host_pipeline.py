@@ -266,3 +266,34 @@ def test_a_full_temporary_folder_is_a_user_error(monkeypatch):
         spill.put(np.zeros((4, 4, 3), np.uint8))
     assert "No space left" in str(err.value)
     spill.close()
+
+
+def test_segment_batch_runs_every_slide_on_one_runtime(slide, tmp_path, monkeypatch):
+    """A local batch opens one runtime for all its slides (the model loads and fills its
+    memory once); each store is bit-identical to its slide segmented on its own."""
+    import segloop.pipeline.job as job
+    from segloop.pipeline.batch import run_batch
+    from segloop.pipeline.segment import SegmentOptions, segment
+
+    second = tmp_path / "other.ome.tif"
+    write_ome_tiff(second, 700, 900, seed=3)
+    opts = SegmentOptions(tile=256, shard=256, threads=1)
+    made = []
+    real = job.create_runtime
+
+    def counted(*args, **kwargs):
+        made.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job, "create_runtime", counted)
+    rows = run_batch([slide[0], second], tmp_path / "out", opts)
+    assert [r["status"] for r in rows] == ["complete", "complete"]
+    assert made == ["onnx"]
+    for image, name in ((slide[0], "slide.zarr"), (second, "other.zarr")):
+        alone = tmp_path / f"alone-{name}"
+        segment(image, alone, opts)
+        batch, ref = read_store(tmp_path / "out" / name), read_store(alone)
+        assert batch.keys() == ref.keys()
+        for key in ref:
+            np.testing.assert_array_equal(batch[key], ref[key], err_msg=key)
+    assert len(made) == 3  # the two single runs made their own

@@ -3,7 +3,8 @@
 Finished stores are skipped (``already-complete``), unfinished ones resume, and a slide
 that fails (unreadable, corrupt) is reported in the summary while the others go on.
 With a Dask cluster, ``concurrency`` slides are in flight at once (their bands share the
-workers); without one, slides run one after another with all local cores.
+workers); without one, slides run one after another with all local cores, on one
+runtime (the model loaded once).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 
 from segloop.errors import UserError
 from segloop.io.location import Location, is_url
+from segloop.pipeline.job import job_runtime
 from segloop.pipeline.segment import SegmentOptions, segment
+from segloop.runtimes import Runtime
 
 SUMMARY = "segloop-batch.tsv"
 COLUMNS = ("image", "mpx", "seconds", "mpx_s", "status", "error")
@@ -45,7 +48,9 @@ def store_name(image: Path | str) -> str:
     return name.rsplit(".", 1)[0] + ".zarr"
 
 
-def _one(image: Path | str, out_dir: Location, opts: SegmentOptions, cluster) -> dict[str, Any]:
+def _one(
+    image: Path | str, out_dir: Location, opts: SegmentOptions, cluster, runtime: Runtime | None
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     row: dict[str, Any] = {"image": str(image), "mpx": None, "mpx_s": None, "error": ""}
     try:
@@ -54,7 +59,7 @@ def _one(image: Path | str, out_dir: Location, opts: SegmentOptions, cluster) ->
             if out_dir.local
             else Location(f"{out_dir.url}/{store_name(image)}", out_dir.options)
         )
-        summary = segment(image, out, opts, cluster=cluster)
+        summary = segment(image, out, opts, cluster=cluster, runtime=runtime)
         h, w = summary["params"]["source"]["shape"]
         row.update(mpx=round(h * w / 1e6, 1), status=summary["status"])
     except UserError as exc:
@@ -85,13 +90,22 @@ def run_batch(
     if not out_dir.exists():
         out_dir.makedirs()
     workers = max(1, concurrency) if cluster is not None else 1
-    with ThreadPoolExecutor(workers, thread_name_prefix="segloop-batch") as pool:
-        futures = [pool.submit(_one, i, out_dir, opts, cluster) for i in images]
-        rows = []
-        for f in futures:
-            rows.append(f.result())
-            if on_row:
-                on_row(rows[-1])
+    # without a cluster the slides run one after another on one runtime: the model loads
+    # and its runtime fills its memory once, not per slide (a cluster's workers keep theirs)
+    runtime = None
+    if cluster is None:
+        runtime = job_runtime(opts)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="segloop-batch") as pool:
+            futures = [pool.submit(_one, i, out_dir, opts, cluster, runtime) for i in images]
+            rows = []
+            for f in futures:
+                rows.append(f.result())
+                if on_row:
+                    on_row(rows[-1])
+    finally:
+        if runtime is not None:
+            runtime.close()
     lines = ["\t".join(COLUMNS)] + [
         "\t".join("" if r[c] is None else str(r[c]).replace("\t", " ") for c in COLUMNS)
         for r in rows

@@ -159,25 +159,34 @@ def run_stages(
     return wall, stats
 
 
-def open_runtime(input_path: Path | str, opts: SegmentOptions) -> tuple[ImageSource, Runtime]:
-    """The job's image (for region reads: the level, resampled or not, at the model's
-    µm/px, ``pipeline.resolution``) and runtime; uint8-only runtimes refuse uint16."""
-    src = open_image(input_path, opts.storage_options)
-    rt = create_runtime(
+def job_runtime(opts: SegmentOptions) -> Runtime:
+    """A new runtime for ``opts``' model (runtime name, threads, its options)."""
+    return create_runtime(
         opts.runtime, resolve_model(opts.model), opts.threads, **opts.runtime_options
     )
-    if isinstance(rt, TileRuntime) and src.dtype != np.uint8:
-        rt.close()
-        raise UserError(
-            f"{input_path}: --runtime {opts.runtime} sends uint8 tiles; this image "
-            f"is {src.dtype}: use --runtime onnx or convert it to uint8"
-        )
+
+
+def open_runtime(
+    input_path: Path | str, opts: SegmentOptions, rt: Runtime | None = None
+) -> tuple[ImageSource, Runtime]:
+    """The job's image (for region reads: the level, resampled or not, at the model's
+    µm/px, ``pipeline.resolution``) and runtime (``rt`` when given: one kept across jobs;
+    else a new one); uint8-only runtimes refuse uint16."""
+    src = open_image(input_path, opts.storage_options)
+    made = rt is None
+    if rt is None:
+        rt = job_runtime(opts)
     try:
-        src = for_model(src, model_mpp(rt.card), opts.mpp)
+        if isinstance(rt, TileRuntime) and src.dtype != np.uint8:
+            raise UserError(
+                f"{input_path}: --runtime {opts.runtime} sends uint8 tiles; this image "
+                f"is {src.dtype}: use --runtime onnx or convert it to uint8"
+            )
+        return for_model(src, model_mpp(rt.card), opts.mpp), rt
     except UserError:
-        rt.close()
+        if made:
+            rt.close()
         raise
-    return src, rt
 
 
 def run_stats(wall: float, pixels: int, stages: dict, opts: SegmentOptions) -> dict[str, Any]:

@@ -139,15 +139,19 @@ def segment(
     opts: SegmentOptions,
     progress: ProgressFn | None = None,
     cluster: Any = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """Segment ``input_path`` into the store ``out``; returns the run summary.
 
     Resumes an unfinished store made with the same parameters; a finished one is left
     as it is (summary ``status: already-complete``). With a Dask ``cluster`` (a
     ``distributed.Client``) the shards are segmented by its workers (``cluster.py``).
+    ``runtime``: an open runtime for ``opts``' model, kept open after (``segment-batch``
+    runs every slide on one, so the model loads and fills its memory once).
     """
     out = Location.of(out, opts.storage_options)
-    src, rt = open_runtime(input_path, opts)
+    src, rt = open_runtime(input_path, opts, runtime)
+    close = rt.close if runtime is None else lambda: None
     card = rt.card
     grid = TileGrid.create(
         src.height,
@@ -161,7 +165,7 @@ def segment(
     params = _params(src, rt, grid, opts.device)
     action, record = _prepare_output(out, params, opts.overwrite)
     if action == "complete":
-        rt.close()
+        close()
         return {**(record or {}), "status": "already-complete", "output": str(out)}
     if action == "create":
         copy = opts.copy_image if opts.copy_image is not None else not src.servable
@@ -210,7 +214,7 @@ def segment(
             stages = {}  # timed per task, inside the workers
     finally:
         manifest.close()
-        rt.close()
+        close()
     store.write_ome_metadata(card["classes"], card["colors"], src.mpp)
     stats = {**run_stats(wall, total - done_px, stages, opts), "resumed": action == "resume"}
     if cluster is not None:
