@@ -92,6 +92,13 @@ def test_bench_segment_reports_side_by_side(tmp_path):
     assert abs(r["efficiency"] - r["end_to_end_mpx_s"] / r["model_only_mpx_s"]) < 0.01
     assert abs(r["efficiency_vs_cold"] - r["end_to_end_mpx_s"] / r["model_only_cold_mpx_s"]) < 0.01
     assert set(r["warmup_times_s"]) == set(r["all_times_s"])
+    assert (
+        abs(
+            r["efficiency_same_runtime"]
+            - r["end_to_end_warm_runtime_mpx_s"] / r["model_only_mpx_s"]
+        )
+        < 0.01
+    )
     assert abs(r["vs_monai"] - r["end_to_end_mpx_s"] / r["monai_mpx_s"]) < 0.01
     assert r["machine"]["cores"] >= 1
     assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.md"))
