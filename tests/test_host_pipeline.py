@@ -297,3 +297,15 @@ def test_segment_batch_runs_every_slide_on_one_runtime(slide, tmp_path, monkeypa
         for key in ref:
             np.testing.assert_array_equal(batch[key], ref[key], err_msg=key)
     assert len(made) == 3  # the two single runs made their own
+
+
+def test_segment_batch_with_a_model_that_cannot_load_leaves_nothing(slide, tmp_path):
+    """The batch's one runtime is made first: a broken model is one line, exit 2, and no
+    output folder."""
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    out = tmp_path / "out"
+    proc = run_cli("segment-batch", slide[0], "-o", out, "--model", bad)
+    assert proc.returncode == 2, proc.stderr
+    assert "not a readable ONNX model" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -86,16 +86,15 @@ def run_batch(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UserError(f"several inputs would write {dupes[0]}; rename them or split the batch")
-    out_dir = Location.of(out_dir, opts.storage_options)
-    if not out_dir.exists():
-        out_dir.makedirs()
-    workers = max(1, concurrency) if cluster is not None else 1
     # without a cluster the slides run one after another on one runtime: the model loads
-    # and its runtime fills its memory once, not per slide (a cluster's workers keep theirs)
-    runtime = None
-    if cluster is None:
-        runtime = job_runtime(opts)
+    # and its runtime fills its memory once, not per slide (a cluster's workers keep
+    # theirs); made first, so a model that cannot load leaves no output folder behind
+    runtime = job_runtime(opts) if cluster is None else None
     try:
+        out_dir = Location.of(out_dir, opts.storage_options)
+        if not out_dir.exists():
+            out_dir.makedirs()
+        workers = max(1, concurrency) if cluster is not None else 1
         with ThreadPoolExecutor(workers, thread_name_prefix="segloop-batch") as pool:
             futures = [pool.submit(_one, i, out_dir, opts, cluster, runtime) for i in images]
             rows = []
