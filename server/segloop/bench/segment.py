@@ -41,6 +41,7 @@ from segloop.bench.zero_model import identity_model
 from segloop.io.formats import open_image
 from segloop.io.ome_zarr import remove_store
 from segloop.kernels.pre import normalise_windows
+from segloop.pipeline.job import job_runtime
 from segloop.pipeline.read import ShardReader, batches
 from segloop.pipeline.segment import (
     BATCH_PIXELS,
@@ -199,11 +200,7 @@ def run_bench(
         )  # fmt: skip
         windows = _model_windows(rt, src, grid, batch)
         model_only = _model_only(windows, rt)
-
-        def fresh_runtime():
-            return create_runtime(runtime, model, threads, **on_gpu)
-
-        model_cold = _model_only(windows, fresh=fresh_runtime)
+        model_cold = _model_only(windows, fresh=lambda: job_runtime(opts))
         # host ceiling: the same job with a model that costs nothing (bench/zero_model.py),
         # always ONNX Runtime on the CPU: what the pipeline around any model can feed
         zero_opts = replace(
@@ -225,7 +222,7 @@ def run_bench(
 
         def monai_cold() -> float:
             t0 = time.perf_counter()
-            fresh = fresh_runtime()
+            fresh = job_runtime(opts)
             made = time.perf_counter() - t0
             try:
                 return made + monai_segment(
