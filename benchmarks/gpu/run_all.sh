@@ -18,8 +18,8 @@
 # $OUT holds exactly 8 files (the device tool returns at most 8).
 #
 # The GPU machine has python3 (3.12) with torch + CUDA, cupy, numba-cuda and no registry:
-# modules it lacks (zarr, numcodecs, donfig, google-crc32c, msgspec, monai) come from
-# benchmarks/gpu/wheels/ (made by wheels.sh where PyPI is reachable, ~12 MB, carried),
+# modules it lacks (zarr, zarrs, numcodecs, donfig, google-crc32c, msgspec, monai) come from
+# benchmarks/gpu/wheels/ (made by wheels.sh where PyPI is reachable, ~19 MB, carried),
 # installed only when they do not import, with `pip --target` into a scratch folder on
 # PYTHONPATH, never over the image's packages. segloop itself is put on PYTHONPATH as a
 # folder of links to this checkout (server/segloop/ → segloop, kernels/segloop/kernels/ →
@@ -68,7 +68,7 @@ SITE=$SCRATCH/site
 WHEELS=${WHEELS:-$ROOT/benchmarks/gpu/wheels}
 mkdir -p "$SITE/segloop"
 installed=()
-for pair in google_crc32c:google_crc32c donfig:donfig numcodecs:numcodecs zarr:zarr \
+for pair in google_crc32c:google_crc32c donfig:donfig numcodecs:numcodecs zarr:zarr zarrs:zarrs \
     msgspec:msgspec monai:monai; do
     mod=${pair%%:*} whl=${pair#*:}
     PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} "$PY" -c "import $mod" 2>/dev/null && continue

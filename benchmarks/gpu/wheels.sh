@@ -2,7 +2,8 @@
 # Gather, on a machine that reaches PyPI, the wheels the lent GPU machine lacks for
 # run_all.sh. That machine has Python 3.12 (python3) with torch 2.11 + CUDA 13, cupy,
 # numba-cuda, onnx, onnxruntime (CPU), scipy, scikit-image, tifffile, rich, psutil,
-# pyyaml, packaging, typing-extensions, aiohttp; it lacks zarr 3 and what zarr imports
+# pyyaml, packaging, typing-extensions, aiohttp; it lacks zarr 3, zarrs (the write stage's
+# codec pipeline) and what zarr imports
 # (numcodecs, donfig, google-crc32c: zarr 3 imports `google_crc32c`, not `crc32c`),
 # msgspec (segloop's manifest) and monai (the peer). Versions = this project's venv.
 # They go to benchmarks/gpu/wheels/ (ignored by git) and travel with the run
@@ -18,7 +19,7 @@ rm -rf wheels && mkdir wheels
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux1_x86_64 \
-    zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 \
+    zarr==3.1.6 zarrs==0.2.3 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 \
     msgspec==0.23.0 monai==1.6.0
 du -sh wheels
 ls wheels

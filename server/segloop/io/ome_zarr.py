@@ -59,10 +59,6 @@ _PREFIX = {"image": "", "segmentation": "labels/segmentation/", "confidence": "c
 # zstd-1 without shuffle: measured fastest to write at about the same ratio (labels ~33×);
 # then a crc32c of each compressed chunk, so `segloop check` and every read catch damage
 _COMPRESSOR = (BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle"), Crc32cCodec())
-# per layer (16 chunks of 512², the shipped / zero-cost model's output, 2-core EPYC): labels
-# zstd-1 on bit planes (a few classes: the high planes vanish) 5.8 vs 7.2 ms, 205 vs 189 KB
-# (zero-cost: 5.2 vs 9.9 ms, 266 vs 499 KB). Confidence stays zstd-1: lz4 took 3.4 vs 7.6 ms
-# but 646 vs 388 KB (store ÷ source 0.66 → 0.97 on the 4096² bench image)
 #: the codec pipeline of the arrays the write stage writes (``OutputStore.shard_part``):
 #: zarrs, in Rust, encodes a shard's chunks off the GIL without zarr-python's per-chunk
 #: Python (2048² labels + confidence: 36 vs 56 ms CPU, 24 vs 37 ms wall, 2-core Xeon).
@@ -73,7 +69,7 @@ _WRITE_OPEN = threading.Lock()  # zarr's config is global: one opening at a time
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
-def as_os_error(exc: BaseException) -> BaseException:
+def _as_os_error(exc: BaseException) -> BaseException:
     """``exc`` as the OSError it is when zarrs reports one as ``RuntimeError("… (os error
     N)")`` (errno N: a full disk, a denied write), so that disk-full and permission
     handling see it; any other exception unchanged."""
@@ -83,6 +79,10 @@ def as_os_error(exc: BaseException) -> BaseException:
     return exc
 
 
+# per layer (16 chunks of 512², the shipped / zero-cost model's output, 2-core EPYC): labels
+# zstd-1 on bit planes (a few classes: the high planes vanish) 5.8 vs 7.2 ms, 205 vs 189 KB
+# (zero-cost: 5.2 vs 9.9 ms, 266 vs 499 KB). Confidence stays zstd-1: lz4 took 3.4 vs 7.6 ms
+# but 646 vs 388 KB (store ÷ source 0.66 → 0.97 on the 4096² bench image)
 _LAYER_COMPRESSOR = {
     "segmentation": (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"), Crc32cCodec()),
     "confidence": _COMPRESSOR,
@@ -287,11 +287,11 @@ class OutputStore:
         """Write ``parts`` concurrently, in one call into zarr's event loop. Each call of
         zarr's sync API is a round trip through that one thread, slow while other stages
         hold the cores (the write stage's numbers: ``pipeline/write.py``). A file error
-        inside zarrs is raised as the OSError it is (``as_os_error``)."""
+        inside zarrs is raised as the OSError it is (``_as_os_error``)."""
         try:
             sync(_set_all(parts))
         except RuntimeError as exc:
-            raise as_os_error(exc) from exc
+            raise _as_os_error(exc) from exc
 
     def write(self, layer: str, level: int, box: tuple[int, int, int, int], data: np.ndarray):
         """Write one whole shard ``box`` = (y0, y1, x0, x1); data (…, y1-y0, x1-x0)."""

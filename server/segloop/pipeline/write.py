@@ -8,11 +8,13 @@ layer its own call, was 2.7 vs 1.8 busy s summed, 1.3 vs 1.25 s with any write r
 then the shard is listed in the manifest (resume) and the pyramid writes a parent as
 soon as its last child is in, the same way.
 
-Two pools: **threads**, or **processes** for big jobs on many cores. The codecs release
-the GIL, but zarr-python's per-chunk asyncio bookkeeping does not and all of it runs on
-one event-loop thread per process: measured here, two writer threads alone wrote 16
-shards no faster than one (3.1 s each), so writers on every core of a big host means a
-zarr per process. A process gets the shard's arrays pickled (≈ 2 bytes per pixel, plus
+Two pools: **threads**, or **processes** for big jobs on many cores. The processes were
+chosen when zarr-python's per-chunk asyncio bookkeeping, holding the GIL on one event-loop
+thread per process, was most of a write (two writer threads wrote 16 shards no faster than
+one). The writer's arrays now encode in zarrs (``io/ome_zarr.py``), off the GIL: 16 shards
+of 2048² took 0.40–0.49 s on two threads vs 0.52–0.71 s on one (2 cores); whether threads
+now match processes on ≥ 4 cores is not measured, so the rule below stays.
+A process gets the shard's arrays pickled (≈ 2 bytes per pixel, plus
 the image when the store copies it). On 2 cores threads won in the pipeline (8192²,
 zero-cost model: 13–15.5 vs 9–10 Mpx/s), since decode, pre and post release the GIL
 while two more processes only compete for the cores.
