@@ -58,12 +58,10 @@ def masks(size: int) -> tuple[np.ndarray, np.ndarray]:
 def write_all(store: OutputStore, labels: np.ndarray, conf: np.ndarray, writers: int) -> None:
     """Every shard of level 0 in one ``put`` each (labels, confidence, per-tile arrays)."""
     grid, per = store.grid, store.grid.shard // store.grid.tile
-    ny, nx = -(-grid.height // grid.shard), -(-grid.width // grid.shard)
     tiles = np.zeros((per, per), np.float32)
 
     def one(sy: int, sx: int) -> None:
-        y0, x0 = sy * grid.shard, sx * grid.shard
-        box = (y0, min(y0 + grid.shard, grid.height), x0, min(x0 + grid.shard, grid.width))
+        box = grid.shard_box(sy, sx)
         cut = (slice(box[0], box[1]), slice(box[2], box[3]))
         store.put(
             store.shard_part("segmentation", 0, box, labels[cut]),
@@ -72,8 +70,8 @@ def write_all(store: OutputStore, labels: np.ndarray, conf: np.ndarray, writers:
             store.tiles_part("model_version", sy, sx, tiles.astype(np.uint16)),
         )
 
-    with ThreadPoolExecutor(writers) as pool:
-        list(pool.map(lambda s: one(*s), [(sy, sx) for sy in range(ny) for sx in range(nx)]))
+    with ThreadPoolExecutor(writers) as pool:  # the job's own shard order
+        list(pool.map(lambda s: one(*s), grid.shard_order()))
 
 
 def one_round(variant: str, size: int, writers: int, labels, conf, where: Path) -> dict:
