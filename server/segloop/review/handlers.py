@@ -48,7 +48,11 @@ async def decode(request: web.Request, kind: type):
     be sent as ``Content-Type: application/json`` (an empty body needs none)."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise json_error(413, f"body larger than {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
+    # StreamReader.read(n) returns what has arrived so far, not the whole body: a large
+    # body sent in several TCP segments would be cut (→ a bogus "malformed JSON")
+    raw = bytearray()
+    while len(raw) <= MAX_BODY and (part := await request.content.read(MAX_BODY + 1 - len(raw))):
+        raw += part
     if len(raw) > MAX_BODY:
         raise json_error(413, f"body larger than {MAX_BODY} bytes")
     if raw and request.content_type != "application/json":
