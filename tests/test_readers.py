@@ -9,6 +9,7 @@ import zarr
 from PIL import Image
 
 from segloop.io.formats import open_image
+from segloop.io.tiff_level import TiffLevel
 
 rng = np.random.default_rng(0)
 H, W = 301, 257  # odd sizes on purpose
@@ -64,6 +65,16 @@ def test_tiff_jpeg_and_pyramid(tmp_path):
     assert src.shape == (H, W)  # level 0 of the pyramid
     ref = tifffile.imread(f)
     assert np.array_equal(src.read(10, 90, 20, 200), ref[10:90, 20:200])
+    # every level of a local file is decoded by TiffLevel (no zarr), tile by tile, to
+    # the pixels tifffile's own zarr store gives, across tile borders and image edges
+    store = zarr.open_group(tifffile.imread(f, aszarr=True, level=None), mode="r")
+    for k in range(2):
+        level = src.pyramid_level(k)
+        assert isinstance(level._array, TiffLevel)
+        want = np.asarray(store[str(k)])
+        h, w = want.shape[:2]
+        for y0, y1, x0, x1 in ((0, h, 0, w), (63, 65, 0, w), (5, h, 127, w), (64, 128, 64, 128)):
+            assert np.array_equal(level.read(y0, y1, x0, x1), want[y0:y1, x0:x1])
 
 
 def test_striped_full_width_decodes_each_strip_once(tmp_path):

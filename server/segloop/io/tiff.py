@@ -17,6 +17,7 @@ from segloop.errors import UserError
 from segloop.io.location import Location
 from segloop.io.pixel_size import from_ppi, um_per_unit
 from segloop.io.source import ImageSource, Mpp, file_fingerprint, stream_fingerprint
+from segloop.io.tiff_level import TiffLevel
 
 #: TIFF ResolutionUnit (inch, centimetre, millimetre, micrometre) → units per inch
 _PER_INCH = {2: 1.0, 3: 2.54, 4: 25.4, 5: 25400.0}
@@ -82,7 +83,7 @@ def tiff_mpp(tif: tifffile.TiffFile, series: tifffile.TiffPageSeries) -> Mpp | N
         return None  # unreadable metadata: unknown, like none at all
 
 
-def _main_series(tif: tifffile.TiffFile) -> int:
+def main_series(tif: tifffile.TiffFile) -> int:
     """Series 0, except in Leica SCN files, which may list the slide overview (macro)
     first: there the image with the most pixels."""
     if not tif.is_scn:
@@ -90,10 +91,20 @@ def _main_series(tif: tifffile.TiffFile) -> int:
     return max(range(len(tif.series)), key=lambda i: math.prod(tif.series[i].shape))
 
 
+def _direct(loc: Location, level: tifffile.TiffPageSeries) -> TiffLevel | None:
+    """The level read by ``TiffLevel`` (a local file, one page holding the level's
+    pixels), or None: tifffile's zarr store reads it (remote files, multi-page levels)."""
+    page = level.pages[0] if len(level.pages) == 1 else None
+    if not loc.local or not TiffLevel.readable(page) or tuple(level.shape) != page.shape:
+        return None
+    return TiffLevel(loc.path, page)
+
+
 def open_tiff(path: Path | Location) -> ImageSource:
     """Level 0 of the first series. Checks that every tile/strip lies inside the file,
     so a truncated file or a header claiming a huge image fails before any work. A
-    remote file (fsspec) is read through one open handle, by byte ranges."""
+    local single-page level is read by ``TiffLevel``; other levels and remote files
+    (fsspec: one open handle, by byte ranges) through tifffile's zarr store."""
     loc = Location.of(path)
     try:
         if loc.local:
@@ -101,7 +112,7 @@ def open_tiff(path: Path | Location) -> ImageSource:
         else:
             source, size = loc.fs.open(loc.url, "rb"), loc.fs.size(loc.url)
         with tifffile.TiffFile(source) as tif:
-            index = _main_series(tif)
+            index = main_series(tif)
             series = tif.series[index]
             level = series.levels[0]
             axes = level.axes
@@ -125,21 +136,23 @@ def open_tiff(path: Path | Location) -> ImageSource:
                         f"{path}: truncated or corrupt TIFF (image data runs past the end of "
                         f"the {size}-byte file); re-copy or re-export it"
                     )
-        if not loc.local:
-            source.seek(0)  # tifffile takes a stream's position as the file's start
-        # maxworkers > 1: tifffile decodes chunks in worker threads (imagecodecs releases
-        # the GIL); with 1 it would decode on zarr's single event-loop thread. One store
-        # holds every level (arrays "0", "1", …) over one file handle.
-        store = tifffile.imread(
-            source,
-            aszarr=True,
-            series=index,
-            level=None,
-            multiscales=True,
-            maxworkers=max(2, os.cpu_count() or 2),
-        )
-        group = zarr.open_group(store, mode="r")
-        arrays = [group[str(k)] for k in range(len(series.levels))]
+            arrays = [_direct(loc, lv) for lv in series.levels]
+        if any(a is None for a in arrays):
+            if not loc.local:
+                source.seek(0)  # tifffile takes a stream's position as the file's start
+            # maxworkers > 1: tifffile decodes chunks in worker threads (imagecodecs
+            # releases the GIL); with 1 it would decode on zarr's single event-loop thread.
+            # One store holds every level (arrays "0", "1", …) over one file handle.
+            store = tifffile.imread(
+                source,
+                aszarr=True,
+                series=index,
+                level=None,
+                multiscales=True,
+                maxworkers=max(2, os.cpu_count() or 2),
+            )
+            group = zarr.open_group(store, mode="r")
+            arrays = [group[str(k)] if a is None else a for k, a in enumerate(arrays)]
         if loc.local:
             fingerprint = file_fingerprint(loc.path)
         else:

@@ -35,6 +35,7 @@ from segloop.io.formats import TIFF_MAGIC, open_image
 from segloop.io.location import Location, is_url
 from segloop.io.ome_zarr import StoreLock, array_path, read_record, write_record
 from segloop.io.source import ImageSource
+from segloop.io.tiff import main_series
 from segloop.kernels.pyramid import downsample_mean
 
 JPEG = 7  # TIFF compression tag value
@@ -173,14 +174,10 @@ class StoreImage:
             self._fd = os.open(loc.path, os.O_RDONLY)  # pass-through reads: os.pread
         else:  # by byte ranges, through fsspec; no pass-through
             self._tif = tifffile.TiffFile(loc.fs.open(loc.url, "rb"))
-        series = self._tif.series[0]
+        series = self._tif.series[main_series(self._tif)]  # the one ``src`` reads
         out: dict[tuple[int, int], _Level] = {}
-        workers = max(2, os.cpu_count() or 2)
-        for i, lv in enumerate(series.levels):
-            reader = src if i == 0 else None
-            if reader is None:
-                arr = zarr.open_array(lv.aszarr(maxworkers=workers), mode="r")
-                reader = ImageSource(arr, lv.axes, Path(path), src.fingerprint)
+        for i, lv in enumerate(series.levels[: src.pyramid_levels]):
+            reader = src.pyramid_level(i)
             level = _Level(reader.shape, reader)
             page = lv.pages[0] if len(lv.pages) == 1 else None
             if (
