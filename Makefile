@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml constraints.txt review_ui/package.json review_ui/packag
 	@echo "make install: Debian's chromium for the browser tests (skipped when present)"
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
 	    || echo "make install: could not install chromium; browser tests will be skipped" >&2
+	@# numba compiles its kernels on first use (a first job or server start: 9–17 s each);
+	@# compile them once now into $(NUMBA_CACHE_DIR), which every target here uses
+	@echo "make install: compiling numba's kernels once (≈ 40 s)"
+	$(VENV)/bin/segloop warm-up || echo "make install: warm-up failed; the first job compiles the kernels instead" >&2
 	touch $(STAMP)
 
 # segments an 8192² synthetic slide, scores it, then serves it: open the printed URL
