@@ -32,7 +32,6 @@ class TiffLevel:
         self.shape = tuple(int(s) for s in page.shape)
         self.dtype = np.dtype(page.dtype)
         self.chunks = tuple(int(c) for c in page.chunks)
-        self.ndim = len(self.shape)
         #: chunks along y and x (tifffile's chunk grid; trailing sample axis dropped)
         self._grid = tuple(int(n) for n in page.chunked[:2])
         self._offsets = np.asarray(page.dataoffsets, np.int64)
