@@ -3,7 +3,10 @@ JSON error naming the file, never a bare 500."""
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -30,9 +33,20 @@ def _shard(store: Path, array: str = SEG0, key: str = "0/0") -> Path:
 
 
 def _flip_inner_byte(path: Path) -> None:
-    """Flip one byte inside the first stored inner chunk (not the shard index)."""
+    """Flip one byte inside the shard's first inner chunk, (0, 0) or (0, 0, 0): its offset
+    from the shard index at the file's end (inner chunks lie in any order, as the writer
+    finished them; the index is (offset, nbytes) uint64 pairs in C order + its crc32c)."""
     raw = bytearray(path.read_bytes())
-    raw[10] ^= 0xFF
+    array = path
+    while not (array / "zarr.json").is_file():
+        array = array.parent
+    meta = json.loads((array / "zarr.json").read_text())
+    inner = meta["codecs"][0]["configuration"]["chunk_shape"]
+    outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    n = math.prod(o // i for o, i in zip(outer, inner, strict=True))
+    offset, nbytes = struct.unpack_from("<QQ", raw, len(raw) - 4 - 16 * n)
+    assert nbytes != 2**64 - 1, f"{path}: its first inner chunk is not stored"
+    raw[offset + nbytes // 2] ^= 0xFF
     path.write_bytes(raw)
 
 
