@@ -29,6 +29,12 @@ def _check(path, expected: np.ndarray) -> None:
     assert src.dtype == exp.dtype
     assert np.array_equal(src.read(0, H, 0, W), exp)
     assert np.array_equal(src.read(37, 200, 101, 256), exp[37:200, 101:256])
+    th, tw = src.block_shape or (H, W)  # exactly one stored tile/strip: a new array
+    if 2 * th <= H and tw <= W:
+        whole = src.read(th, 2 * th, 0, tw)
+        assert np.array_equal(whole, exp[th : 2 * th, :tw])
+        whole[...] = 0
+        assert np.array_equal(src.read(th, 2 * th, 0, tw), exp[th : 2 * th, :tw])
 
 
 @pytest.mark.parametrize("compression", ["zlib", "lzw", "zstd", None])

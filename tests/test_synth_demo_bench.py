@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -76,30 +74,6 @@ def test_demo_small(tmp_path):
         assert len(logins) == 1 and f"{server.base}/?token=" in logins[0], logins
         assert "already complete" in server.stderr_text()
         assert requests.get(server.base + "/", timeout=30).status_code == 200
-
-
-def test_warm_up_compiles_the_kernels_a_later_process_loads(tmp_path):
-    """`segloop warm-up` (run by make install) fills numba's cache: a later process gets
-    the pipeline's and the review server's kernels from it, compiling none."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-    proc = run_cli("warm-up", env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert str(tmp_path / "numba") in proc.stderr
-    cached = {f.name.split("-")[0] for f in (tmp_path / "numba").rglob("*.nbi")}
-    pipeline = {"pre._normalise_windows", "post._windows_into", "pyramid._mode2"}
-    assert pipeline <= cached, cached  # the job's kernels, compiled and cached
-    probe = """
-import json
-from segloop.review import raster
-raster.warm_up()
-fs = (raster.polygon, raster.stroke, raster.flood)
-print(json.dumps({f.__name__: [sum(f.stats.cache_hits.values()),
-                               sum(f.stats.cache_misses.values())] for f in fs}))
-"""
-    got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
-    assert got.returncode == 0, got.stderr
-    hits = json.loads(got.stdout)  # the server's rasterisers: loaded, none compiled
-    assert all(h > 0 and m == 0 for h, m in hits.values()), hits
 
 
 def test_bench_segment_reports_side_by_side(tmp_path):

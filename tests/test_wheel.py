@@ -4,6 +4,7 @@ as package data (``segloop.assets``), nothing is found through the source tree."
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,24 +78,40 @@ def test_wheel_carries_model_and_ui(installed):
     assert not [n for n in names if "__pycache__" in n or n.startswith("tests/")]
 
 
-def test_installed_demo_then_serve(installed):
-    segloop = str(installed["bin"] / "segloop")
-    where = _run(
-        [str(installed["bin"] / "python"), "-c", "import segloop.assets as a; print(a.UI_DIR)"],
-        env=installed["env"], cwd=installed["cwd"],
-    )  # fmt: skip
+#: what a later process asks numba's cache for: the review server's rasterisers
+RASTER_PROBE = """
+import json
+from segloop.review import raster
+raster.warm_up()
+fs = (raster.polygon, raster.stroke, raster.flood)
+print(json.dumps({f.__name__: [sum(f.stats.cache_hits.values()),
+                               sum(f.stats.cache_misses.values())] for f in fs}))
+"""
+
+
+def test_installed_warm_up_demo_then_serve(installed, tmp_path):
+    """As after ``make install``: ``segloop warm-up`` fills an empty numba cache with the
+    job's and the review server's kernels; a later process loads them, compiling none;
+    then the demo and ``segloop serve`` run from the installed package."""
+    segloop, py = str(installed["bin"] / "segloop"), str(installed["bin"] / "python")
+    cache = tmp_path / "numba"
+    env, cwd = {**installed["env"], "NUMBA_CACHE_DIR": str(cache)}, installed["cwd"]
+    where = _run([py, "-c", "import segloop.assets as a; print(a.UI_DIR)"], env=env, cwd=cwd)
     assert not Path(where.stdout.strip()).is_relative_to(ROOT), where.stdout
-    demo = _run(
-        [segloop, "demo", "--size", "1024", "--no-serve"],
-        env=installed["env"], cwd=installed["cwd"],
-    )  # fmt: skip
+    warm = _run([segloop, "warm-up"], env=env, cwd=cwd)
+    assert str(cache) in warm.stderr
+    cached = {f.name.split("-")[0] for f in cache.rglob("*.nbi")}
+    pipeline = {"pre._normalise_windows", "post._windows_into", "pyramid._mode2"}
+    assert pipeline <= cached, cached  # the job's kernels, compiled and cached
+    hits = json.loads(_run([py, "-c", RASTER_PROBE], env=env, cwd=cwd).stdout)
+    assert all(h > 0 and m == 0 for h, m in hits.values()), hits  # loaded, none compiled
+    demo = _run([segloop, "demo", "--size", "1024", "--no-serve"], env=env, cwd=cwd)
     assert "IoU vs ground truth" in demo.stderr
     store = installed["cwd"] / "demo" / "slide_1024x1024.zarr"
     assert (store / "labels" / "segmentation" / "0" / "zarr.json").is_file()
     with ServerProcess(
-        [segloop, "serve", str(store), "--port", "{port}"],
-        env=installed["env"], cwd=installed["cwd"],
-    ) as server:  # fmt: skip
+        [segloop, "serve", str(store), "--port", "{port}"], env=env, cwd=cwd
+    ) as server:
         page = requests.get(server.base + "/", timeout=30)
         assert page.status_code == 200 and "<html" in page.text.lower()
         osd = requests.get(server.base + "/vendor/openseadragon/openseadragon.min.js", timeout=30)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from segloop.errors import UserError
+from segloop.io.tiff_level import TiffLevel
 
 CHANNEL_AXES = ("C", "S")
 #: physical pixel size, µm/px along (y, x)
@@ -122,6 +123,12 @@ class ImageSource:
             )
         level.source_level = self.source_level + k
         return level
+
+    @property
+    def tiff_level(self) -> TiffLevel | None:
+        """The ``TiffLevel`` this level is read through (a local single-page TIFF level:
+        its stored tile bytes are at hand), else None."""
+        return self._array if isinstance(self._array, TiffLevel) else None
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -83,7 +83,7 @@ def tiff_mpp(tif: tifffile.TiffFile, series: tifffile.TiffPageSeries) -> Mpp | N
         return None  # unreadable metadata: unknown, like none at all
 
 
-def main_series(tif: tifffile.TiffFile) -> int:
+def _main_series(tif: tifffile.TiffFile) -> int:
     """Series 0, except in Leica SCN files, which may list the slide overview (macro)
     first: there the image with the most pixels."""
     if not tif.is_scn:
@@ -112,7 +112,7 @@ def open_tiff(path: Path | Location) -> ImageSource:
         else:
             source, size = loc.fs.open(loc.url, "rb"), loc.fs.size(loc.url)
         with tifffile.TiffFile(source) as tif:
-            index = main_series(tif)
+            index = _main_series(tif)
             series = tif.series[index]
             level = series.levels[0]
             axes = level.axes

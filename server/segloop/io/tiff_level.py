@@ -26,7 +26,7 @@ class TiffLevel:
     ``chunks`` (tile or strip shape, same rank), ``level[ys, xs]`` or ``level[ys, xs, s]``
     (slices with step 1, or an int for ``s``) → a new array. Tiles the file does not
     store (offset or byte count 0) read as 0, as in tifffile's zarr store.
-    Thread-safe (``os.pread`` on one descriptor, closed with the object)."""
+    Thread-safe (``os.pread`` on one descriptor, closed by ``close()`` or with the object)."""
 
     def __init__(self, path: Path, page: tifffile.TiffPage) -> None:
         self.shape = tuple(int(s) for s in page.shape)
@@ -36,6 +36,11 @@ class TiffLevel:
         self._grid = tuple(int(n) for n in page.chunked[:2])
         self._offsets = np.asarray(page.dataoffsets, np.int64)
         self._counts = np.asarray(page.databytecounts, np.int64)
+        #: TIFF Compression tag value (1 none, 7 JPEG, 8 zlib …) and whether the chunks
+        #: are tiles (else strips)
+        self.compression, self.tiled = int(page.compression), bool(page.is_tiled)
+        #: the JPEGTables stream (SOI … EOI) shared by the level's JPEG tiles, or None
+        self.jpegtables = bytes(page.jpegtables) if page.jpegtables else None
         self._decode = page.decode  # tifffile builds (and caches) the decoder per page
         self._args: dict = {"_fullsize": True}  # edge tiles decoded at the full tile size
         if page.jpegtables is not None:
@@ -43,7 +48,7 @@ class TiffLevel:
         if page.jpegheader is not None:
             self._args["jpegheader"] = page.jpegheader
         self._fd = os.open(path, os.O_RDONLY)
-        weakref.finalize(self, os.close, self._fd)
+        self.close = weakref.finalize(self, os.close, self._fd)  # at most once; or when freed
 
     @staticmethod
     def readable(page: tifffile.TiffPage | None) -> bool:
@@ -68,15 +73,34 @@ class TiffLevel:
         th, tw = self.chunks[:2]
         for cy in range(y0 // th, -(-y1 // th)):
             for cx in range(x0 // tw, -(-x1 // tw)):
-                i = cy * self._grid[1] + cx
-                n, offset = int(self._counts[i]), int(self._offsets[i])
-                if n == 0 or offset == 0:
+                tile = self._tile(cy * self._grid[1] + cx)
+                if tile is None:
                     continue
-                data = os.pread(self._fd, n, offset)
-                if len(data) != n:
-                    raise OSError(f"read {len(data)} of {n} bytes at {offset}: file truncated")
-                tile = self._decode(data, i, **self._args)[0].reshape(self.chunks)
                 a, c = cy * th, cx * tw
                 r0, r1, c0, c1 = max(y0, a), min(y1, a + th), max(x0, c), min(x1, c + tw)
                 out[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0] = tile[r0 - a : r1 - a, c0 - c : c1 - c]
         return out[(slice(None), slice(None), *rest)] if rest else out
+
+    def stored(self, cy: int, cx: int) -> bool:
+        """Whether the file stores chunk (cy, cx) (else it reads as 0)."""
+        i = cy * self._grid[1] + cx
+        return bool(self._counts[i] > 0 and self._offsets[i] > 0)
+
+    def raw(self, cy: int, cx: int) -> bytes:
+        """Chunk (cy, cx) as stored in the file (compressed), b"" where not stored."""
+        return self._raw(cy * self._grid[1] + cx)
+
+    def _raw(self, i: int) -> bytes:
+        n, offset = int(self._counts[i]), int(self._offsets[i])
+        if n == 0 or offset == 0:
+            return b""
+        data = os.pread(self._fd, n, offset)
+        if len(data) != n:
+            raise OSError(f"read {len(data)} of {n} bytes at {offset}: file truncated")
+        return data
+
+    def _tile(self, i: int) -> np.ndarray | None:
+        """Chunk ``i`` (row-major on the chunk grid) decoded, shaped ``chunks``; None where
+        the file does not store it."""
+        data = self._raw(i)
+        return self._decode(data, i, **self._args)[0].reshape(self.chunks) if data else None

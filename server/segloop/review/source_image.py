@@ -11,7 +11,7 @@ copy), reading only the region under the chunk.
 JPEG pass-through: a source level that is JPEG-compressed in tiles of exactly the store's
 tile size, whose tiles a standard decoder (Pillow's libjpeg, as browsers') turns into the
 same pixels as the TIFF reader, gives each full chunk's tile bytes as they are in the
-file (with the level's ``JPEGTables`` spliced in), read by ``os.pread``: no decode, no
+file (with the level's ``JPEGTables`` spliced in), read by ``TiffLevel.raw``: no decode, no
 encode. The check decodes one tile both ways at open (so an RGB-coded JPEG without the
 Adobe marker, which browsers would read as YCbCr, is never passed through).
 
@@ -22,7 +22,6 @@ One reader for everything that reads a store's image: the review server, the til
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from segloop.io.formats import TIFF_MAGIC, open_image
 from segloop.io.location import Location, is_url
 from segloop.io.ome_zarr import StoreLock, array_path, read_record, write_record
 from segloop.io.source import ImageSource
-from segloop.io.tiff import main_series
+from segloop.io.tiff_level import TiffLevel
 from segloop.kernels.pyramid import downsample_mean
 
 JPEG = 7  # TIFF compression tag value
@@ -104,15 +103,12 @@ def relocate(store: Path, path: str, log=print) -> None:
 
 @dataclass
 class _Level:
-    """One level of the source: (h, w), its reader, and for a local JPEG-tiled TIFF
-    level, what pass-through needs (tile offsets and byte counts, tables, tiles across)."""
+    """One level of the source: (h, w), its reader, and for a local TIFF level in JPEG
+    tiles of the store's tile size, the ``TiffLevel`` whose tile bytes pass through."""
 
     shape: tuple[int, int]
     reader: ImageSource
-    offsets: tuple[int, ...] = ()
-    counts: tuple[int, ...] = ()
-    tables: bytes | None = None
-    across: int = 0
+    tiles: TiffLevel | None = None
     jpeg: bool = False  # pass-through verified
 
 
@@ -137,8 +133,6 @@ class StoreImage:
         self.shapes = level_shapes(*shape, self.levels)
         self.image = image_mode(record)
         self.mode: str = self.image["mode"]
-        self._fd: int | None = None
-        self._tif = None
         if self.mode == "copy":
             root = zarr.open_group(store, mode="r")
             self._arrays = [root[array_path("image", k)] for k in range(self.levels)]
@@ -153,48 +147,33 @@ class StoreImage:
             )
         self.channels, self.dtype = src.channels, src.dtype
         path = str(src.path)
-        found = self._tiff_levels(path, src) if _is_tiff(path) else self._zarr_levels(path, src)
+        found = self._tiff_levels(src) if _is_tiff(path) else self._zarr_levels(path, src)
         # store level k ← (the store level j ≤ k a source level matches, that level)
         self._plan: list[tuple[int, _Level]] = []
         for k in range(self.levels):
             j = next(j for j in range(k, -1, -1) if self.shapes[j] in found)
             self._plan.append((j, found[self.shapes[j]]))
         for k, (j, lv) in enumerate(self._plan):
-            if j == k and lv.offsets and not lv.jpeg:
+            if j == k and lv.tiles is not None and not lv.jpeg:
                 lv.jpeg = self._probe(k, lv)
 
     # --- opening the source's levels ---------------------------------------------------
 
-    def _tiff_levels(self, path: str, src: ImageSource) -> dict[tuple[int, int], _Level]:
-        import tifffile
-
-        loc = Location(path)
-        if loc.local:
-            self._tif = tifffile.TiffFile(loc.path)
-            self._fd = os.open(loc.path, os.O_RDONLY)  # pass-through reads: os.pread
-        else:  # by byte ranges, through fsspec; no pass-through
-            self._tif = tifffile.TiffFile(loc.fs.open(loc.url, "rb"))
-        series = self._tif.series[main_series(self._tif)]  # the one ``src`` reads
+    def _tiff_levels(self, src: ImageSource) -> dict[tuple[int, int], _Level]:
         out: dict[tuple[int, int], _Level] = {}
-        for i, lv in enumerate(series.levels[: src.pyramid_levels]):
+        for i in range(src.pyramid_levels):
             reader = src.pyramid_level(i)
             level = _Level(reader.shape, reader)
-            page = lv.pages[0] if len(lv.pages) == 1 else None
+            tl = reader.tiff_level  # local files only: remote ones have no pass-through
             if (
-                page is not None
-                and self._fd is not None
-                and page.compression == JPEG
-                and page.is_tiled
-                and page.tilewidth == page.tilelength == self.tile
-                and page.bitspersample == 8
-                and page.samplesperpixel in (1, 3)
-                and (page.planarconfig == 1 or page.samplesperpixel == 1)
-                and page.imagedepth == 1
+                tl is not None
+                and tl.compression == JPEG
+                and tl.tiled
+                and tl.chunks[:2] == (self.tile, self.tile)
+                and tl.dtype == np.uint8
+                and reader.channels in (1, 3)
             ):
-                level.offsets = tuple(int(o) for o in page.dataoffsets)
-                level.counts = tuple(int(n) for n in page.databytecounts)
-                level.tables = bytes(page.jpegtables) if page.jpegtables else None
-                level.across = -(-page.imagewidth // page.tilewidth)
+                level.tiles = tl
             out.setdefault(level.shape, level)
         return out
 
@@ -251,19 +230,20 @@ class StoreImage:
         if j != level or not lv.jpeg:
             return False
         y0, y1, x0, x1 = self.chunk_box(level, cy, cx)
-        return y1 - y0 == x1 - x0 == self.tile and lv.counts[cy * lv.across + cx] > 0
+        return y1 - y0 == x1 - x0 == self.tile and lv.tiles.stored(cy, cx)
 
     def jpeg(self, level: int, cy: int, cx: int) -> bytes | None:
         """The chunk's JPEG stream from the source file (tables spliced in), or None."""
         if not self.passthrough(level, cy, cx):
             return None
-        return self._stream(self._plan[level][1], cy * self._plan[level][1].across + cx)
+        return self._stream(self._plan[level][1], cy, cx)
 
-    def _stream(self, lv: _Level, index: int) -> bytes:
-        assert self._fd is not None
-        data = os.pread(self._fd, lv.counts[index], lv.offsets[index])
-        if lv.tables and len(lv.tables) > 4:  # tables: SOI … EOI; tile: SOI … EOI
-            return lv.tables[:-2] + data[2:]
+    @staticmethod
+    def _stream(lv: _Level, cy: int, cx: int) -> bytes:
+        assert lv.tiles is not None
+        data, tables = lv.tiles.raw(cy, cx), lv.tiles.jpegtables
+        if tables and len(tables) > 4:  # tables: SOI … EOI; tile: SOI … EOI
+            return tables[:-2] + data[2:]
         return data
 
     def _probe(self, level: int, lv: _Level) -> bool:
@@ -272,10 +252,10 @@ class StoreImage:
         from PIL import Image
 
         h, w = lv.shape
-        if h < self.tile or w < self.tile or not lv.counts or lv.counts[0] == 0:
+        if h < self.tile or w < self.tile or lv.tiles is None or not lv.tiles.stored(0, 0):
             return False
         try:
-            with Image.open(io.BytesIO(self._stream(lv, 0))) as im:
+            with Image.open(io.BytesIO(self._stream(lv, 0, 0))) as im:
                 im.load()
                 mode = "L" if self.channels == 1 else "RGB"
                 if im.size != (self.tile, self.tile) or im.mode != mode:
@@ -288,12 +268,10 @@ class StoreImage:
         return bool(diff.max() <= PROBE_TOLERANCE)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._tif is not None:
-            self._tif.close()
-            self._tif = None
+        """Close the source files read in place (pass-through descriptors)."""
+        for _, lv in getattr(self, "_plan", ()):
+            if lv.tiles is not None:
+                lv.tiles.close()
 
 
 def _is_tiff(path: str) -> bool:
