@@ -77,7 +77,7 @@ def test_demo_small(tmp_path):
 
 
 def test_bench_segment_reports_side_by_side(tmp_path):
-    proc = run_cli("bench", "segment", "--size", "1024", "--json", "--save", tmp_path, timeout=600)
+    proc = run_cli("bench", "segment", "--size", "512", "--json", "--save", tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     for key in (

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.ndimage import affine_transform, gaussian_filter
 
 from segloop.io.source import ImageSource, Mpp
 
@@ -51,6 +50,10 @@ class Resampled:
         return u0, lo, hi
 
     def __getitem__(self, index: tuple) -> np.ndarray:
+        # here: scipy.ndimage takes ~0.4 s to import, and jobs at the model's own pixel
+        # size never resample
+        from scipy.ndimage import affine_transform, gaussian_filter
+
         ys, xs, cs = index
         y0, y1, _ = ys.indices(self.shape[0])
         x0, x1, _ = xs.indices(self.shape[1])

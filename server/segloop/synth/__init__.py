@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from scipy.ndimage import gaussian_filter
 
 from segloop.synth.render import CLASS_NAMES, STAIN_MODES, od_to_rgb, render_region
 
@@ -41,6 +40,10 @@ def render(
     truth = np.empty((h + 2 * m, w + 2 * m), np.uint8)
     render_region(seed, STAIN_MODES[stain], y0 - m * step, x0 - m * step, step, od, truth)
     if m:
+        # here, not at module level: every job reads the model card, which imports this
+        # package for its class names; scipy.ndimage alone takes 0.4 s to import
+        from scipy.ndimage import gaussian_filter
+
         od = gaussian_filter(od, sigma=(_BLUR_SIGMA, _BLUR_SIGMA, 0), mode="nearest")
         od, truth = od[m:-m, m:-m], truth[m:-m, m:-m]
     rgb = np.empty((h, w, 3), np.uint8)
