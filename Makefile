@@ -4,7 +4,6 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 
 .PHONY: install demo serve test bench lint clean perf-analyzer
 
@@ -27,7 +26,9 @@ $(STAMP): pyproject.toml constraints.txt review_ui/package.json review_ui/packag
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
 	    || echo "make install: could not install chromium; browser tests will be skipped" >&2
 	@# numba compiles its kernels on first use (a first job or server start: 9–17 s each);
-	@# compile them once now into $(NUMBA_CACHE_DIR), which every target here uses
+	@# compile them once now into numba's cache, which every later run finds: make's
+	@# targets, .venv/bin/segloop and the tests alike (numba's default place,
+	@# __pycache__ beside the kernels' sources, or NUMBA_CACHE_DIR where one is set)
 	@echo "make install: compiling numba's kernels once (≈ 40 s)"
 	$(VENV)/bin/segloop warm-up || echo "make install: warm-up failed; the first job compiles the kernels instead" >&2
 	touch $(STAMP)
@@ -79,3 +80,5 @@ lint: install
 
 clean:
 	rm -rf $(VENV) $(LI_VENV) $(PERF_VENV) demo .pytest_cache .numba_cache review_ui/node_modules test-artifacts
+	@# numba's cache files beside the kernels' sources (.numba_cache: older checkouts)
+	find server kernels -path '*/__pycache__/*.nb[ic]' -delete

@@ -367,7 +367,6 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="segloop-hitlc-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SEGLOOP_CACHE": str(work / "cache")}
-    env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
     t0 = time.time()
     slide, truth_tif, v1 = work / "slide.ome.tif", work / "truth.tif", work / "slide.zarr"
     n = str(args.size)

@@ -211,7 +211,6 @@ def main() -> None:
         ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("__pycache__", "[2-9]*")
     )
     env = {**os.environ, "SEGLOOP_MODEL_REPOSITORY": str(repo)}
-    env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
     t_start = time.time()
     timings = {}
 

@@ -15,7 +15,6 @@ import zarr
 from segloop.synth import write_ome_tiff
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
 
 #: seed of the test slide: training draws world seeds in 1..9999, so this one is unseen
 SLIDE_SEED = 20261

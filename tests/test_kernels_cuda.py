@@ -29,7 +29,7 @@ CASES = [
 
 
 def _env(simulated: bool) -> dict[str, str]:
-    env = {"PATH": "/usr/bin:/bin", "NUMBA_CACHE_DIR": str(ROOT / ".numba_cache")}
+    env = {"PATH": "/usr/bin:/bin"}
     if simulated:
         env["NUMBA_ENABLE_CUDASIM"] = "1"
     return env
