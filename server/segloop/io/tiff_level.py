@@ -48,7 +48,7 @@ class TiffLevel:
         if page.jpegheader is not None:
             self._args["jpegheader"] = page.jpegheader
         self._fd = os.open(path, os.O_RDONLY)
-        self.close = weakref.finalize(self, os.close, self._fd)  # at most once; or when freed
+        self._closer = weakref.finalize(self, os.close, self._fd)  # at most once
 
     @staticmethod
     def readable(page: tifffile.TiffPage | None) -> bool:
@@ -80,6 +80,12 @@ class TiffLevel:
                 r0, r1, c0, c1 = max(y0, a), min(y1, a + th), max(x0, c), min(x1, c + tw)
                 out[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0] = tile[r0 - a : r1 - a, c0 - c : c1 - c]
         return out[(slice(None), slice(None), *rest)] if rest else out
+
+    def close(self) -> None:
+        """Close the file now (else when the object is freed); later reads raise OSError
+        (a descriptor number of -1, never one the process reuses for another file)."""
+        self._closer()
+        self._fd = -1
 
     def stored(self, cy: int, cx: int) -> bool:
         """Whether the file stores chunk (cy, cx) (else it reads as 0)."""
