@@ -3,7 +3,6 @@ JSON error naming the file, never a bare 500."""
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import struct
@@ -32,18 +31,15 @@ def _shard(store: Path, array: str = SEG0, key: str = "0/0") -> Path:
     return path
 
 
-def _flip_inner_byte(path: Path) -> None:
-    """Flip one byte inside the shard's first inner chunk, (0, 0) or (0, 0, 0): its offset
-    from the shard index at the file's end (inner chunks lie in any order, as the writer
-    finished them; the index is (offset, nbytes) uint64 pairs in C order + its crc32c)."""
+def _flip_inner_byte(store: Path, array: str, key: str) -> None:
+    """Flip one byte inside shard ``key``'s first inner chunk, (0, 0) or (0, 0, 0): its
+    offset from the shard index at the file's end (inner chunks lie in any order, as the
+    writer finished them; the index is (offset, nbytes) uint64 pairs in C order + crc32c)."""
+    meta = zarr.open_array(store / array, mode="r").metadata
+    inner = meta.codecs[0].chunk_shape
+    n = math.prod(o // i for o, i in zip(meta.chunk_grid.chunk_shape, inner, strict=True))
+    path = _shard(store, array, key)
     raw = bytearray(path.read_bytes())
-    array = path
-    while not (array / "zarr.json").is_file():
-        array = array.parent
-    meta = json.loads((array / "zarr.json").read_text())
-    inner = meta["codecs"][0]["configuration"]["chunk_shape"]
-    outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
-    n = math.prod(o // i for o, i in zip(outer, inner, strict=True))
     offset, nbytes = struct.unpack_from("<QQ", raw, len(raw) - 4 - 16 * n)
     assert nbytes != 2**64 - 1, f"{path}: its first inner chunk is not stored"
     raw[offset + nbytes // 2] ^= 0xFF
@@ -72,7 +68,7 @@ def test_new_stores_carry_crc32c_and_check_clean(store):
 
 def test_check_names_every_problem(store):
     add_user(store, "a", "admin")
-    _flip_inner_byte(_shard(store, SEG0, "0/0"))
+    _flip_inner_byte(store, SEG0, "0/0")
     _truncate(_shard(store, "confidence/0", "0/0"))
     meta = store / "confidence/1/zarr.json"
     meta.write_text(meta.read_text()[:40])
@@ -174,7 +170,7 @@ def test_damaged_image_copy_shard_is_caught_not_served(slide, tmp_path):
     store = tmp_path / "copy.zarr"
     proc = run_cli("segment", slide[0], "-o", store, "--tile", str(TILE), "--copy-image", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    _flip_inner_byte(_shard(store, "0", "0/0/0"))
+    _flip_inner_byte(store, "0", "0/0/0")
     proc = run_cli("check", store)
     assert proc.returncode == 1
     lines = proc.stdout.splitlines()

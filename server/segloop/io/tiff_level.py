@@ -89,7 +89,9 @@ class TiffLevel:
 
     def stored(self, cy: int, cx: int) -> bool:
         """Whether the file stores chunk (cy, cx) (else it reads as 0)."""
-        i = cy * self._grid[1] + cx
+        return self._stored(cy * self._grid[1] + cx)
+
+    def _stored(self, i: int) -> bool:
         return bool(self._counts[i] > 0 and self._offsets[i] > 0)
 
     def raw(self, cy: int, cx: int) -> bytes:
@@ -97,9 +99,9 @@ class TiffLevel:
         return self._raw(cy * self._grid[1] + cx)
 
     def _raw(self, i: int) -> bytes:
-        n, offset = int(self._counts[i]), int(self._offsets[i])
-        if n == 0 or offset == 0:
+        if not self._stored(i):
             return b""
+        n, offset = int(self._counts[i]), int(self._offsets[i])
         data = os.pread(self._fd, n, offset)
         if len(data) != n:
             raise OSError(f"read {len(data)} of {n} bytes at {offset}: file truncated")

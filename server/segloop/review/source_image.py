@@ -133,6 +133,8 @@ class StoreImage:
         self.shapes = level_shapes(*shape, self.levels)
         self.image = image_mode(record)
         self.mode: str = self.image["mode"]
+        # store level k ← (the store level j ≤ k a source level matches, that level)
+        self._plan: list[tuple[int, _Level]] = []  # source mode only
         if self.mode == "copy":
             root = zarr.open_group(store, mode="r")
             self._arrays = [root[array_path("image", k)] for k in range(self.levels)]
@@ -148,8 +150,6 @@ class StoreImage:
         self.channels, self.dtype = src.channels, src.dtype
         path = str(src.path)
         found = self._tiff_levels(src) if _is_tiff(path) else self._zarr_levels(path, src)
-        # store level k ← (the store level j ≤ k a source level matches, that level)
-        self._plan: list[tuple[int, _Level]] = []
         for k in range(self.levels):
             j = next(j for j in range(k, -1, -1) if self.shapes[j] in found)
             self._plan.append((j, found[self.shapes[j]]))
@@ -269,7 +269,7 @@ class StoreImage:
 
     def close(self) -> None:
         """Close the source files read in place (pass-through descriptors)."""
-        for _, lv in getattr(self, "_plan", ()):
+        for _, lv in self._plan:
             if lv.tiles is not None:
                 lv.tiles.close()
 
